@@ -1,0 +1,146 @@
+//! Building and running the ingress: connect to the services, bind the
+//! listener, serve until the shutdown token fires, then drain and flush.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use firstcome::db::{self, Coupon};
+use firstcome::state::Keys;
+use firstcome::{CouponId, kafka};
+use rdkafka::producer::{FutureProducer, Producer};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::IngressConfig;
+use crate::routes;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) cfg: IngressConfig,
+    pub(crate) pool: PgPool,
+    pub(crate) redis: ConnectionManager,
+    pub(crate) producer: FutureProducer,
+    pub(crate) keys: Keys,
+    /// Coupons seen in Postgres. A coupon's definition never changes once
+    /// created, so a hit needs no expiry; misses are not cached, so a coupon
+    /// created through another ingress replica is seen at once.
+    pub(crate) coupons: RwLock<HashMap<CouponId, Arc<Coupon>>>,
+}
+
+impl AppState {
+    /// Looks a coupon up, from memory when it was seen before.
+    pub(crate) async fn coupon(&self, id: &CouponId) -> Result<Option<Arc<Coupon>>, sqlx::Error> {
+        if let Some(c) = self.inner.coupons.read().expect("lock").get(id) {
+            return Ok(Some(c.clone()));
+        }
+        let Some(c) = db::coupon(&self.inner.pool, id).await? else {
+            return Ok(None);
+        };
+        let c = Arc::new(c);
+        self.inner
+            .coupons
+            .write()
+            .expect("lock")
+            .insert(id.clone(), c.clone());
+        Ok(Some(c))
+    }
+}
+
+/// A ready-to-serve ingress.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects to Postgres, Redis and Kafka and binds the listener.
+    pub async fn build(cfg: IngressConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.common.pg_max_connections)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(&cfg.common.database_url)
+            .await
+            .context("connecting to Postgres (DATABASE_URL)")?;
+        let redis = connect_redis(&cfg.common.redis_url).await?;
+        let producer: FutureProducer = kafka::producer_config(
+            &cfg.common,
+            cfg.produce_timeout(),
+            Duration::from_millis(cfg.linger_ms),
+        )?
+        .create()
+        .context("creating the Kafka producer (KAFKA_BROKERS)")?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let keys = cfg.common.keys()?;
+        Ok(Self {
+            listener,
+            state: AppState {
+                inner: Arc::new(Inner {
+                    cfg,
+                    pool,
+                    redis,
+                    producer,
+                    keys,
+                    coupons: RwLock::new(HashMap::new()),
+                }),
+            },
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, waits for
+    /// in-flight requests (bounded by the shutdown timeout) and flushes the
+    /// producer.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self { listener, state } = self;
+        let cfg = &state.inner.cfg;
+        let grace = Duration::from_millis(cfg.shutdown_timeout_ms);
+        tracing::info!(addr = %listener.local_addr()?, "ingress listening");
+        let app = routes::router(state.clone());
+        let stopping = shutdown.clone();
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stopping.cancelled().await });
+        tokio::select! {
+            r = serve => r.context("serving HTTP")?,
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("shutdown timeout reached with requests still in flight");
+            }
+        }
+        let producer = state.inner.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(grace))
+            .await?
+            .context("flushing the producer")?;
+        tracing::info!("ingress stopped");
+        Ok(())
+    }
+}
+
+/// A Redis connection that reconnects by itself and never waits long.
+pub(crate) async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(url).context("parsing REDIS_URL")?;
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2);
+    client
+        .get_connection_manager_with_config(cfg)
+        .await
+        .context("connecting to Redis (REDIS_URL)")
+}

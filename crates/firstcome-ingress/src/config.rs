@@ -1,0 +1,79 @@
+//! Settings of the ingress: the shared connection settings plus what only the
+//! HTTP side needs. Flags or environment variables; see `firstcome-ingress --help`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use firstcome::config::{CommonConfig, ConfigError};
+
+/// Everything the ingress needs to run.
+#[derive(Clone, clap::Parser)]
+#[command(name = "firstcome-ingress", version, about = "HTTP ingress of firstcome")]
+pub struct IngressConfig {
+    /// Services, topics and keys shared with the worker.
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Address the public HTTP API listens on (port 0 picks a free one).
+    #[arg(long, env = "FIRSTCOME_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Bearer token that admin endpoints (coupon creation) require.
+    #[arg(long, env = "FIRSTCOME_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+
+    /// How long a request waits for the broker's acknowledgement before the
+    /// client gets `503 unavailable`.
+    #[arg(long, env = "FIRSTCOME_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub produce_timeout_ms: u64,
+
+    /// How long the producer waits to fill a batch. A few milliseconds buy
+    /// large batches under load for little latency; see docs/design.md.
+    #[arg(long, env = "FIRSTCOME_PRODUCE_LINGER_MS", default_value_t = 2)]
+    pub linger_ms: u64,
+
+    /// Longest any HTTP request may take before it is cut off.
+    #[arg(long, env = "FIRSTCOME_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
+    pub request_timeout_ms: u64,
+
+    /// Longest a graceful shutdown waits for in-flight requests.
+    #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for IngressConfig {
+    // Hand-written so the admin token never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngressConfig")
+            .field("common", &self.common)
+            .field("listen", &self.listen)
+            .field("produce_timeout_ms", &self.produce_timeout_ms)
+            .field("linger_ms", &self.linger_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IngressConfig {
+    /// Checks everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.common.validate()?;
+        if self.admin_token.len() < 16 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_ADMIN_TOKEN",
+                message: "must be at least 16 characters".into(),
+            });
+        }
+        if self.produce_timeout_ms == 0 || self.request_timeout_ms <= self.produce_timeout_ms {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
+                message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The produce timeout.
+    pub fn produce_timeout(&self) -> Duration {
+        Duration::from_millis(self.produce_timeout_ms)
+    }
+}

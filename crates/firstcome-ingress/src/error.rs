@@ -1,0 +1,104 @@
+//! The one error type of the HTTP API. Every failure answers
+//! `{"error":{"code":"<snake_case>","message":"<human text>"}}`; internal
+//! detail is logged once here and never sent to the client.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// What went wrong, by what the client should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401: the admin token is missing or wrong.
+    #[error("a valid admin bearer token is required")]
+    Unauthorized,
+    /// 422: the request is malformed; nothing was changed.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// 409: a coupon with this id exists already.
+    #[error("coupon {0} already exists")]
+    CouponExists(String),
+    /// 404: no such coupon.
+    #[error("coupon {0} does not exist")]
+    CouponNotFound(String),
+    /// 404: no such issue request.
+    #[error("issue request {0} does not exist")]
+    RequestNotFound(String),
+    /// 404: no such route.
+    #[error("no such endpoint")]
+    NotFound,
+    /// 503: a dependency did not answer in time; retry after the given seconds.
+    #[error("the service is temporarily unavailable, retry later")]
+    Unavailable {
+        /// Seconds for `Retry-After`.
+        retry_after_secs: u32,
+        /// What failed, for the log only.
+        cause: String,
+    },
+    /// 500: a bug or an unexpected failure; logged, answered opaquely.
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ApiError::CouponExists(_) => (StatusCode::CONFLICT, "coupon_exists"),
+            ApiError::CouponNotFound(_) => (StatusCode::NOT_FOUND, "coupon_not_found"),
+            ApiError::RequestNotFound(_) => (StatusCode::NOT_FOUND, "request_not_found"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// A 503 whose cause goes to the log.
+    pub fn unavailable(cause: impl std::fmt::Display) -> Self {
+        ApiError::Unavailable {
+            retry_after_secs: 1,
+            cause: cause.to_string(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ApiError::unavailable(format!("postgres: {e}"))
+            }
+            other => ApiError::Internal(anyhow::Error::new(other).context("postgres query")),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError::InvalidRequest(r.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        match &self {
+            ApiError::Internal(e) => tracing::error!(error = ?e, "request failed"),
+            ApiError::Unavailable { cause, .. } => tracing::warn!(%cause, "answering 503"),
+            _ => {}
+        }
+        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let ApiError::Unavailable {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}

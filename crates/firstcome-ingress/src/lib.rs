@@ -1,0 +1,18 @@
+//! The HTTP ingress of firstcome. It validates an issue request, appends it to
+//! the request topic keyed by coupon id, and answers `202` only once the
+//! broker acknowledged the record: from then on the request is in the log,
+//! and the log order is the first-come order.
+//!
+//! # Layout
+//! - [`config`]: flags and environment variables
+//! - [`app`]: connecting, serving, graceful shutdown
+//! - [`routes`]: the handlers of the public API
+//! - [`error`]: the one error type and its JSON shape
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod routes;
+
+pub use app::Application;
+pub use config::IngressConfig;

@@ -1,0 +1,16 @@
+//! `firstcome-ingress`: parse the configuration, set up logging, serve.
+
+use clap::Parser;
+use firstcome_ingress::{Application, IngressConfig};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = IngressConfig::parse();
+    firstcome::telemetry::init(cfg.common.log_json);
+    tracing::info!(config = ?cfg, "starting");
+    let shutdown = CancellationToken::new();
+    firstcome::shutdown::cancel_on_signal(shutdown.clone());
+    let app = Application::build(cfg).await?;
+    app.run_until_stopped(shutdown).await
+}

@@ -1,0 +1,409 @@
+//! The HTTP API (see the README for the contract). Ids are validated here, at
+//! the edge; bad input is answered `422` before anything is touched.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SubsecRound, Utc};
+use firstcome::db::{self, Coupon};
+use firstcome::state::{self, CouponSnapshot, RequestStatus};
+use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
+use rdkafka::producer::FutureRecord;
+use rdkafka::util::Timeout;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// Largest `total_stock` a coupon may have.
+pub const MAX_STOCK: i64 = 1_000_000_000;
+/// Longest coupon name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+/// How long the ingress waits for Redis when recording a pending status.
+const STATUS_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The whole API on one router, so tests can serve it on any listener.
+pub fn router(state: AppState) -> Router {
+    let timeout = Duration::from_millis(state.inner.cfg.request_timeout_ms);
+    Router::new()
+        .route("/v1/coupons", post(create_coupon))
+        .route("/v1/coupons/{coupon_id}", get(get_coupon))
+        .route("/v1/coupons/{coupon_id}/issue", post(issue))
+        .route("/v1/issue-requests/{request_id}", get(get_request))
+        .route("/v1/users/{user_id}/coupons", get(user_coupons))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
+        .with_state(state)
+}
+
+/// A JSON body whose rejections answer in our error shape.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let Json(v) = Json::<T>::from_request(req, state).await?;
+        Ok(Body(v))
+    }
+}
+
+/// Proof that the request carried the admin bearer token.
+struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let given = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        if constant_time_eq(given.as_bytes(), state.inner.cfg.admin_token.as_bytes()) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+/// Compares without an early exit, so response time does not leak how much
+/// of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, ApiError> {
+    r.map_err(|e| ApiError::InvalidRequest(e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCoupon {
+    coupon_id: String,
+    name: String,
+    total_stock: i64,
+    #[serde(default)]
+    starts_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    ends_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+struct CouponView {
+    coupon_id: String,
+    name: String,
+    total_stock: i32,
+    remaining_stock: i64,
+    issued_count: i64,
+    starts_at: Option<DateTime<Utc>>,
+    ends_at: Option<DateTime<Utc>>,
+}
+
+impl CouponView {
+    fn new(c: &Coupon, remaining_stock: i64, issued_count: i64) -> Self {
+        Self {
+            coupon_id: c.coupon_id.clone(),
+            name: c.name.clone(),
+            total_stock: c.total_stock,
+            remaining_stock,
+            issued_count,
+            starts_at: c.starts_at,
+            ends_at: c.ends_at,
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(coupon_id))]
+async fn create_coupon(
+    _admin: Admin,
+    State(state): State<AppState>,
+    Body(body): Body<CreateCoupon>,
+) -> Result<Response, ApiError> {
+    let id = parse(CouponId::parse(body.coupon_id))?;
+    tracing::Span::current().record("coupon_id", id.as_str());
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(ApiError::InvalidRequest(format!(
+            "name must be 1 to {MAX_NAME_CHARS} characters"
+        )));
+    }
+    if !(0..=MAX_STOCK).contains(&body.total_stock) {
+        return Err(ApiError::InvalidRequest(format!(
+            "total_stock must be between 0 and {MAX_STOCK}"
+        )));
+    }
+    if let (Some(s), Some(e)) = (body.starts_at, body.ends_at)
+        && e < s
+    {
+        return Err(ApiError::InvalidRequest(
+            "ends_at must not be before starts_at".into(),
+        ));
+    }
+    let coupon = Coupon {
+        coupon_id: id.to_string(),
+        name: name.to_owned(),
+        total_stock: i32::try_from(body.total_stock).expect("bounded above"),
+        // Postgres keeps microseconds; keep the same here so the answer
+        // matches what a later read returns.
+        starts_at: body.starts_at.map(|t| t.trunc_subsecs(6)),
+        ends_at: body.ends_at.map(|t| t.trunc_subsecs(6)),
+    };
+    if !db::insert_coupon(&state.inner.pool, &coupon).await? {
+        return Err(ApiError::CouponExists(id.to_string()));
+    }
+    // The worker creates the state itself when it finds none, so a Redis
+    // failure here only costs that first request a Postgres read.
+    let snapshot = CouponSnapshot {
+        total_stock: coupon.total_stock.into(),
+        starts_at: coupon.starts_at,
+        ends_at: coupon.ends_at,
+        issued_users: Vec::new(),
+        decisions: Vec::new(),
+    };
+    let keys = state.inner.keys.coupon(&id);
+    if let Err(e) = state::init_coupon(&mut state.inner.redis.clone(), &keys, &snapshot).await {
+        tracing::warn!(error = %e, "coupon created, its Redis state is left to the worker");
+    }
+    tracing::info!(total_stock = coupon.total_stock, "coupon created");
+    let view = CouponView::new(&coupon, coupon.total_stock.into(), 0);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_coupon(
+    State(state): State<AppState>,
+    Path(coupon_id): Path<String>,
+) -> Result<Json<CouponView>, ApiError> {
+    let id = parse(CouponId::parse(coupon_id))?;
+    let coupon = state
+        .coupon(&id)
+        .await?
+        .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
+    let keys = state.inner.keys.coupon(&id);
+    let live = state::counters(&mut state.inner.redis.clone(), &keys).await;
+    let (remaining, issued) = match live {
+        Ok(Some(c)) => (c.remaining, c.issued),
+        // No Redis state (yet), or Redis is down: Postgres knows the issued
+        // rows, which are at most a batch behind.
+        other => {
+            if let Err(e) = other {
+                tracing::warn!(error = %e, "redis counters unavailable, reading postgres");
+            }
+            let issued = db::issued_count(&state.inner.pool, &id).await?;
+            (i64::from(coupon.total_stock) - issued, issued)
+        }
+    };
+    Ok(Json(CouponView::new(&coupon, remaining, issued)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueBody {
+    user_id: String,
+}
+
+#[tracing::instrument(skip(state, body), fields(request_id))]
+async fn issue(
+    State(state): State<AppState>,
+    Path(coupon_id): Path<String>,
+    Body(body): Body<IssueBody>,
+) -> Result<Response, ApiError> {
+    let coupon_id = parse(CouponId::parse(coupon_id))?;
+    let user_id = parse(UserId::parse(body.user_id))?;
+    if state.coupon(&coupon_id).await?.is_none() {
+        return Err(ApiError::CouponNotFound(coupon_id.to_string()));
+    }
+    let request = IssueRequest {
+        request_id: RequestId::new(),
+        coupon_id,
+        user_id,
+        // Microseconds: what Postgres and the Lua script keep.
+        accepted_at: Utc::now().trunc_subsecs(6),
+    };
+    tracing::Span::current().record("request_id", tracing::field::display(request.request_id));
+    let payload = request.to_json();
+    let record = FutureRecord::to(&state.inner.cfg.common.request_topic)
+        .key(request.coupon_id.as_str())
+        .payload(&payload);
+    let timeout = state.inner.cfg.produce_timeout();
+    // The delivery report arrives at the latest after `message.timeout.ms`
+    // (= the produce timeout); the outer timeout only guards against a stuck
+    // client.
+    let delivered = tokio::time::timeout(
+        timeout + Duration::from_secs(1),
+        state.inner.producer.send(record, Timeout::After(timeout)),
+    )
+    .await;
+    match delivered {
+        Ok(Ok(_)) => {}
+        Ok(Err((e, _))) => return Err(ApiError::unavailable(format!("kafka: {e}"))),
+        Err(_) => return Err(ApiError::unavailable("kafka: no delivery report in time")),
+    }
+    // The record is in the log, so the request will be decided whatever
+    // happens next; the pending entry only lets lookups say "pending" rather
+    // than 404 until then.
+    let pending = [RequestStatus::pending(&request)];
+    let ttl = state.inner.cfg.common.status_ttl();
+    let mut redis = state.inner.redis.clone();
+    let write = state::put_statuses(&mut redis, &state.inner.keys, &pending, ttl);
+    match tokio::time::timeout(STATUS_WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "accepted, but the pending status was not cached"),
+        Err(_) => tracing::warn!("accepted, but caching the pending status timed out"),
+    }
+    let id = request.request_id;
+    let body = json!({
+        "request_id": id,
+        "status": Status::Pending,
+        "status_url": format!("/v1/issue-requests/{id}"),
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_request(
+    State(state): State<AppState>,
+    Path(request_id): Path<String>,
+) -> Result<Json<RequestStatus>, ApiError> {
+    let id = parse(RequestId::parse(&request_id))?;
+    let cached = state::get_status(&mut state.inner.redis.clone(), &state.inner.keys, id).await;
+    match cached {
+        Ok(Some(s)) => return Ok(Json(s)),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "redis status unavailable, reading the ledger"),
+    }
+    let row = db::ledger_row(&state.inner.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::RequestNotFound(id.to_string()))?;
+    let corrupt = |e: String| ApiError::Internal(anyhow::anyhow!("ledger row {id}: {e}"));
+    Ok(Json(RequestStatus {
+        request_id: id,
+        coupon_id: CouponId::parse(row.coupon_id).map_err(|e| corrupt(e.to_string()))?,
+        user_id: UserId::parse(row.user_id).map_err(|e| corrupt(e.to_string()))?,
+        status: row.status.parse().map_err(|e| corrupt(format!("{e}")))?,
+        accepted_at: row.accepted_at,
+        decided_at: Some(row.decided_at),
+    }))
+}
+
+#[derive(Serialize)]
+struct HeldCouponView {
+    coupon_id: String,
+    request_id: uuid::Uuid,
+    issued_at: DateTime<Utc>,
+}
+
+#[tracing::instrument(skip(state))]
+async fn user_coupons(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+) -> Result<Json<Vec<HeldCouponView>>, ApiError> {
+    let user = parse(UserId::parse(user_id))?;
+    let held = db::user_coupons(&state.inner.pool, &user).await?;
+    Ok(Json(
+        held.into_iter()
+            .map(|h| HeldCouponView {
+                coupon_id: h.coupon_id,
+                request_id: h.request_id,
+                issued_at: h.issued_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the broker, Redis and Postgres all answer within a second.
+async fn readyz(State(state): State<AppState>) -> Response {
+    const LIMIT: Duration = Duration::from_secs(1);
+    let inner = &state.inner;
+    let pg = async {
+        sqlx::query("SELECT 1")
+            .execute(&inner.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let redis = async {
+        redis::cmd("PING")
+            .query_async::<String>(&mut inner.redis.clone())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let producer = inner.producer.clone();
+    let topic = inner.cfg.common.request_topic.clone();
+    let kafka = async move {
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), LIMIT)
+                .map_err(|e| e.to_string())
+                .and_then(|m| match m.topics().first() {
+                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                    _ => Err(format!("topic {topic} is missing")),
+                })
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    let (pg, redis, kafka) = tokio::join!(within(LIMIT, pg), within(LIMIT, redis), within(LIMIT, kafka));
+    let checks = [("postgres", pg), ("redis", redis), ("kafka", kafka)];
+    let ready = checks.iter().all(|(_, r)| r.is_ok());
+    let detail: serde_json::Map<String, serde_json::Value> = checks
+        .into_iter()
+        .map(|(name, r)| {
+            // Only "ok"/"failing" leaves the process; the cause goes to the log.
+            if let Err(e) = &r {
+                tracing::warn!(dependency = name, error = %e, "not ready");
+            }
+            (name.to_owned(), json!(if r.is_ok() { "ok" } else { "failing" }))
+        })
+        .collect();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let word = if ready { "ready" } else { "not_ready" };
+    (status, Json(json!({ "status": word, "checks": detail }))).into_response()
+}
+
+/// Runs a readiness probe, failing it when it takes longer than `limit`.
+async fn within(
+    limit: Duration,
+    probe: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    tokio::time::timeout(limit, probe)
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison_needs_every_byte_and_the_length() {
+        assert!(constant_time_eq(b"secret-token", b"secret-token"));
+        assert!(!constant_time_eq(b"secret-tokem", b"secret-token"));
+        assert!(!constant_time_eq(b"secret", b"secret-token"));
+    }
+}

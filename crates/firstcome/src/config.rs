@@ -1,0 +1,155 @@
+//! Settings both binaries share: where the services are and what the topics
+//! and keys are called. Each field reads a command-line flag or an environment
+//! variable (the local stack writes them all to `.state/stack.env`).
+
+use std::time::Duration;
+
+use crate::state::{BadPrefix, Keys};
+
+/// Connection settings and names shared by the ingress and the worker.
+#[derive(Clone, clap::Args)]
+pub struct CommonConfig {
+    /// Postgres URL, e.g. `postgres://user:pass@127.0.0.1:55432/firstcome`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Redis URL, e.g. `redis://127.0.0.1:56379`.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key, so several deployments (or tests) can share
+    /// one Redis. Must not contain braces.
+    #[arg(long, env = "FIRSTCOME_REDIS_PREFIX", default_value = "fc:")]
+    pub redis_prefix: String,
+
+    /// Kafka bootstrap servers, comma-separated `host:port`.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Extra librdkafka properties for every client, as `key=value`,
+    /// comma-separated (e.g. `security.protocol=SASL_SSL`).
+    #[arg(long, env = "FIRSTCOME_KAFKA_OPTIONS", value_delimiter = ',')]
+    pub kafka_options: Vec<String>,
+
+    /// Topic the ingress appends issue requests to, keyed by coupon id.
+    #[arg(
+        long,
+        env = "FIRSTCOME_REQUEST_TOPIC",
+        default_value = "firstcome.issue-requests"
+    )]
+    pub request_topic: String,
+
+    /// Topic for records the worker cannot process.
+    #[arg(
+        long,
+        env = "FIRSTCOME_DLQ_TOPIC",
+        default_value = "firstcome.issue-requests.dlq"
+    )]
+    pub dlq_topic: String,
+
+    /// How long request status entries stay in Redis; lookups fall back to
+    /// the Postgres ledger after that.
+    #[arg(long, env = "FIRSTCOME_STATUS_TTL_SECS", default_value_t = 86_400)]
+    pub status_ttl_secs: u64,
+
+    /// Most Postgres connections this process opens.
+    #[arg(long, env = "FIRSTCOME_PG_MAX_CONNECTIONS", default_value_t = 8)]
+    pub pg_max_connections: u32,
+
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "FIRSTCOME_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+impl std::fmt::Debug for CommonConfig {
+    // Hand-written so the database password never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommonConfig")
+            .field("redis_prefix", &self.redis_prefix)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("request_topic", &self.request_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A setting that cannot work, named by its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The Redis key prefix contains braces.
+    #[error("FIRSTCOME_REDIS_PREFIX: {0}")]
+    Prefix(#[from] BadPrefix),
+    /// A `FIRSTCOME_KAFKA_OPTIONS` entry is not `key=value`.
+    #[error("FIRSTCOME_KAFKA_OPTIONS: {0:?} is not key=value")]
+    KafkaOption(String),
+    /// Any other bad value.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The environment variable.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl CommonConfig {
+    /// The Redis key layout under the configured prefix.
+    pub fn keys(&self) -> Result<Keys, ConfigError> {
+        Ok(Keys::new(self.redis_prefix.clone())?)
+    }
+
+    /// The status TTL.
+    pub fn status_ttl(&self) -> Duration {
+        Duration::from_secs(self.status_ttl_secs)
+    }
+
+    /// The extra librdkafka properties as pairs.
+    pub fn kafka_options(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        self.kafka_options
+            .iter()
+            .filter(|o| !o.trim().is_empty())
+            .map(|o| match o.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_owned(), v.trim().to_owned()))
+                }
+                _ => Err(ConfigError::KafkaOption(o.clone())),
+            })
+            .collect()
+    }
+
+    /// Checks everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.keys()?;
+        self.kafka_options()?;
+        for (key, topic) in [
+            ("FIRSTCOME_REQUEST_TOPIC", &self.request_topic),
+            ("FIRSTCOME_DLQ_TOPIC", &self.dlq_topic),
+        ] {
+            if topic.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must not be empty".into(),
+                });
+            }
+        }
+        if self.request_topic == self.dlq_topic {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_DLQ_TOPIC",
+                message: "must differ from FIRSTCOME_REQUEST_TOPIC".into(),
+            });
+        }
+        if self.status_ttl_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_STATUS_TTL_SECS",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.pg_max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_PG_MAX_CONNECTIONS",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}

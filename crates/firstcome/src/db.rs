@@ -1,0 +1,230 @@
+//! Postgres, the system of record: coupons, the request ledger and the
+//! coupons users hold. Queries are plain `sqlx::query` (no compile-time
+//! database), migrations are embedded from `migrations/`.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+use crate::ids::{CouponId, RequestId, UserId};
+use crate::record::{IssueRequest, Status};
+use crate::state::{CouponSnapshot, Decision};
+
+/// The migrations in `migrations/`, compiled into every binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Applies pending migrations (Postgres serializes concurrent runs by a lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// A coupon campaign as stored.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct Coupon {
+    /// Chosen by the admin.
+    pub coupon_id: String,
+    /// Display name.
+    pub name: String,
+    /// Units to hand out.
+    pub total_stock: i32,
+    /// Requests accepted before this are `not_open`.
+    pub starts_at: Option<DateTime<Utc>>,
+    /// Requests accepted after this are `not_open`.
+    pub ends_at: Option<DateTime<Utc>>,
+}
+
+/// Inserts a coupon; `false` when one with that id exists already.
+pub async fn insert_coupon(pool: &PgPool, c: &Coupon) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO coupon (coupon_id, name, total_stock, starts_at, ends_at)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (coupon_id) DO NOTHING",
+    )
+    .bind(&c.coupon_id)
+    .bind(&c.name)
+    .bind(c.total_stock)
+    .bind(c.starts_at)
+    .bind(c.ends_at)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Reads a coupon.
+pub async fn coupon(pool: &PgPool, id: &CouponId) -> Result<Option<Coupon>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT coupon_id, name, total_stock, starts_at, ends_at FROM coupon WHERE coupon_id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_optional(pool)
+    .await
+}
+
+/// How many users hold the coupon.
+pub async fn issued_count(pool: &PgPool, id: &CouponId) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM user_coupon WHERE coupon_id = $1")
+        .bind(id.as_str())
+        .fetch_one(pool)
+        .await
+}
+
+/// Everything Redis needs to decide for `coupon`, read in one snapshot.
+pub async fn coupon_snapshot(
+    pool: &PgPool,
+    coupon: &Coupon,
+) -> Result<CouponSnapshot, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let users: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
+            .bind(&coupon.coupon_id)
+            .fetch_all(&mut *tx)
+            .await?;
+    let decisions: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT request_id, status, decided_at FROM request_ledger WHERE coupon_id = $1",
+    )
+    .bind(&coupon.coupon_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let corrupt = |what: String| sqlx::Error::Decode(what.into());
+    Ok(CouponSnapshot {
+        total_stock: coupon.total_stock.into(),
+        starts_at: coupon.starts_at,
+        ends_at: coupon.ends_at,
+        issued_users: users
+            .into_iter()
+            .map(|u| UserId::parse(u).map_err(|e| corrupt(e.to_string())))
+            .collect::<Result<_, _>>()?,
+        decisions: decisions
+            .into_iter()
+            .map(|(id, status, decided_at)| {
+                let status: Status = status.parse().map_err(|e| corrupt(format!("{e}")))?;
+                Ok((RequestId::from(id), Decision { status, decided_at }))
+            })
+            .collect::<Result<_, sqlx::Error>>()?,
+    })
+}
+
+/// A decided request and where it sat in the log.
+#[derive(Debug, Clone)]
+pub struct Decided<'a> {
+    /// The request as read from Kafka.
+    pub request: &'a IssueRequest,
+    /// Its final answer.
+    pub decision: Decision,
+    /// Kafka partition it was read from.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+}
+
+/// Persists a batch of decisions in one statement (so all or nothing): every
+/// request into the ledger, the issued ones into `user_coupon`. Rows that are
+/// already there stay as they are, which makes redelivery harmless.
+pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let n = batch.len();
+    let (mut ids, mut coupons, mut users, mut statuses) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut partitions, mut offsets, mut accepted, mut decided) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for d in batch {
+        ids.push(d.request.request_id.as_uuid());
+        coupons.push(d.request.coupon_id.as_str());
+        users.push(d.request.user_id.as_str());
+        statuses.push(d.decision.status.as_str());
+        partitions.push(d.partition);
+        offsets.push(d.offset);
+        accepted.push(d.request.accepted_at);
+        decided.push(d.decision.decided_at);
+    }
+    sqlx::query(
+        "WITH input AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                  $5::int[], $6::bigint[], $7::timestamptz[], $8::timestamptz[])
+                 AS t(request_id, coupon_id, user_id, status,
+                      kafka_partition, kafka_offset, accepted_at, decided_at)
+         ), ledger AS (
+             INSERT INTO request_ledger (request_id, coupon_id, user_id, status,
+                                         kafka_partition, kafka_offset, accepted_at, decided_at)
+             SELECT * FROM input
+             ON CONFLICT (request_id) DO NOTHING
+         )
+         INSERT INTO user_coupon (coupon_id, user_id, request_id, issued_at)
+         SELECT coupon_id, user_id, request_id, decided_at FROM input WHERE status = 'issued'
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&coupons)
+    .bind(&users)
+    .bind(&statuses)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&accepted)
+    .bind(&decided)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A ledger row, as a status lookup needs it.
+#[derive(Debug, Clone, FromRow)]
+pub struct LedgerRow {
+    /// The request.
+    pub request_id: Uuid,
+    /// Its coupon.
+    pub coupon_id: String,
+    /// Its user.
+    pub user_id: String,
+    /// Its final status.
+    pub status: String,
+    /// When the ingress accepted it.
+    pub accepted_at: DateTime<Utc>,
+    /// When the worker decided it.
+    pub decided_at: DateTime<Utc>,
+}
+
+/// Reads one request's ledger row.
+pub async fn ledger_row(pool: &PgPool, id: RequestId) -> Result<Option<LedgerRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT request_id, coupon_id, user_id, status, accepted_at, decided_at
+         FROM request_ledger WHERE request_id = $1",
+    )
+    .bind(id.as_uuid())
+    .fetch_optional(pool)
+    .await
+}
+
+/// A coupon a user holds.
+#[derive(Debug, Clone, FromRow)]
+pub struct HeldCoupon {
+    /// The coupon.
+    pub coupon_id: String,
+    /// The request that won it.
+    pub request_id: Uuid,
+    /// When it was issued.
+    pub issued_at: DateTime<Utc>,
+}
+
+/// The coupons a user holds, oldest first.
+pub async fn user_coupons(pool: &PgPool, user: &UserId) -> Result<Vec<HeldCoupon>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT coupon_id, request_id, issued_at FROM user_coupon
+         WHERE user_id = $1 ORDER BY issued_at, coupon_id",
+    )
+    .bind(user.as_str())
+    .fetch_all(pool)
+    .await
+}

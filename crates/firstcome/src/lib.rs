@@ -1,0 +1,22 @@
+//! The domain of firstcome, shared by the ingress and the worker.
+//!
+//! # Layout
+//! - [`ids`]: validated `CouponId`, `UserId`, `RequestId`
+//! - [`record`]: the Kafka record and the request statuses
+//! - [`state`]: the Redis state, the decision Lua script and its wrapper
+//! - [`db`]: Postgres, the system of record, and its migrations
+//! - [`kafka`]: client settings every producer and consumer starts from
+//! - [`config`]: connection settings both binaries share
+//! - [`telemetry`], [`shutdown`]: process plumbing
+
+pub mod config;
+pub mod db;
+pub mod ids;
+pub mod kafka;
+pub mod record;
+pub mod shutdown;
+pub mod state;
+pub mod telemetry;
+
+pub use ids::{CouponId, RequestId, UserId};
+pub use record::{IssueRequest, Status};
