@@ -1,1 +1,114 @@
-//! placeholder
+//! The worker of firstcome: a Kafka consumer group member that decides issue
+//! requests in log order with one atomic Lua call per coupon and batch,
+//! persists every decision in Postgres, and dead-letters what it cannot
+//! process. Also the operator's tool: `migrate` and `topics`.
+//!
+//! # Layout
+//! - [`config`]: flags and environment variables, the retry schedule
+//! - [`consumer`]: the poll loop, partition tasks, rebalances
+//! - [`pipeline`]: one batch from records to a stored offset
+//! - [`deadletter`]: dead-letter records and their headers
+
+pub mod config;
+pub mod consumer;
+pub mod deadletter;
+pub mod pipeline;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use firstcome::kafka;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use redis::aio::ConnectionManagerConfig;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+pub use config::WorkerConfig;
+
+use crate::consumer::{Partitions, Rebalancer};
+use crate::pipeline::Shared;
+
+/// A connected worker, subscribed and ready to poll.
+pub struct Worker {
+    shared: Arc<Shared>,
+    partitions: Partitions,
+}
+
+impl Worker {
+    /// Connects to Postgres, Redis and Kafka and subscribes to the request topic.
+    pub async fn build(cfg: WorkerConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.common.pg_max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&cfg.common.database_url)
+            .await
+            .context("connecting to Postgres (DATABASE_URL)")?;
+        let redis = redis::Client::open(cfg.common.redis_url.as_str())
+            .context("parsing REDIS_URL")?
+            .get_connection_manager_with_config(
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5))),
+            )
+            .await
+            .context("connecting to Redis (REDIS_URL)")?;
+        let dlq = kafka::producer_config(&cfg.common, Duration::from_secs(10), Duration::ZERO)?
+            .create()
+            .context("creating the dead-letter producer")?;
+
+        let partitions: Partitions = Arc::new(Mutex::new(HashMap::new()));
+        let context = Rebalancer::new(cfg.common.request_topic.clone(), partitions.clone());
+        let mut consumer_cfg = kafka::client_config(&cfg.common)?;
+        consumer_cfg
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", cfg.commit_interval_ms.to_string())
+            // Offsets are stored by hand, only once a batch is durable.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (cfg.session_timeout_ms / 3).to_string(),
+            )
+            .set("fetch.wait.max.ms", "100");
+        for (k, v) in cfg.common.kafka_options()? {
+            consumer_cfg.set(k, v);
+        }
+        let consumer: StreamConsumer<Rebalancer> = consumer_cfg
+            .create_with_context(context)
+            .context("creating the Kafka consumer")?;
+        consumer
+            .subscribe(&[&cfg.common.request_topic])
+            .context("subscribing to the request topic")?;
+        let keys = cfg.common.keys()?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cfg,
+                pool,
+                redis,
+                keys,
+                dlq,
+                consumer: Arc::new(consumer),
+            }),
+            partitions,
+        })
+    }
+
+    /// Consumes until `shutdown` is cancelled, then finishes the batches in
+    /// hand and commits.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(
+            topic = %self.shared.cfg.common.request_topic,
+            group = %self.shared.cfg.group_id,
+            "worker consuming"
+        );
+        consumer::run(self.shared, self.partitions, shutdown).await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}

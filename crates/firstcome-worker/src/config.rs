@@ -1,0 +1,133 @@
+//! Settings of the worker: the shared connection settings plus the consumer
+//! group, batching and retry schedule.
+
+use std::time::Duration;
+
+use firstcome::config::{CommonConfig, ConfigError};
+
+/// Everything `firstcome-worker run` needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    /// Services, topics and keys shared with the ingress.
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Kafka consumer group; every worker of one deployment shares it.
+    #[arg(long, env = "FIRSTCOME_GROUP_ID", default_value = "firstcome-worker")]
+    pub group_id: String,
+
+    /// Consumer session timeout. A worker that stops heartbeating for this
+    /// long loses its partitions to the others.
+    #[arg(long, env = "FIRSTCOME_SESSION_TIMEOUT_MS", default_value_t = 45_000)]
+    pub session_timeout_ms: u64,
+
+    /// How often stored offsets are committed (and always synchronously on
+    /// revoke and shutdown).
+    #[arg(long, env = "FIRSTCOME_COMMIT_INTERVAL_MS", default_value_t = 1_000)]
+    pub commit_interval_ms: u64,
+
+    /// Most records one partition decides in one Lua call and persists in
+    /// one Postgres statement.
+    #[arg(long, env = "FIRSTCOME_MAX_BATCH", default_value_t = 500)]
+    pub max_batch: usize,
+
+    /// Records buffered per partition between the poll loop and the
+    /// partition's task.
+    #[arg(long, env = "FIRSTCOME_PARTITION_BUFFER", default_value_t = 2_000)]
+    pub partition_buffer: usize,
+
+    /// First retry delay after a transient failure (Postgres, Redis, broker).
+    #[arg(long, env = "FIRSTCOME_RETRY_INITIAL_MS", default_value_t = 100)]
+    pub retry_initial_ms: u64,
+
+    /// Longest retry delay; delays double up to it, with jitter.
+    #[arg(long, env = "FIRSTCOME_RETRY_MAX_MS", default_value_t = 10_000)]
+    pub retry_max_ms: u64,
+
+    /// Longest a graceful shutdown waits for the batches in hand.
+    #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl WorkerConfig {
+    /// Checks everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.common.validate()?;
+        let invalid = |key: &'static str, message: &str| ConfigError::Invalid {
+            key,
+            message: message.to_owned(),
+        };
+        if self.group_id.is_empty() {
+            return Err(invalid("FIRSTCOME_GROUP_ID", "must not be empty"));
+        }
+        if self.max_batch == 0 || self.max_batch > 10_000 {
+            return Err(invalid("FIRSTCOME_MAX_BATCH", "must be 1 to 10000"));
+        }
+        if self.partition_buffer < self.max_batch {
+            return Err(invalid(
+                "FIRSTCOME_PARTITION_BUFFER",
+                "must be at least FIRSTCOME_MAX_BATCH",
+            ));
+        }
+        if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {
+            return Err(invalid(
+                "FIRSTCOME_RETRY_MAX_MS",
+                "must be at least FIRSTCOME_RETRY_INITIAL_MS, which must be positive",
+            ));
+        }
+        if self.session_timeout_ms < 3_000 {
+            return Err(invalid("FIRSTCOME_SESSION_TIMEOUT_MS", "must be at least 3000"));
+        }
+        Ok(())
+    }
+
+    /// The retry schedule.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(self.retry_initial_ms),
+            max: Duration::from_millis(self.retry_max_ms),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// Delay before the first retry (before jitter).
+    pub initial: Duration,
+    /// Cap of the delay.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (1-based): a random point in
+    /// `[d/2, d]` with `d = min(max, initial * 2^(attempt-1))`, so workers
+    /// that failed together do not retry together.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let d = exp.min(self.max);
+        let half = d / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_stays_under_the_cap() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for attempt in 1..40 {
+            let d = b.delay(attempt);
+            let full = (Duration::from_millis(100) * 2u32.pow((attempt - 1).min(20)))
+                .min(Duration::from_secs(1));
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+    }
+}

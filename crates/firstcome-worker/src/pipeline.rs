@@ -1,0 +1,302 @@
+//! One partition's batch, from records to a stored offset:
+//!
+//! 1. parse and validate every record; what cannot be an issue request is a
+//!    dead letter;
+//! 2. decide the valid ones, one atomic Lua call per coupon with that
+//!    coupon's requests in log order (calls for different coupons run
+//!    concurrently: their order does not matter to each other);
+//! 3. write the dead letters and wait for the broker's acknowledgement;
+//! 4. persist every decision in Postgres in one statement;
+//! 5. publish the final statuses to the Redis status cache;
+//! 6. only then store the offset past the batch.
+//!
+//! Each step is idempotent (a decided request keeps its decision, rows are
+//! inserted `ON CONFLICT DO NOTHING`), so a transient failure simply retries
+//! the step, and a crash anywhere replays the batch with the same outcome.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{SubsecRound, Utc};
+use firstcome::db::{self, Decided};
+use firstcome::state::{self, Decision, Keys, RequestStatus};
+use firstcome::{CouponId, IssueRequest};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerConfig;
+use crate::consumer::Rebalancer;
+use crate::deadletter::DeadLetter;
+
+/// How long one dead-letter write may wait for the broker before it is retried.
+const DLQ_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A record copied out of the consumer, so it can cross into a partition task.
+#[derive(Debug, Clone)]
+pub struct Rec {
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key (the coupon id, for records the ingress wrote).
+    pub key: Option<Vec<u8>>,
+    /// Its value.
+    pub payload: Option<Vec<u8>>,
+    /// Its Kafka timestamp, in ms since the epoch.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Rec {
+    /// Copies what the pipeline needs out of a consumed message.
+    pub fn from_message(m: &BorrowedMessage<'_>) -> Self {
+        Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            timestamp_ms: m.timestamp().to_millis(),
+        }
+    }
+}
+
+/// What every partition task shares.
+pub struct Shared {
+    /// The worker's settings.
+    pub cfg: WorkerConfig,
+    /// Postgres, the system of record.
+    pub pool: PgPool,
+    /// Redis, where decisions are made.
+    pub redis: ConnectionManager,
+    /// The Redis key layout.
+    pub keys: Keys,
+    /// Producer for the dead-letter topic.
+    pub dlq: FutureProducer,
+    /// The consumer, to store offsets on.
+    pub consumer: Arc<StreamConsumer<Rebalancer>>,
+}
+
+/// The batch was given up because its partition was revoked or the worker is
+/// stopping; nothing past its start was stored, so it will be read again.
+#[derive(Debug)]
+pub struct Aborted;
+
+/// Runs `step` until it succeeds, waiting longer after each failure, or until
+/// `cancel` fires.
+async fn retry<T, F, Fut>(
+    shared: &Shared,
+    what: &str,
+    cancel: &CancellationToken,
+    mut step: F,
+) -> Result<T, Aborted>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let backoff = shared.cfg.backoff();
+    let mut attempt = 0u32;
+    loop {
+        match step().await {
+            Ok(v) => {
+                if attempt > 0 {
+                    tracing::info!(step = what, attempts = attempt + 1, "recovered");
+                }
+                return Ok(v);
+            }
+            Err(e) => {
+                attempt += 1;
+                let delay = backoff.delay(attempt);
+                tracing::warn!(step = what, attempt, ?delay, error = format!("{e:#}"), "transient failure, retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return Err(Aborted),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Processes one batch of one partition; see the module docs.
+#[tracing::instrument(skip_all, fields(partition = recs[0].partition, first_offset = recs[0].offset, len = recs.len()))]
+pub async fn process(
+    shared: &Shared,
+    recs: Vec<Rec>,
+    cancel: &CancellationToken,
+) -> Result<(), Aborted> {
+    // 1. Parse.
+    let mut requests: Vec<(usize, IssueRequest)> = Vec::with_capacity(recs.len());
+    let mut dead: Vec<(usize, DeadLetter)> = Vec::new();
+    for (i, rec) in recs.iter().enumerate() {
+        match parse(rec) {
+            Ok(r) => requests.push((i, r)),
+            Err(d) => dead.push((i, d)),
+        }
+    }
+
+    // 2. Decide, per coupon in log order.
+    let mut groups: Vec<(CouponId, Vec<usize>)> = Vec::new();
+    let mut group_of: HashMap<&CouponId, usize> = HashMap::new();
+    for (j, (_, r)) in requests.iter().enumerate() {
+        let g = *group_of.entry(&r.coupon_id).or_insert_with(|| {
+            groups.push((r.coupon_id.clone(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(j);
+    }
+    let now = Utc::now().trunc_subsecs(6);
+    let outcomes = retry(shared, "decide", cancel, || {
+        decide_groups(shared, &groups, &requests, now)
+    })
+    .await?;
+    let mut decided: Vec<Decided<'_>> = Vec::with_capacity(requests.len());
+    for ((coupon, members), outcome) in groups.iter().zip(outcomes) {
+        match outcome {
+            Some(decisions) => {
+                for (&j, decision) in members.iter().zip(decisions) {
+                    let (i, request) = &requests[j];
+                    decided.push(Decided {
+                        request,
+                        decision,
+                        partition: recs[*i].partition,
+                        offset: recs[*i].offset,
+                    });
+                }
+            }
+            None => dead.extend(
+                members
+                    .iter()
+                    .map(|&j| (requests[j].0, DeadLetter::unknown_coupon(coupon.as_str()))),
+            ),
+        }
+    }
+
+    // 3. Dead letters, acknowledged before anything moves past them.
+    for (i, letter) in &dead {
+        let rec = &recs[*i];
+        tracing::warn!(offset = rec.offset, kind = letter.kind.as_str(), message = %letter.message, "dead-lettering record");
+        retry(shared, "dead-letter", cancel, || dead_letter(shared, rec, letter)).await?;
+    }
+
+    // 4. Persist.
+    retry(shared, "persist", cancel, || async {
+        db::persist(&shared.pool, &decided)
+            .await
+            .context("persisting decisions")
+    })
+    .await?;
+
+    // 5. Publish the final statuses.
+    let statuses: Vec<RequestStatus> = decided
+        .iter()
+        .map(|d| RequestStatus::decided(d.request, d.decision))
+        .collect();
+    retry(shared, "publish statuses", cancel, || async {
+        state::put_statuses(
+            &mut shared.redis.clone(),
+            &shared.keys,
+            &statuses,
+            shared.cfg.common.status_ttl(),
+        )
+        .await
+        .context("writing request statuses")
+    })
+    .await?;
+
+    // 6. Move the partition past the batch.
+    let last = recs.last().expect("a batch is never empty");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(
+        &shared.cfg.common.request_topic,
+        last.partition,
+        Offset::Offset(last.offset + 1),
+    )
+    .expect("a fresh partition list accepts an offset");
+    if let Err(e) = shared.consumer.store_offsets(&tpl) {
+        // The partition was revoked meanwhile; its next owner reads the batch
+        // again and gets the same decisions back.
+        tracing::info!(error = %e, "offset not stored, partition no longer assigned");
+    }
+    Ok(())
+}
+
+/// Parses a record into an issue request whose key matches its coupon.
+fn parse(rec: &Rec) -> Result<IssueRequest, DeadLetter> {
+    let payload = rec
+        .payload
+        .as_deref()
+        .ok_or_else(|| DeadLetter::invalid_record("record has no value"))?;
+    let request = IssueRequest::from_json(payload).map_err(DeadLetter::invalid_record)?;
+    if rec.key.as_deref() != Some(request.coupon_id.as_str().as_bytes()) {
+        return Err(DeadLetter::key_mismatch(
+            rec.key.as_deref(),
+            request.coupon_id.as_str(),
+        ));
+    }
+    Ok(request)
+}
+
+/// Decides every coupon group; `None` for a coupon Postgres does not know.
+async fn decide_groups(
+    shared: &Shared,
+    groups: &[(CouponId, Vec<usize>)],
+    requests: &[(usize, IssueRequest)],
+    now: chrono::DateTime<Utc>,
+) -> anyhow::Result<Vec<Option<Vec<Decision>>>> {
+    futures::future::try_join_all(groups.iter().map(|(coupon, members)| {
+        let batch: Vec<&IssueRequest> = members.iter().map(|&j| &requests[j].1).collect();
+        async move { decide_coupon(shared, coupon, &batch, now).await }
+    }))
+    .await
+}
+
+async fn decide_coupon(
+    shared: &Shared,
+    coupon: &CouponId,
+    batch: &[&IssueRequest],
+    now: chrono::DateTime<Utc>,
+) -> anyhow::Result<Option<Vec<Decision>>> {
+    let mut conn = shared.redis.clone();
+    let keys = shared.keys.coupon(coupon);
+    if let Some(d) = state::decide(&mut conn, &keys, batch, now).await? {
+        return Ok(Some(d));
+    }
+    // No state in Redis: build it from Postgres, or give up on a coupon
+    // that does not exist.
+    let Some(row) = db::coupon(&shared.pool, coupon).await? else {
+        return Ok(None);
+    };
+    let snapshot = db::coupon_snapshot(&shared.pool, &row).await?;
+    if state::init_coupon(&mut conn, &keys, &snapshot).await? {
+        tracing::info!(%coupon, issued = snapshot.issued_users.len(), "initialized coupon state from postgres");
+    }
+    state::decide(&mut conn, &keys, batch, now)
+        .await?
+        .map(Some)
+        .context("coupon state vanished right after it was initialized")
+}
+
+async fn dead_letter(shared: &Shared, rec: &Rec, letter: &DeadLetter) -> anyhow::Result<()> {
+    let topic = &shared.cfg.common.request_topic;
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&shared.cfg.common.dlq_topic)
+        .headers(letter.headers(rec, topic, &shared.cfg.group_id));
+    if let Some(k) = &rec.key {
+        record = record.key(k.as_slice());
+    }
+    if let Some(p) = &rec.payload {
+        record = record.payload(p.as_slice());
+    }
+    shared
+        .dlq
+        .send(record, Timeout::After(DLQ_DELIVERY_TIMEOUT))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| anyhow::Error::new(e).context("writing a dead letter"))
+}
