@@ -1,1 +1,387 @@
-//! Test harness.
+//! Harness of the end-to-end tests: reads the local stack's settings, gives
+//! every test its own topics, consumer group, Redis key prefix and coupon ids,
+//! and runs the ingress and the worker in-process on those.
+//!
+//! Tests never skip: when the stack is not up they fail and say how to start it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use firstcome::config::CommonConfig;
+use firstcome_ingress::{Application, IngressConfig};
+use firstcome_worker::{Worker, WorkerConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Partitions of every test's request topic.
+pub const PARTITIONS: i32 = 4;
+
+/// The settings `scripts/stack up` wrote to `.state/stack.env`.
+pub fn stack_env() -> HashMap<String, String> {
+    let path = std::env::var_os("FIRSTCOME_ENV_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".state/stack.env"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}): the local stack is not set up. Run `scripts/stack up` \
+             (or `scripts/test`, which does it) first.",
+            path.display()
+        )
+    });
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// A short random tag that keeps one test's names apart from every other's.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// One test's private slice of the stack.
+pub struct TestEnv {
+    /// Shared settings pointing at this test's topics and key prefix.
+    pub common: CommonConfig,
+    /// This test's consumer group.
+    pub group_id: String,
+    /// The admin token of the stack.
+    pub admin_token: String,
+    /// A pool on the stack's database.
+    pub pool: PgPool,
+    /// The random tag of this test; coupon ids start with it.
+    pub tag: String,
+}
+
+impl TestEnv {
+    /// Creates this test's topics and checks every service answers.
+    pub async fn new() -> Self {
+        let env = stack_env();
+        let get = |k: &str| {
+            env.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{k} missing from the stack env file; rerun `scripts/stack up`"))
+        };
+        let tag = unique("t");
+        let common = CommonConfig {
+            database_url: get("DATABASE_URL"),
+            redis_url: get("REDIS_URL"),
+            redis_prefix: format!("{tag}:"),
+            kafka_brokers: get("KAFKA_BROKERS"),
+            kafka_options: Vec::new(),
+            request_topic: format!("{tag}.requests"),
+            dlq_topic: format!("{tag}.dlq"),
+            status_ttl_secs: 3_600,
+            pg_max_connections: 4,
+            log_json: false,
+        };
+        let hint = "is the local stack up? Run `scripts/stack up`";
+        let pool = PgPool::connect(&common.database_url)
+            .await
+            .unwrap_or_else(|e| panic!("Postgres at DATABASE_URL: {e}; {hint}"));
+        firstcome::db::migrate(&pool).await.expect("migrations apply");
+        let mut redis = redis::Client::open(common.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("Redis at REDIS_URL: {e}; {hint}"));
+        let _: String = redis::cmd("PING").query_async(&mut redis).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            firstcome::kafka::ensure_topics(
+                &common,
+                &[(&common.request_topic, PARTITIONS), (&common.dlq_topic, 1)],
+                1,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("Kafka at KAFKA_BROKERS did not answer; {hint}"))
+        .unwrap_or_else(|e| panic!("creating test topics: {e:#}; {hint}"));
+        Self {
+            common,
+            group_id: format!("{tag}-workers"),
+            admin_token: get("FIRSTCOME_ADMIN_TOKEN"),
+            pool,
+            tag,
+        }
+    }
+
+    /// A coupon id private to this test.
+    pub fn coupon_id(&self, name: &str) -> String {
+        format!("{}-{name}", self.tag)
+    }
+
+    /// A Redis connection.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.common.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// The ingress settings for this test, on a free port.
+    pub fn ingress_config(&self) -> IngressConfig {
+        IngressConfig {
+            common: self.common.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: self.admin_token.clone(),
+            produce_timeout_ms: 5_000,
+            linger_ms: 2,
+            request_timeout_ms: 15_000,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+
+    /// The worker settings for this test; a short session so joins are quick.
+    pub fn worker_config(&self) -> WorkerConfig {
+        WorkerConfig {
+            common: self.common.clone(),
+            group_id: self.group_id.clone(),
+            session_timeout_ms: 6_000,
+            commit_interval_ms: 500,
+            max_batch: 200,
+            partition_buffer: 2_000,
+            retry_initial_ms: 50,
+            retry_max_ms: 1_000,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+
+    /// Starts an ingress in this process.
+    pub async fn spawn_ingress(&self) -> Running {
+        let app = Application::build(self.ingress_config())
+            .await
+            .expect("ingress starts");
+        let addr = app.local_addr();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+        Running {
+            addr: Some(addr),
+            stop,
+            handle,
+        }
+    }
+
+    /// Starts a worker in this process.
+    pub async fn spawn_worker(&self) -> Running {
+        self.spawn_worker_with(self.worker_config()).await
+    }
+
+    /// Starts a worker with the given settings.
+    pub async fn spawn_worker_with(&self, cfg: WorkerConfig) -> Running {
+        let worker = Worker::build(cfg).await.expect("worker starts");
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(worker.run_until_stopped(stop.clone()));
+        Running {
+            addr: None,
+            stop,
+            handle,
+        }
+    }
+
+    /// An HTTP client for `ingress`.
+    pub fn client(&self, ingress: &Running) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: format!("http://{}", ingress.addr.expect("an ingress has an address")),
+            admin_token: self.admin_token.clone(),
+        }
+    }
+
+    /// Every record of the request topic, in (partition, offset) order.
+    pub fn read_request_log(&self) -> Vec<LogRecord> {
+        read_topic(&self.common, &self.common.request_topic)
+    }
+
+    /// Every record of the dead-letter topic.
+    pub fn read_dead_letters(&self) -> Vec<LogRecord> {
+        read_topic(&self.common, &self.common.dlq_topic)
+    }
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key.
+    pub key: Option<Vec<u8>>,
+    /// Its value.
+    pub payload: Option<Vec<u8>>,
+    /// Its headers, as text.
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads a whole topic from the beginning to the high watermark of each partition.
+pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &common.kafka_brokers)
+        .set("group.id", unique("reader-"))
+        .set("enable.auto.commit", "false")
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions: Vec<i32> = meta.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut out = Vec::new();
+    for p in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut next = low;
+        while next < high {
+            assert!(std::time::Instant::now() < deadline, "reading {topic}/{p} timed out at {next} of {high}");
+            let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
+            let m = m.unwrap();
+            if m.partition() != p || m.offset() < next {
+                continue;
+            }
+            use rdkafka::message::Headers;
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(LogRecord {
+                partition: p,
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+            next = m.offset() + 1;
+        }
+    }
+    out
+}
+
+/// A component running in this process.
+pub struct Running {
+    /// The HTTP address, for an ingress.
+    pub addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops it gracefully and waits until it is done.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("stops within 30 s")
+            .expect("task did not panic")
+            .expect("ran without error");
+    }
+}
+
+/// A thin HTTP client of the public API.
+#[derive(Clone)]
+pub struct Client {
+    /// The client.
+    pub http: reqwest::Client,
+    /// `http://host:port`.
+    pub base: String,
+    admin_token: String,
+}
+
+impl Client {
+    /// Creates a coupon with the admin token; returns the status and body.
+    pub async fn create_coupon(&self, id: &str, stock: i64) -> (u16, Value) {
+        self.create_coupon_with(json!({
+            "coupon_id": id, "name": format!("coupon {id}"), "total_stock": stock,
+            "starts_at": null, "ends_at": null,
+        }))
+        .await
+    }
+
+    /// Creates a coupon from a raw body with the admin token.
+    pub async fn create_coupon_with(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/coupons", self.base))
+            .bearer_auth(&self.admin_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        split(r).await
+    }
+
+    /// `POST /v1/coupons/{id}/issue`.
+    pub async fn issue(&self, coupon: &str, user: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/coupons/{coupon}/issue", self.base))
+            .json(&json!({ "user_id": user }))
+            .send()
+            .await
+            .unwrap();
+        split(r).await
+    }
+
+    /// `GET` a path of the API.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        split(r).await
+    }
+
+    /// Polls a request until its status is final; panics after `limit`.
+    pub async fn wait_final(&self, request_id: &str, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (code, body) = self.get(&format!("/v1/issue-requests/{request_id}")).await;
+            assert_eq!(code, 200, "status lookup of {request_id}: {body}");
+            if body["status"] != "pending" {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "request {request_id} still pending after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Status code and JSON body (or `null` for an empty body).
+pub async fn split(r: reqwest::Response) -> (u16, Value) {
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("body is not JSON: {text}"))
+    };
+    (code, body)
+}

@@ -1,0 +1,169 @@
+//! The decision script against the real Redis of the local stack.
+
+use chrono::{DateTime, Duration, SubsecRound, Utc};
+use firstcome::state::{self, CouponKeys, CouponSnapshot, Decision, Keys};
+use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
+use firstcome_suite::{TestEnv, stack_env, unique};
+
+struct Fixture {
+    conn: redis::aio::MultiplexedConnection,
+    keys: CouponKeys,
+    coupon: CouponId,
+}
+
+async fn fixture(snapshot: CouponSnapshot) -> Fixture {
+    let env = stack_env();
+    let url = env.get("REDIS_URL").expect("REDIS_URL in the stack env; run `scripts/stack up`");
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis of the local stack answers; run `scripts/stack up`");
+    let keys = Keys::new(format!("{}:", unique("lua"))).unwrap();
+    let coupon = CouponId::parse("c").unwrap();
+    let keys = keys.coupon(&coupon);
+    assert!(state::init_coupon(&mut conn, &keys, &snapshot).await.unwrap());
+    Fixture { conn, keys, coupon }
+}
+
+fn open_coupon(stock: i64) -> CouponSnapshot {
+    CouponSnapshot {
+        total_stock: stock,
+        starts_at: None,
+        ends_at: None,
+        issued_users: vec![],
+        decisions: vec![],
+    }
+}
+
+fn request(f: &Fixture, user: &str, accepted_at: DateTime<Utc>) -> IssueRequest {
+    IssueRequest {
+        request_id: RequestId::new(),
+        coupon_id: f.coupon.clone(),
+        user_id: UserId::parse(user).unwrap(),
+        accepted_at: accepted_at.trunc_subsecs(6),
+    }
+}
+
+async fn decide(f: &mut Fixture, reqs: &[&IssueRequest]) -> Vec<Status> {
+    let now = Utc::now().trunc_subsecs(6);
+    state::decide(&mut f.conn, &f.keys, reqs, now)
+        .await
+        .unwrap()
+        .expect("state exists")
+        .into_iter()
+        .map(|d| d.status)
+        .collect()
+}
+
+#[tokio::test]
+async fn requests_are_issued_in_order_until_the_stock_is_gone_then_sold_out() {
+    let mut f = fixture(open_coupon(2)).await;
+    let now = Utc::now();
+    let rs: Vec<_> = ["a", "b", "c", "d"].iter().map(|u| request(&f, u, now)).collect();
+    let refs: Vec<_> = rs.iter().collect();
+    assert_eq!(
+        decide(&mut f, &refs).await,
+        [Status::Issued, Status::Issued, Status::SoldOut, Status::SoldOut]
+    );
+    let c = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    assert_eq!((c.remaining, c.issued), (0, 2));
+}
+
+#[tokio::test]
+async fn a_user_who_holds_the_coupon_gets_duplicate_also_within_one_batch() {
+    let mut f = fixture(open_coupon(5)).await;
+    let now = Utc::now();
+    let (a1, a2, b) = (request(&f, "a", now), request(&f, "a", now), request(&f, "b", now));
+    assert_eq!(
+        decide(&mut f, &[&a1, &a2, &b]).await,
+        [Status::Issued, Status::Duplicate, Status::Issued]
+    );
+    let a3 = request(&f, "a", now);
+    assert_eq!(decide(&mut f, &[&a3]).await, [Status::Duplicate]);
+    let c = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    assert_eq!((c.remaining, c.issued), (3, 2));
+}
+
+#[tokio::test]
+async fn requests_accepted_outside_the_window_are_not_open_and_take_no_stock() {
+    let start = Utc::now();
+    let end = start + Duration::minutes(10);
+    let mut f = fixture(CouponSnapshot {
+        starts_at: Some(start.trunc_subsecs(6)),
+        ends_at: Some(end.trunc_subsecs(6)),
+        ..open_coupon(5)
+    })
+    .await;
+    let early = request(&f, "early", start - Duration::seconds(1));
+    let inside = request(&f, "inside", start + Duration::seconds(1));
+    let late = request(&f, "late", end + Duration::seconds(1));
+    let at_end = request(&f, "at-end", end);
+    assert_eq!(
+        decide(&mut f, &[&early, &inside, &late, &at_end]).await,
+        [Status::NotOpen, Status::Issued, Status::NotOpen, Status::Issued]
+    );
+    let c = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    assert_eq!(c.remaining, 3);
+}
+
+#[tokio::test]
+async fn a_redelivered_request_gets_its_first_decision_back_with_its_first_time() {
+    let mut f = fixture(open_coupon(1)).await;
+    let now = Utc::now();
+    let (a, b) = (request(&f, "a", now), request(&f, "b", now));
+    let first: Vec<Decision> = state::decide(&mut f.conn, &f.keys, &[&a, &b], now.trunc_subsecs(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first[0].status, Status::Issued);
+    assert_eq!(first[1].status, Status::SoldOut);
+    // Redelivered later, in a batch with a new request: the issued one is
+    // not `duplicate` against itself, the sold-out one stays sold out, and
+    // both keep their original decision time.
+    let c = request(&f, "c", now);
+    let later = now + Duration::seconds(5);
+    let again = state::decide(&mut f.conn, &f.keys, &[&a, &b, &c], later.trunc_subsecs(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&again[..2], &first[..]);
+    assert_eq!(again[2].status, Status::SoldOut);
+    assert_eq!(again[2].decided_at, later.trunc_subsecs(6));
+    let counters = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    assert_eq!((counters.remaining, counters.issued), (0, 1));
+}
+
+#[tokio::test]
+async fn a_coupon_without_state_is_reported_uninitialized_and_init_is_idempotent() {
+    let env = TestEnv::new().await;
+    let mut conn = env.redis().await;
+    let keys = env.common.keys().unwrap().coupon(&CouponId::parse("nothing-here").unwrap());
+    let r = IssueRequest {
+        request_id: RequestId::new(),
+        coupon_id: CouponId::parse("nothing-here").unwrap(),
+        user_id: UserId::parse("u").unwrap(),
+        accepted_at: Utc::now().trunc_subsecs(6),
+    };
+    assert_eq!(state::decide(&mut conn, &keys, &[&r], Utc::now()).await.unwrap(), None);
+
+    // Rebuilt from a snapshot holding one issued user and one decision.
+    let earlier = RequestId::new();
+    let decided_at = Utc::now().trunc_subsecs(6);
+    let snapshot = CouponSnapshot {
+        total_stock: 2,
+        starts_at: None,
+        ends_at: None,
+        issued_users: vec![UserId::parse("u").unwrap()],
+        decisions: vec![(earlier, Decision { status: Status::Issued, decided_at })],
+    };
+    assert!(state::init_coupon(&mut conn, &keys, &snapshot).await.unwrap());
+    assert!(!state::init_coupon(&mut conn, &keys, &snapshot).await.unwrap());
+    let c = state::counters(&mut conn, &keys).await.unwrap().unwrap();
+    assert_eq!((c.remaining, c.issued), (1, 1));
+    let d = state::decide(&mut conn, &keys, &[&r], Utc::now()).await.unwrap().unwrap();
+    assert_eq!(d[0].status, Status::Duplicate);
+    let replay = IssueRequest { request_id: earlier, ..r.clone() };
+    let d = state::decide(&mut conn, &keys, &[&replay], Utc::now()).await.unwrap().unwrap();
+    assert_eq!(d[0], Decision { status: Status::Issued, decided_at });
+}
