@@ -1,0 +1,236 @@
+//! Every status code of the HTTP contract, through real HTTP against the
+//! local stack. Bad input must answer the error shape and change nothing.
+
+use std::time::Duration;
+
+use firstcome_suite::{TestEnv, split};
+use serde_json::{Value, json};
+
+fn assert_error(code: u16, body: &Value, want_code: u16, want: &str) {
+    assert_eq!(code, want_code, "{body}");
+    assert_eq!(body["error"]["code"], want, "{body}");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+async fn coupon_rows(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM coupon WHERE coupon_id LIKE $1")
+        .bind(format!("{}%", env.tag))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_coupon_answers_201_then_409_and_shows_it() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let id = env.coupon_id("new");
+    let body = json!({
+        "coupon_id": id, "name": "Summer sale", "total_stock": 100,
+        "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2030-01-01T00:00:00Z",
+    });
+    let (code, created) = client.create_coupon_with(body.clone()).await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(
+        created,
+        json!({
+            "coupon_id": id, "name": "Summer sale", "total_stock": 100,
+            "remaining_stock": 100, "issued_count": 0,
+            "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2030-01-01T00:00:00Z",
+        })
+    );
+    let (code, shown) = client.get(&format!("/v1/coupons/{id}")).await;
+    assert_eq!(code, 200);
+    assert_eq!(shown, created);
+
+    let (code, again) = client.create_coupon_with(body).await;
+    assert_error(code, &again, 409, "coupon_exists");
+    assert_eq!(coupon_rows(&env).await, 1);
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_without_the_right_token_are_401_and_change_nothing() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let body = json!({ "coupon_id": env.coupon_id("x"), "name": "x", "total_stock": 1 });
+    let url = format!("{}/v1/coupons", client.base);
+    for auth in [None, Some("Bearer wrong-token-wrong-token"), Some("Basic abc")] {
+        let mut req = client.http.post(&url).json(&body);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let (code, err) = split(req.send().await.unwrap()).await;
+        assert_error(code, &err, 401, "unauthorized");
+    }
+    assert_eq!(coupon_rows(&env).await, 0);
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_coupon_definitions_are_422_and_change_nothing() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let id = env.coupon_id("bad");
+    let cases = [
+        json!({ "coupon_id": id, "name": "n", "total_stock": -1 }),
+        json!({ "coupon_id": id, "name": "n", "total_stock": 1_000_000_001i64 }),
+        json!({ "coupon_id": id, "name": "n", "total_stock": 1,
+                "starts_at": "2026-02-01T00:00:00Z", "ends_at": "2026-01-01T00:00:00Z" }),
+        json!({ "coupon_id": format!("{id} space"), "name": "n", "total_stock": 1 }),
+        json!({ "coupon_id": "a".repeat(65), "name": "n", "total_stock": 1 }),
+        json!({ "coupon_id": id, "name": "", "total_stock": 1 }),
+        json!({ "coupon_id": id, "name": "n" }),
+        json!({ "coupon_id": id, "name": "n", "total_stock": 1, "colour": "red" }),
+        json!({ "coupon_id": id, "name": "n", "total_stock": 1, "starts_at": "yesterday" }),
+        json!({ "coupon_id": id, "name": "n", "total_stock": "ten" }),
+    ];
+    for body in cases {
+        let (code, err) = client.create_coupon_with(body.clone()).await;
+        assert_error(code, &err, 422, "invalid_request");
+    }
+    let not_json = client
+        .http
+        .post(format!("{}/v1/coupons", client.base))
+        .bearer_auth(&env.admin_token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let (code, err) = split(not_json).await;
+    assert_error(code, &err, 422, "invalid_request");
+    assert_eq!(coupon_rows(&env).await, 0);
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_coupons_requests_and_routes_are_404_and_bad_ids_are_422() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let missing = env.coupon_id("missing");
+
+    let (code, err) = client.get(&format!("/v1/coupons/{missing}")).await;
+    assert_error(code, &err, 404, "coupon_not_found");
+    let (code, err) = client.issue(&missing, "u1").await;
+    assert_error(code, &err, 404, "coupon_not_found");
+    let (code, err) = client
+        .get(&format!("/v1/issue-requests/{}", uuid::Uuid::now_v7()))
+        .await;
+    assert_error(code, &err, 404, "request_not_found");
+    let (code, err) = client.get("/v1/nothing-here").await;
+    assert_error(code, &err, 404, "not_found");
+
+    let (code, err) = client.get("/v1/coupons/has%20space").await;
+    assert_error(code, &err, 422, "invalid_request");
+    let (code, err) = client.get("/v1/issue-requests/not-a-uuid").await;
+    assert_error(code, &err, 422, "invalid_request");
+    let (code, err) = client.get("/v1/users/bad%3Auser/coupons").await;
+    assert_error(code, &err, 422, "invalid_request");
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issue_request_is_202_pending_until_a_worker_decides_and_bad_users_are_422() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("pending");
+    assert_eq!(client.create_coupon(&coupon, 10).await.0, 201);
+
+    for bad in [json!({ "user_id": "" }), json!({ "user_id": "a b" }), json!({}), json!({ "user_id": "u", "x": 1 })] {
+        let r = client
+            .http
+            .post(format!("{}/v1/coupons/{coupon}/issue", client.base))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        let (code, err) = split(r).await;
+        assert_error(code, &err, 422, "invalid_request");
+    }
+    assert!(env.read_request_log().is_empty(), "bad input appended nothing");
+
+    let (code, accepted) = client.issue(&coupon, "erin").await;
+    assert_eq!(code, 202, "{accepted}");
+    let id = accepted["request_id"].as_str().unwrap();
+    let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
+    assert_eq!(code, 200);
+    assert_eq!(status["status"], "pending");
+    assert_eq!(status["decided_at"], Value::Null);
+    assert_eq!(status["user_id"], "erin");
+
+    // The record in the log is keyed by coupon and carries the request.
+    let log = env.read_request_log();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].key.as_deref(), Some(coupon.as_bytes()));
+    let value: Value = serde_json::from_slice(log[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!(value["request_id"], id);
+    assert_eq!(value["user_id"], "erin");
+    assert_eq!(value["coupon_id"], coupon.as_str());
+
+    let (code, held) = client.get("/v1/users/erin-has-nothing/coupons").await;
+    assert_eq!((code, held), (200, json!([])));
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_200_and_ready_is_200_when_every_dependency_answers() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let (code, body) = client.get("/healthz").await;
+    assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
+    let (code, body) = client.get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["checks"], json!({ "postgres": "ok", "redis": "ok", "kafka": "ok" }));
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_acknowledgement_an_issue_request_is_503_with_retry_after() {
+    let env = TestEnv::new().await;
+    // A healthy ingress creates the coupon; a second one points at a broker
+    // address where nothing listens.
+    let good = env.spawn_ingress().await;
+    let coupon = env.coupon_id("nobroker");
+    assert_eq!(env.client(&good).create_coupon(&coupon, 10).await.0, 201);
+    good.stop().await;
+
+    let mut cfg = env.ingress_config();
+    cfg.common.kafka_brokers = "127.0.0.1:1".into();
+    cfg.produce_timeout_ms = 1_000;
+    let app = firstcome_ingress::Application::build(cfg).await.unwrap();
+    let addr = app.local_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+
+    let r = http
+        .post(format!("{base}/v1/coupons/{coupon}/issue"))
+        .json(&json!({ "user_id": "frank" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let (code, err) = split(r).await;
+    assert_error(code, &err, 503, "unavailable");
+    assert!(!err.to_string().contains("127.0.0.1"), "no internal detail leaks: {err}");
+
+    let (code, ready) = split(http.get(format!("{base}/readyz")).send().await.unwrap()).await;
+    assert_eq!(code, 503, "{ready}");
+    assert_eq!(ready["checks"]["kafka"], "failing");
+    assert_eq!(ready["checks"]["postgres"], "ok");
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle).await.unwrap().unwrap().unwrap();
+    assert!(env.read_request_log().is_empty(), "nothing reached the log");
+}
