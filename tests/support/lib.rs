@@ -4,7 +4,7 @@
 //!
 //! Tests never skip: when the stack is not up they fail and say how to start it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,6 +42,16 @@ pub fn stack_env() -> HashMap<String, String> {
         .collect()
 }
 
+/// Logs of the components under test, when `RUST_LOG` asks for them.
+fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A short random tag that keeps one test's names apart from every other's.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
@@ -64,6 +74,7 @@ pub struct TestEnv {
 impl TestEnv {
     /// Creates this test's topics and checks every service answers.
     pub async fn new() -> Self {
+        init_logs();
         let env = stack_env();
         let get = |k: &str| {
             env.get(k)
@@ -76,7 +87,10 @@ impl TestEnv {
             redis_url: get("REDIS_URL"),
             redis_prefix: format!("{tag}:"),
             kafka_brokers: get("KAFKA_BROKERS"),
-            kafka_options: Vec::new(),
+            // e.g. `debug=cgrp` to see the consumer group protocol.
+            kafka_options: std::env::var("FIRSTCOME_TEST_KAFKA_OPTIONS")
+                .map(|o| o.split(',').map(str::to_owned).collect())
+                .unwrap_or_default(),
             request_topic: format!("{tag}.requests"),
             dlq_topic: format!("{tag}.dlq"),
             status_ttl_secs: 3_600,
@@ -166,6 +180,7 @@ impl TestEnv {
         let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
         Running {
             addr: Some(addr),
+            assignment: None,
             stop,
             handle,
         }
@@ -179,10 +194,12 @@ impl TestEnv {
     /// Starts a worker with the given settings.
     pub async fn spawn_worker_with(&self, cfg: WorkerConfig) -> Running {
         let worker = Worker::build(cfg).await.expect("worker starts");
+        let assignment = Some(worker.assignment());
         let stop = CancellationToken::new();
         let handle = tokio::spawn(worker.run_until_stopped(stop.clone()));
         Running {
             addr: None,
+            assignment,
             stop,
             handle,
         }
@@ -284,11 +301,22 @@ pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
 pub struct Running {
     /// The HTTP address, for an ingress.
     pub addr: Option<SocketAddr>,
+    /// The partitions a worker owns.
+    pub assignment: Option<tokio::sync::watch::Receiver<BTreeSet<i32>>>,
     stop: CancellationToken,
     handle: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
+    /// Waits until this worker owns partitions and `ok` holds for them.
+    pub async fn wait_assignment(&self, what: &str, ok: impl Fn(&BTreeSet<i32>) -> bool) {
+        let mut rx = self.assignment.clone().expect("only a worker has an assignment");
+        tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|a| ok(a)))
+            .await
+            .unwrap_or_else(|_| panic!("worker assignment never became {what}"))
+            .expect("worker alive");
+    }
+
     /// Stops it gracefully and waits until it is done.
     pub async fn stop(self) {
         self.stop.cancel();

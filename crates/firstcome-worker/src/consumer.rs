@@ -9,7 +9,7 @@
 //! stored is read again by the next owner, and because a decided request
 //! keeps its decision, reading it again changes nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -33,16 +33,27 @@ pub struct PartitionTask {
 /// The live partition tasks, by partition of the request topic.
 pub type Partitions = Arc<Mutex<HashMap<i32, PartitionTask>>>;
 
-/// Consumer context that stops the tasks of revoked partitions.
+/// Consumer context that stops the tasks of revoked partitions and publishes
+/// the current assignment.
 pub struct Rebalancer {
     topic: String,
     partitions: Partitions,
+    assignment: watch::Sender<BTreeSet<i32>>,
 }
 
 impl Rebalancer {
     /// A context for `topic` acting on `partitions`.
     pub fn new(topic: String, partitions: Partitions) -> Self {
-        Self { topic, partitions }
+        Self {
+            topic,
+            partitions,
+            assignment: watch::Sender::new(BTreeSet::new()),
+        }
+    }
+
+    /// The partitions of the request topic this member owns, kept current.
+    pub fn assignment(&self) -> watch::Receiver<BTreeSet<i32>> {
+        self.assignment.subscribe()
     }
 }
 
@@ -65,6 +76,11 @@ impl ConsumerContext for Rebalancer {
                         }
                     }
                 }
+                self.assignment.send_modify(|a| {
+                    for p in &revoked {
+                        a.remove(p);
+                    }
+                });
                 tracing::info!(?revoked, "partitions revoked");
                 commit(consumer, "revoke");
             }
@@ -77,6 +93,16 @@ impl ConsumerContext for Rebalancer {
                 tracing::info!(?assigned, "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Published after the assignment took effect (cooperative: it adds to
+        // what the member already owns).
+        if let Rebalance::Assign(tpl) = rebalance {
+            let assigned = tpl.elements_for_topic(&self.topic);
+            self.assignment
+                .send_modify(|a| a.extend(assigned.iter().map(|e| e.partition())));
         }
     }
 }

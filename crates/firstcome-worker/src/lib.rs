@@ -14,7 +14,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod pipeline;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,6 +97,12 @@ impl Worker {
             }),
             partitions,
         })
+    }
+
+    /// The partitions of the request topic this worker owns, kept current
+    /// across rebalances (for readiness checks and tests).
+    pub fn assignment(&self) -> tokio::sync::watch::Receiver<BTreeSet<i32>> {
+        self.shared.consumer.context().assignment()
     }
 
     /// Consumes until `shutdown` is cancelled, then finishes the batches in
