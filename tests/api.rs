@@ -10,7 +10,9 @@ fn assert_error(code: u16, body: &Value, want_code: u16, want: &str) {
     assert_eq!(code, want_code, "{body}");
     assert_eq!(body["error"]["code"], want, "{body}");
     assert!(
-        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
         "{body}"
     );
 }
@@ -60,7 +62,11 @@ async fn admin_calls_without_the_right_token_are_401_and_change_nothing() {
     let client = env.client(&ingress);
     let body = json!({ "coupon_id": env.coupon_id("x"), "name": "x", "total_stock": 1 });
     let url = format!("{}/v1/coupons", client.base);
-    for auth in [None, Some("Bearer wrong-token-wrong-token"), Some("Basic abc")] {
+    for auth in [
+        None,
+        Some("Bearer wrong-token-wrong-token"),
+        Some("Basic abc"),
+    ] {
         let mut req = client.http.post(&url).json(&body);
         if let Some(a) = auth {
             req = req.header("authorization", a);
@@ -145,7 +151,12 @@ async fn an_issue_request_is_202_pending_until_a_worker_decides_and_bad_users_ar
     let coupon = env.coupon_id("pending");
     assert_eq!(client.create_coupon(&coupon, 10).await.0, 201);
 
-    for bad in [json!({ "user_id": "" }), json!({ "user_id": "a b" }), json!({}), json!({ "user_id": "u", "x": 1 })] {
+    for bad in [
+        json!({ "user_id": "" }),
+        json!({ "user_id": "a b" }),
+        json!({}),
+        json!({ "user_id": "u", "x": 1 }),
+    ] {
         let r = client
             .http
             .post(format!("{}/v1/coupons/{coupon}/issue", client.base))
@@ -156,7 +167,10 @@ async fn an_issue_request_is_202_pending_until_a_worker_decides_and_bad_users_ar
         let (code, err) = split(r).await;
         assert_error(code, &err, 422, "invalid_request");
     }
-    assert!(env.read_request_log().is_empty(), "bad input appended nothing");
+    assert!(
+        env.read_request_log().is_empty(),
+        "bad input appended nothing"
+    );
 
     let (code, accepted) = client.issue(&coupon, "erin").await;
     assert_eq!(code, 202, "{accepted}");
@@ -190,7 +204,10 @@ async fn health_is_200_and_ready_is_200_when_every_dependency_answers() {
     assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
     let (code, body) = client.get("/readyz").await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body["checks"], json!({ "postgres": "ok", "redis": "ok", "kafka": "ok" }));
+    assert_eq!(
+        body["checks"],
+        json!({ "postgres": "ok", "redis": "ok", "kafka": "ok" })
+    );
     ingress.stop().await;
 }
 
@@ -220,10 +237,16 @@ async fn without_a_broker_acknowledgement_an_issue_request_is_503_with_retry_aft
         .send()
         .await
         .unwrap();
-    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    assert_eq!(
+        r.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
     let (code, err) = split(r).await;
     assert_error(code, &err, 503, "unavailable");
-    assert!(!err.to_string().contains("127.0.0.1"), "no internal detail leaks: {err}");
+    assert!(
+        !err.to_string().contains("127.0.0.1"),
+        "no internal detail leaks: {err}"
+    );
 
     let (code, ready) = split(http.get(format!("{base}/readyz")).send().await.unwrap()).await;
     assert_eq!(code, 503, "{ready}");
@@ -231,6 +254,10 @@ async fn without_a_broker_acknowledgement_an_issue_request_is_503_with_retry_aft
     assert_eq!(ready["checks"]["postgres"], "ok");
 
     stop.cancel();
-    tokio::time::timeout(Duration::from_secs(30), handle).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(env.read_request_log().is_empty(), "nothing reached the log");
 }

@@ -21,9 +21,14 @@ async fn an_issued_coupon_reaches_postgres_and_the_users_coupon_list() {
     assert_eq!(code, 202, "{accepted}");
     assert_eq!(accepted["status"], "pending");
     let request_id = accepted["request_id"].as_str().unwrap().to_owned();
-    assert_eq!(accepted["status_url"], format!("/v1/issue-requests/{request_id}"));
+    assert_eq!(
+        accepted["status_url"],
+        format!("/v1/issue-requests/{request_id}")
+    );
 
-    let done = client.wait_final(&request_id, Duration::from_secs(60)).await;
+    let done = client
+        .wait_final(&request_id, Duration::from_secs(60))
+        .await;
     assert_eq!(done["status"], "issued", "{done}");
     assert_eq!(done["coupon_id"], coupon.as_str());
     assert_eq!(done["user_id"], user.as_str());
@@ -36,12 +41,16 @@ async fn an_issued_coupon_reaches_postgres_and_the_users_coupon_list() {
             .fetch_one(&env.pool)
             .await
             .unwrap();
-    assert_eq!((db_user.as_str(), db_request.to_string()), (user.as_str(), request_id.clone()));
-    let status: String = sqlx::query_scalar("SELECT status FROM request_ledger WHERE request_id = $1")
-        .bind(db_request)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    assert_eq!(
+        (db_user.as_str(), db_request.to_string()),
+        (user.as_str(), request_id.clone())
+    );
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM request_ledger WHERE request_id = $1")
+            .bind(db_request)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(status, "issued");
 
     let (code, held) = client.get(&format!("/v1/users/{user}/coupons")).await;
@@ -54,11 +63,20 @@ async fn an_issued_coupon_reaches_postgres_and_the_users_coupon_list() {
     // The stock is gone: the next user is told sold_out, and the counters add up.
     let (_, second) = client.issue(&coupon, &format!("{}-bob", env.tag)).await;
     let second = client
-        .wait_final(second["request_id"].as_str().unwrap(), Duration::from_secs(60))
+        .wait_final(
+            second["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
         .await;
     assert_eq!(second["status"], "sold_out");
     let (_, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
-    assert_eq!((view["remaining_stock"].as_i64(), view["issued_count"].as_i64()), (Some(0), Some(1)));
+    assert_eq!(
+        (
+            view["remaining_stock"].as_i64(),
+            view["issued_count"].as_i64()
+        ),
+        (Some(0), Some(1))
+    );
 
     worker.stop().await;
     ingress.stop().await;
@@ -82,7 +100,11 @@ async fn a_status_lookup_falls_back_to_the_ledger_when_the_cache_entry_is_gone()
         .keys()
         .unwrap()
         .request(firstcome::RequestId::parse(&id).unwrap());
-    let removed: i64 = redis::cmd("DEL").arg(&key).query_async(&mut redis).await.unwrap();
+    let removed: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     assert_eq!(removed, 1);
     let (code, from_ledger) = client.get(&format!("/v1/issue-requests/{id}")).await;
     assert_eq!(code, 200);
@@ -100,7 +122,11 @@ async fn the_worker_builds_a_coupons_redis_state_from_postgres_when_it_is_missin
     let coupon = env.coupon_id("lazy");
     assert_eq!(client.create_coupon(&coupon, 3).await.0, 201);
     // Lose the coupon's Redis state, as if the admin call's Redis write had failed.
-    let keys = env.common.keys().unwrap().coupon(&firstcome::CouponId::parse(&coupon).unwrap());
+    let keys = env
+        .common
+        .keys()
+        .unwrap()
+        .coupon(&firstcome::CouponId::parse(&coupon).unwrap());
     let mut redis = env.redis().await;
     let _: i64 = redis::cmd("DEL")
         .arg(&keys.meta)
@@ -111,7 +137,10 @@ async fn the_worker_builds_a_coupons_redis_state_from_postgres_when_it_is_missin
     let (_, accepted) = client.issue(&coupon, "dave").await;
     let worker = env.spawn_worker().await;
     let done = client
-        .wait_final(accepted["request_id"].as_str().unwrap(), Duration::from_secs(60))
+        .wait_final(
+            accepted["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
         .await;
     assert_eq!(done["status"], "issued");
     let (_, view) = client.get(&format!("/v1/coupons/{coupon}")).await;

@@ -13,7 +13,9 @@ struct Fixture {
 
 async fn fixture(snapshot: CouponSnapshot) -> Fixture {
     let env = stack_env();
-    let url = env.get("REDIS_URL").expect("REDIS_URL in the stack env; run `scripts/stack up`");
+    let url = env
+        .get("REDIS_URL")
+        .expect("REDIS_URL in the stack env; run `scripts/stack up`");
     let mut conn = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -22,7 +24,11 @@ async fn fixture(snapshot: CouponSnapshot) -> Fixture {
     let keys = Keys::new(format!("{}:", unique("lua"))).unwrap();
     let coupon = CouponId::parse("c").unwrap();
     let keys = keys.coupon(&coupon);
-    assert!(state::init_coupon(&mut conn, &keys, &snapshot).await.unwrap());
+    assert!(
+        state::init_coupon(&mut conn, &keys, &snapshot)
+            .await
+            .unwrap()
+    );
     Fixture { conn, keys, coupon }
 }
 
@@ -60,13 +66,24 @@ async fn decide(f: &mut Fixture, reqs: &[&IssueRequest]) -> Vec<Status> {
 async fn requests_are_issued_in_order_until_the_stock_is_gone_then_sold_out() {
     let mut f = fixture(open_coupon(2)).await;
     let now = Utc::now();
-    let rs: Vec<_> = ["a", "b", "c", "d"].iter().map(|u| request(&f, u, now)).collect();
+    let rs: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|u| request(&f, u, now))
+        .collect();
     let refs: Vec<_> = rs.iter().collect();
     assert_eq!(
         decide(&mut f, &refs).await,
-        [Status::Issued, Status::Issued, Status::SoldOut, Status::SoldOut]
+        [
+            Status::Issued,
+            Status::Issued,
+            Status::SoldOut,
+            Status::SoldOut
+        ]
     );
-    let c = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    let c = state::counters(&mut f.conn, &f.keys)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((c.remaining, c.issued), (0, 2));
 }
 
@@ -74,14 +91,21 @@ async fn requests_are_issued_in_order_until_the_stock_is_gone_then_sold_out() {
 async fn a_user_who_holds_the_coupon_gets_duplicate_also_within_one_batch() {
     let mut f = fixture(open_coupon(5)).await;
     let now = Utc::now();
-    let (a1, a2, b) = (request(&f, "a", now), request(&f, "a", now), request(&f, "b", now));
+    let (a1, a2, b) = (
+        request(&f, "a", now),
+        request(&f, "a", now),
+        request(&f, "b", now),
+    );
     assert_eq!(
         decide(&mut f, &[&a1, &a2, &b]).await,
         [Status::Issued, Status::Duplicate, Status::Issued]
     );
     let a3 = request(&f, "a", now);
     assert_eq!(decide(&mut f, &[&a3]).await, [Status::Duplicate]);
-    let c = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    let c = state::counters(&mut f.conn, &f.keys)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((c.remaining, c.issued), (3, 2));
 }
 
@@ -101,9 +125,17 @@ async fn requests_accepted_outside_the_window_are_not_open_and_take_no_stock() {
     let at_end = request(&f, "at-end", end);
     assert_eq!(
         decide(&mut f, &[&early, &inside, &late, &at_end]).await,
-        [Status::NotOpen, Status::Issued, Status::NotOpen, Status::Issued]
+        [
+            Status::NotOpen,
+            Status::Issued,
+            Status::NotOpen,
+            Status::Issued
+        ]
     );
-    let c = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    let c = state::counters(&mut f.conn, &f.keys)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(c.remaining, 3);
 }
 
@@ -130,7 +162,10 @@ async fn a_redelivered_request_gets_its_first_decision_back_with_its_first_time(
     assert_eq!(&again[..2], &first[..]);
     assert_eq!(again[2].status, Status::SoldOut);
     assert_eq!(again[2].decided_at, later.trunc_subsecs(6));
-    let counters = state::counters(&mut f.conn, &f.keys).await.unwrap().unwrap();
+    let counters = state::counters(&mut f.conn, &f.keys)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((counters.remaining, counters.issued), (0, 1));
 }
 
@@ -138,14 +173,23 @@ async fn a_redelivered_request_gets_its_first_decision_back_with_its_first_time(
 async fn a_coupon_without_state_is_reported_uninitialized_and_init_is_idempotent() {
     let env = TestEnv::new().await;
     let mut conn = env.redis().await;
-    let keys = env.common.keys().unwrap().coupon(&CouponId::parse("nothing-here").unwrap());
+    let keys = env
+        .common
+        .keys()
+        .unwrap()
+        .coupon(&CouponId::parse("nothing-here").unwrap());
     let r = IssueRequest {
         request_id: RequestId::new(),
         coupon_id: CouponId::parse("nothing-here").unwrap(),
         user_id: UserId::parse("u").unwrap(),
         accepted_at: Utc::now().trunc_subsecs(6),
     };
-    assert_eq!(state::decide(&mut conn, &keys, &[&r], Utc::now()).await.unwrap(), None);
+    assert_eq!(
+        state::decide(&mut conn, &keys, &[&r], Utc::now())
+            .await
+            .unwrap(),
+        None
+    );
 
     // Rebuilt from a snapshot holding one issued user and one decision.
     let earlier = RequestId::new();
@@ -155,15 +199,44 @@ async fn a_coupon_without_state_is_reported_uninitialized_and_init_is_idempotent
         starts_at: None,
         ends_at: None,
         issued_users: vec![UserId::parse("u").unwrap()],
-        decisions: vec![(earlier, Decision { status: Status::Issued, decided_at })],
+        decisions: vec![(
+            earlier,
+            Decision {
+                status: Status::Issued,
+                decided_at,
+            },
+        )],
     };
-    assert!(state::init_coupon(&mut conn, &keys, &snapshot).await.unwrap());
-    assert!(!state::init_coupon(&mut conn, &keys, &snapshot).await.unwrap());
+    assert!(
+        state::init_coupon(&mut conn, &keys, &snapshot)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !state::init_coupon(&mut conn, &keys, &snapshot)
+            .await
+            .unwrap()
+    );
     let c = state::counters(&mut conn, &keys).await.unwrap().unwrap();
     assert_eq!((c.remaining, c.issued), (1, 1));
-    let d = state::decide(&mut conn, &keys, &[&r], Utc::now()).await.unwrap().unwrap();
+    let d = state::decide(&mut conn, &keys, &[&r], Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(d[0].status, Status::Duplicate);
-    let replay = IssueRequest { request_id: earlier, ..r.clone() };
-    let d = state::decide(&mut conn, &keys, &[&replay], Utc::now()).await.unwrap().unwrap();
-    assert_eq!(d[0], Decision { status: Status::Issued, decided_at });
+    let replay = IssueRequest {
+        request_id: earlier,
+        ..r.clone()
+    };
+    let d = state::decide(&mut conn, &keys, &[&replay], Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d[0],
+        Decision {
+            status: Status::Issued,
+            decided_at
+        }
+    );
 }

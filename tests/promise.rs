@@ -55,19 +55,27 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
 
     let worker_a = env.spawn_worker().await;
     worker_a
-        .wait_assignment("every partition", |a| a.len() == firstcome_suite::PARTITIONS as usize)
+        .wait_assignment("every partition", |a| {
+            a.len() == firstcome_suite::PARTITIONS as usize
+        })
         .await;
     let mut worker_b = None;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        let (client, work, next, accepted) = (client.clone(), work.clone(), next.clone(), accepted.clone());
+        let (client, work, next, accepted) =
+            (client.clone(), work.clone(), next.clone(), accepted.clone());
         clients.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((coupon, user)) = work.get(i) else { break };
+                let Some((coupon, user)) = work.get(i) else {
+                    break;
+                };
                 let (code, body) = client.issue(coupon, user).await;
                 assert_eq!(code, 202, "request {i}: {body}");
-                accepted.lock().await.push(body["request_id"].as_str().unwrap().to_owned());
+                accepted
+                    .lock()
+                    .await
+                    .push(body["request_id"].as_str().unwrap().to_owned());
             }
         }));
     }
@@ -81,16 +89,26 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
     }
     let b = env.spawn_worker().await;
     b.wait_assignment("a share", |a| !a.is_empty()).await;
-    worker_a.wait_assignment("the rest", |a| a.len() < firstcome_suite::PARTITIONS as usize).await;
-    worker_a.stop().await;
-    b.wait_assignment("every partition", |a| a.len() == firstcome_suite::PARTITIONS as usize)
+    worker_a
+        .wait_assignment("the rest", |a| {
+            a.len() < firstcome_suite::PARTITIONS as usize
+        })
         .await;
+    worker_a.stop().await;
+    b.wait_assignment("every partition", |a| {
+        a.len() == firstcome_suite::PARTITIONS as usize
+    })
+    .await;
     worker_b.replace(b);
     for c in clients {
         c.await.unwrap();
     }
     let accepted: HashSet<String> = accepted.lock().await.iter().cloned().collect();
-    assert_eq!(accepted.len(), REQUESTS, "every request was accepted once, with its own id");
+    assert_eq!(
+        accepted.len(),
+        REQUESTS,
+        "every request was accepted once, with its own id"
+    );
 
     // Every accepted request reaches a final status.
     let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
@@ -105,7 +123,10 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
         if decided as usize == REQUESTS {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {decided} of {REQUESTS} decided");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {decided} of {REQUESTS} decided"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let ledger: Vec<(uuid::Uuid, String, String, String, i32, i64)> = sqlx::query_as(
@@ -124,7 +145,11 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
 
     // Replay the log: the expected decision of every record, in log order.
     let log = env.read_request_log();
-    assert_eq!(log.len(), REQUESTS, "the log holds each accepted request once");
+    assert_eq!(
+        log.len(),
+        REQUESTS,
+        "the log holds each accepted request once"
+    );
     let mut expected: HashMap<String, &'static str> = HashMap::new();
     let mut per_coupon: HashMap<String, (HashSet<i32>, Vec<String>)> = HashMap::new();
     for rec in &log {
@@ -156,7 +181,11 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
             };
             expected.insert(r.request_id.to_string(), want);
         }
-        assert_eq!(first_distinct.len() as i64, *stock, "demand exceeds the stock of {coupon}");
+        assert_eq!(
+            first_distinct.len() as i64,
+            *stock,
+            "demand exceeds the stock of {coupon}"
+        );
 
         // The issued users in Postgres are exactly the first `stock` distinct users.
         let issued: Vec<String> =
@@ -166,12 +195,23 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
                 .await
                 .unwrap();
         let issued_set: HashSet<String> = issued.iter().cloned().collect();
-        assert_eq!(issued.len(), issued_set.len(), "nobody holds {coupon} twice");
-        assert_eq!(issued_set, first_distinct.iter().cloned().collect(), "winners of {coupon}");
+        assert_eq!(
+            issued.len(),
+            issued_set.len(),
+            "nobody holds {coupon} twice"
+        );
+        assert_eq!(
+            issued_set,
+            first_distinct.iter().cloned().collect(),
+            "winners of {coupon}"
+        );
 
         let (code, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
         assert_eq!(code, 200);
-        let (remaining, count) = (view["remaining_stock"].as_i64().unwrap(), view["issued_count"].as_i64().unwrap());
+        let (remaining, count) = (
+            view["remaining_stock"].as_i64().unwrap(),
+            view["issued_count"].as_i64().unwrap(),
+        );
         assert_eq!((remaining, count), (0, *stock), "{view}");
         assert_eq!(remaining + count, view["total_stock"].as_i64().unwrap());
     }
@@ -181,7 +221,10 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
         .filter(|(id, want)| decided.get(*id).map(String::as_str) != Some(**want))
         .take(5)
         .collect();
-    assert!(mismatches.is_empty(), "decisions differ from log order, e.g. {mismatches:?}");
+    assert!(
+        mismatches.is_empty(),
+        "decisions differ from log order, e.g. {mismatches:?}"
+    );
     // The ledger records where each request sat in the log.
     let positions: HashMap<String, (i32, i64)> = log
         .iter()

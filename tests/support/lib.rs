@@ -54,7 +54,10 @@ fn init_logs() {
 
 /// A short random tag that keeps one test's names apart from every other's.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
 }
 
 /// One test's private slice of the stack.
@@ -77,9 +80,9 @@ impl TestEnv {
         init_logs();
         let env = stack_env();
         let get = |k: &str| {
-            env.get(k)
-                .cloned()
-                .unwrap_or_else(|| panic!("{k} missing from the stack env file; rerun `scripts/stack up`"))
+            env.get(k).cloned().unwrap_or_else(|| {
+                panic!("{k} missing from the stack env file; rerun `scripts/stack up`")
+            })
         };
         let tag = unique("t");
         let common = CommonConfig {
@@ -101,7 +104,9 @@ impl TestEnv {
         let pool = PgPool::connect(&common.database_url)
             .await
             .unwrap_or_else(|e| panic!("Postgres at DATABASE_URL: {e}; {hint}"));
-        firstcome::db::migrate(&pool).await.expect("migrations apply");
+        firstcome::db::migrate(&pool)
+            .await
+            .expect("migrations apply");
         let mut redis = redis::Client::open(common.redis_url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -209,7 +214,10 @@ impl TestEnv {
     pub fn client(&self, ingress: &Running) -> Client {
         Client {
             http: reqwest::Client::new(),
-            base: format!("http://{}", ingress.addr.expect("an ingress has an address")),
+            base: format!(
+                "http://{}",
+                ingress.addr.expect("an ingress has an address")
+            ),
             admin_token: self.admin_token.clone(),
         }
     }
@@ -252,7 +260,11 @@ pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
     let meta = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
-    let partitions: Vec<i32> = meta.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let partitions: Vec<i32> = meta.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
     let mut out = Vec::new();
     for p in partitions {
         let (low, high) = consumer
@@ -262,13 +274,19 @@ pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
             continue;
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))
+            .unwrap();
         consumer.assign(&tpl).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut next = low;
         while next < high {
-            assert!(std::time::Instant::now() < deadline, "reading {topic}/{p} timed out at {next} of {high}");
-            let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reading {topic}/{p} timed out at {next} of {high}"
+            );
+            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
             let m = m.unwrap();
             if m.partition() != p || m.offset() < next {
                 continue;
@@ -279,7 +297,10 @@ pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
                 .map(|h| {
                     h.iter()
                         .map(|h| {
-                            (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
                         })
                         .collect()
                 })
@@ -310,7 +331,10 @@ pub struct Running {
 impl Running {
     /// Waits until this worker owns partitions and `ok` holds for them.
     pub async fn wait_assignment(&self, what: &str, ok: impl Fn(&BTreeSet<i32>) -> bool) {
-        let mut rx = self.assignment.clone().expect("only a worker has an assignment");
+        let mut rx = self
+            .assignment
+            .clone()
+            .expect("only a worker has an assignment");
         tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|a| ok(a)))
             .await
             .unwrap_or_else(|_| panic!("worker assignment never became {what}"))

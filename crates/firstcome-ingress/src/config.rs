@@ -8,7 +8,11 @@ use firstcome::config::{CommonConfig, ConfigError};
 
 /// Everything the ingress needs to run.
 #[derive(Clone, clap::Parser)]
-#[command(name = "firstcome-ingress", version, about = "HTTP ingress of firstcome")]
+#[command(
+    name = "firstcome-ingress",
+    version,
+    about = "HTTP ingress of firstcome"
+)]
 pub struct IngressConfig {
     /// Services, topics and keys shared with the worker.
     #[command(flatten)]

@@ -368,7 +368,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .await
         .unwrap_or_else(|e| Err(e.to_string()))
     };
-    let (pg, redis, kafka) = tokio::join!(within(LIMIT, pg), within(LIMIT, redis), within(LIMIT, kafka));
+    let (pg, redis, kafka) = tokio::join!(
+        within(LIMIT, pg),
+        within(LIMIT, redis),
+        within(LIMIT, kafka)
+    );
     let checks = [("postgres", pg), ("redis", redis), ("kafka", kafka)];
     let ready = checks.iter().all(|(_, r)| r.is_ok());
     let detail: serde_json::Map<String, serde_json::Value> = checks
@@ -378,10 +382,17 @@ async fn readyz(State(state): State<AppState>) -> Response {
             if let Err(e) = &r {
                 tracing::warn!(dependency = name, error = %e, "not ready");
             }
-            (name.to_owned(), json!(if r.is_ok() { "ok" } else { "failing" }))
+            (
+                name.to_owned(),
+                json!(if r.is_ok() { "ok" } else { "failing" }),
+            )
         })
         .collect();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let word = if ready { "ready" } else { "not_ready" };
     (status, Json(json!({ "status": word, "checks": detail }))).into_response()
 }

@@ -76,7 +76,10 @@ impl WorkerConfig {
             ));
         }
         if self.session_timeout_ms < 3_000 {
-            return Err(invalid("FIRSTCOME_SESSION_TIMEOUT_MS", "must be at least 3000"));
+            return Err(invalid(
+                "FIRSTCOME_SESSION_TIMEOUT_MS",
+                "must be at least 3000",
+            ));
         }
         Ok(())
     }

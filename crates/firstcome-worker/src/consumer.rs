@@ -166,7 +166,11 @@ pub async fn run(shared: Arc<Shared>, partitions: Partitions, shutdown: Cancella
     commit(consumer.as_ref(), "shutdown");
 }
 
-fn spawn_partition(shared: Arc<Shared>, partition: i32, shutdown: &CancellationToken) -> PartitionTask {
+fn spawn_partition(
+    shared: Arc<Shared>,
+    partition: i32,
+    shutdown: &CancellationToken,
+) -> PartitionTask {
     let (tx, rx) = mpsc::channel(shared.cfg.partition_buffer);
     let cancel = shutdown.child_token();
     let join = tokio::spawn(partition_loop(shared, partition, rx, cancel.clone()));

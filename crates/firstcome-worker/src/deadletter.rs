@@ -116,11 +116,12 @@ impl DeadLetter {
         if let Some(ts) = rec.timestamp_ms {
             h.push((headers::ORIGINAL_TIMESTAMP, ts.to_string()));
         }
-        h.into_iter().fold(OwnedHeaders::new(), |acc, (key, value)| {
-            acc.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
+        h.into_iter()
+            .fold(OwnedHeaders::new(), |acc, (key, value)| {
+                acc.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                })
             })
-        })
     }
 }

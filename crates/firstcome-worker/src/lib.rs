@@ -65,7 +65,10 @@ impl Worker {
         consumer_cfg
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", cfg.commit_interval_ms.to_string())
+            .set(
+                "auto.commit.interval.ms",
+                cfg.commit_interval_ms.to_string(),
+            )
             // Offsets are stored by hand, only once a batch is durable.
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

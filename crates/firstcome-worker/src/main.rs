@@ -6,7 +6,11 @@ use firstcome_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "firstcome-worker", version, about = "Worker and operations tool of firstcome")]
+#[command(
+    name = "firstcome-worker",
+    version,
+    about = "Worker and operations tool of firstcome"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -114,7 +114,13 @@ where
             Err(e) => {
                 attempt += 1;
                 let delay = backoff.delay(attempt);
-                tracing::warn!(step = what, attempt, ?delay, error = format!("{e:#}"), "transient failure, retrying");
+                tracing::warn!(
+                    step = what,
+                    attempt,
+                    ?delay,
+                    error = format!("{e:#}"),
+                    "transient failure, retrying"
+                );
                 tokio::select! {
                     () = cancel.cancelled() => return Err(Aborted),
                     () = tokio::time::sleep(delay) => {}
@@ -182,7 +188,10 @@ pub async fn process(
     for (i, letter) in &dead {
         let rec = &recs[*i];
         tracing::warn!(offset = rec.offset, kind = letter.kind.as_str(), message = %letter.message, "dead-lettering record");
-        retry(shared, "dead-letter", cancel, || dead_letter(shared, rec, letter)).await?;
+        retry(shared, "dead-letter", cancel, || {
+            dead_letter(shared, rec, letter)
+        })
+        .await?;
     }
 
     // 4. Persist.

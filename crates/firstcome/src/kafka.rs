@@ -37,7 +37,10 @@ pub fn producer_config(
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", linger.as_millis().to_string())
-        .set("message.timeout.ms", delivery_timeout.as_millis().to_string());
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        );
     // The operator's options win over our defaults.
     for (k, v) in common.kafka_options()? {
         cfg.set(k, v);
