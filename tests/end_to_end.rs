@@ -148,3 +148,97 @@ async fn the_worker_builds_a_coupons_redis_state_from_postgres_when_it_is_missin
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_cannot_be_issue_requests_are_dead_lettered_and_block_nothing() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("poison");
+    assert_eq!(client.create_coupon(&coupon, 5).await.0, 201);
+
+    // Another writer puts bad records in the coupon's partition, ahead of a good one.
+    let producer: FutureProducer =
+        firstcome::kafka::producer_config(&env.common, Duration::from_secs(10), Duration::ZERO)
+            .unwrap()
+            .create()
+            .unwrap();
+    let ghost = env.coupon_id("ghost");
+    let valid = |coupon: &str| {
+        serde_json::json!({
+            "request_id": uuid::Uuid::now_v7(), "coupon_id": coupon, "user_id": "mallory",
+            "accepted_at": "2026-11-24T00:00:00Z",
+        })
+        .to_string()
+    };
+    let bad: [(&str, String, &str); 4] = [
+        (coupon.as_str(), "{not json".to_owned(), "invalid_record"),
+        (
+            coupon.as_str(),
+            r#"{"request_id":"x","coupon_id":"c","user_id":"u"}"#.to_owned(),
+            "invalid_record",
+        ),
+        ("some-other-key", valid(&coupon), "key_mismatch"),
+        (ghost.as_str(), valid(&ghost), "unknown_coupon"),
+    ];
+    for (key, value, _) in &bad {
+        producer
+            .send(
+                FutureRecord::to(&env.common.request_topic)
+                    .key(*key)
+                    .payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let (_, accepted) = client.issue(&coupon, "grace").await;
+    let worker = env.spawn_worker().await;
+    let done = client
+        .wait_final(
+            accepted["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done["status"], "issued");
+
+    let letters = env.read_dead_letters();
+    assert_eq!(letters.len(), bad.len(), "{letters:?}");
+    let mut kinds: Vec<&str> = letters
+        .iter()
+        .map(|l| l.headers["firstcome.error.kind"].as_str())
+        .collect();
+    let mut want: Vec<&str> = bad.iter().map(|(_, _, kind)| *kind).collect();
+    kinds.sort();
+    want.sort();
+    assert_eq!(kinds, want);
+    for letter in &letters {
+        // Key and value untouched, and the headers say where it came from.
+        let source = bad
+            .iter()
+            .find(|(_, v, _)| Some(v.as_bytes()) == letter.payload.as_deref())
+            .expect("the value is the original");
+        assert_eq!(letter.key.as_deref(), Some(source.0.as_bytes()));
+        assert_eq!(
+            letter.headers["firstcome.original.topic"],
+            env.common.request_topic
+        );
+        assert_eq!(letter.headers["firstcome.consumer.group"], env.group_id);
+        assert!(
+            letter.headers["firstcome.original.offset"]
+                .parse::<i64>()
+                .is_ok()
+        );
+        assert!(!letter.headers["firstcome.error.message"].is_empty());
+    }
+    // Nothing of the bad records reached the ledger.
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE user_id = 'mallory'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0);
+    worker.stop().await;
+    ingress.stop().await;
+}
