@@ -240,3 +240,55 @@ async fn a_coupon_without_state_is_reported_uninitialized_and_init_is_idempotent
         }
     );
 }
+
+#[tokio::test]
+async fn a_pending_entry_never_overwrites_a_final_status_written_first() {
+    let env = TestEnv::new().await;
+    let mut conn = env.redis().await;
+    let keys = env.common.keys().unwrap();
+    let r = IssueRequest {
+        request_id: RequestId::new(),
+        coupon_id: CouponId::parse("c").unwrap(),
+        user_id: UserId::parse("u").unwrap(),
+        accepted_at: Utc::now().trunc_subsecs(6),
+    };
+    let ttl = std::time::Duration::from_secs(60);
+    // The worker was faster than the ingress.
+    let decision = Decision {
+        status: Status::Issued,
+        decided_at: Utc::now().trunc_subsecs(6),
+    };
+    let final_status = state::RequestStatus::decided(&r, decision);
+    state::put_statuses(&mut conn, &keys, std::slice::from_ref(&final_status), ttl)
+        .await
+        .unwrap();
+    let wrote = state::put_pending(&mut conn, &keys, &state::RequestStatus::pending(&r), ttl)
+        .await
+        .unwrap();
+    assert!(!wrote);
+    let seen = state::get_status(&mut conn, &keys, r.request_id)
+        .await
+        .unwrap();
+    assert_eq!(seen, Some(final_status));
+
+    // The usual order: pending first, then the final status replaces it.
+    let r2 = IssueRequest {
+        request_id: RequestId::new(),
+        ..r
+    };
+    assert!(
+        state::put_pending(&mut conn, &keys, &state::RequestStatus::pending(&r2), ttl)
+            .await
+            .unwrap()
+    );
+    let final2 = state::RequestStatus::decided(&r2, decision);
+    state::put_statuses(&mut conn, &keys, std::slice::from_ref(&final2), ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        state::get_status(&mut conn, &keys, r2.request_id)
+            .await
+            .unwrap(),
+        Some(final2)
+    );
+}

@@ -260,12 +260,12 @@ async fn issue(
     // The record is in the log, so the request will be decided whatever
     // happens next; the pending entry only lets lookups say "pending" rather
     // than 404 until then.
-    let pending = [RequestStatus::pending(&request)];
+    let pending = RequestStatus::pending(&request);
     let ttl = state.inner.cfg.common.status_ttl();
     let mut redis = state.inner.redis.clone();
-    let write = state::put_statuses(&mut redis, &state.inner.keys, &pending, ttl);
+    let write = state::put_pending(&mut redis, &state.inner.keys, &pending, ttl);
     match tokio::time::timeout(STATUS_WRITE_TIMEOUT, write).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "accepted, but the pending status was not cached"),
         Err(_) => tracing::warn!("accepted, but caching the pending status timed out"),
     }

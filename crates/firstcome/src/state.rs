@@ -279,7 +279,29 @@ impl RequestStatus {
     }
 }
 
-/// Writes status entries in one pipeline, each expiring after `ttl`.
+/// Records a just-accepted request as pending, unless a status is there
+/// already: the worker may decide the request (and write its final status)
+/// before the ingress gets here, and a final status must never be
+/// overwritten by `pending`. Returns whether it wrote.
+pub async fn put_pending<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &Keys,
+    status: &RequestStatus,
+    ttl: Duration,
+) -> Result<bool, StateError> {
+    let json = serde_json::to_string(status).expect("a RequestStatus always serializes");
+    let written: Option<String> = redis::cmd("SET")
+        .arg(keys.request(status.request_id))
+        .arg(json)
+        .arg("NX")
+        .arg("EX")
+        .arg(ttl.as_secs().max(1))
+        .query_async(conn)
+        .await?;
+    Ok(written.is_some())
+}
+
+/// Writes final status entries in one pipeline, each expiring after `ttl`.
 pub async fn put_statuses<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &Keys,
