@@ -11,9 +11,8 @@ use firstcome::db::{self, Coupon};
 use firstcome::state::Keys;
 use firstcome::{CouponId, kafka};
 use rdkafka::producer::{FutureProducer, Producer};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -67,13 +66,8 @@ impl Application {
     /// Connects to Postgres, Redis and Kafka and binds the listener.
     pub async fn build(cfg: IngressConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.common.pg_max_connections)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect(&cfg.common.database_url)
-            .await
-            .context("connecting to Postgres (DATABASE_URL)")?;
-        let redis = connect_redis(&cfg.common.redis_url).await?;
+        let pool = cfg.common.connect_postgres().await?;
+        let redis = cfg.common.connect_redis(Duration::from_secs(2)).await?;
         let producer: FutureProducer = kafka::producer_config(
             &cfg.common,
             cfg.produce_timeout(),
@@ -132,17 +126,4 @@ impl Application {
         tracing::info!("ingress stopped");
         Ok(())
     }
-}
-
-/// A Redis connection that reconnects by itself and never waits long.
-pub(crate) async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(url).context("parsing REDIS_URL")?;
-    let cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(2);
-    client
-        .get_connection_manager_with_config(cfg)
-        .await
-        .context("connecting to Redis (REDIS_URL)")
 }

@@ -21,8 +21,6 @@ use std::time::Duration;
 use anyhow::Context;
 use firstcome::kafka;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use redis::aio::ConnectionManagerConfig;
-use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 pub use config::WorkerConfig;
@@ -40,21 +38,9 @@ impl Worker {
     /// Connects to Postgres, Redis and Kafka and subscribes to the request topic.
     pub async fn build(cfg: WorkerConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.common.pg_max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&cfg.common.database_url)
-            .await
-            .context("connecting to Postgres (DATABASE_URL)")?;
-        let redis = redis::Client::open(cfg.common.redis_url.as_str())
-            .context("parsing REDIS_URL")?
-            .get_connection_manager_with_config(
-                ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(5))),
-            )
-            .await
-            .context("connecting to Redis (REDIS_URL)")?;
+        let pool = cfg.common.connect_postgres().await?;
+        // Longer than the ingress: a Lua call deciding a large batch may take a while.
+        let redis = cfg.common.connect_redis(Duration::from_secs(5)).await?;
         let dlq = kafka::producer_config(&cfg.common, Duration::from_secs(10), Duration::ZERO)?
             .create()
             .context("creating the dead-letter producer")?;

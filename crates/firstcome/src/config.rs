@@ -4,6 +4,11 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
 use crate::state::{BadPrefix, Keys};
 
 /// Connection settings and names shared by the ingress and the worker.
@@ -115,6 +120,33 @@ impl CommonConfig {
                 _ => Err(ConfigError::KafkaOption(o.clone())),
             })
             .collect()
+    }
+
+    /// A pool of at most `FIRSTCOME_PG_MAX_CONNECTIONS` connections; waiting
+    /// for a free one is bounded, so an overloaded pool fails fast.
+    pub async fn connect_postgres(&self) -> anyhow::Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(self.pg_max_connections)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(&self.database_url)
+            .await
+            .context("connecting to Postgres (DATABASE_URL)")
+    }
+
+    /// A Redis connection that reconnects by itself; a command that gets no
+    /// answer within `response_timeout` fails instead of hanging.
+    pub async fn connect_redis(
+        &self,
+        response_timeout: Duration,
+    ) -> anyhow::Result<ConnectionManager> {
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(response_timeout));
+        redis::Client::open(self.redis_url.as_str())
+            .context("parsing REDIS_URL")?
+            .get_connection_manager_with_config(cfg)
+            .await
+            .context("connecting to Redis (REDIS_URL)")
     }
 
     /// Checks everything that can be checked without connecting.
