@@ -21,6 +21,16 @@ pub struct WorkerConfig {
     #[arg(long, env = "FIRSTCOME_SESSION_TIMEOUT_MS", default_value_t = 45_000)]
     pub session_timeout_ms: u64,
 
+    /// Longest the consumer may go without polling before it leaves the
+    /// group. The poll loop never waits on a slow partition (it pauses it),
+    /// so this only fires if the process itself is stuck.
+    #[arg(
+        long,
+        env = "FIRSTCOME_MAX_POLL_INTERVAL_MS",
+        default_value_t = 300_000
+    )]
+    pub max_poll_interval_ms: u64,
+
     /// How often stored offsets are committed (and always synchronously on
     /// revoke and shutdown).
     #[arg(long, env = "FIRSTCOME_COMMIT_INTERVAL_MS", default_value_t = 1_000)]

@@ -8,26 +8,86 @@
 //! on shutdown. A revoked partition's task is cancelled; whatever it had not
 //! stored is read again by the next owner, and because a decided request
 //! keeps its decision, reading it again changes nothing.
+//!
+//! The poll loop never waits for a partition: when a partition's buffer is
+//! full (its task is retrying, say while Postgres is down) the partition is
+//! paused at the broker and its records are parked in order; the loop keeps
+//! polling, so the member stays in the group and other partitions go on, and
+//! the partition resumes once its task has caught up.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, TopicPartitionList};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{self, Rec, Shared};
 
+/// How often the poll loop checks whether paused partitions have room again.
+const RESUME_CHECK: Duration = Duration::from_millis(20);
+
 /// A running partition task.
 pub struct PartitionTask {
     tx: mpsc::Sender<Rec>,
     cancel: CancellationToken,
     join: JoinHandle<()>,
+    /// Records that did not fit into the buffer, in offset order. While any
+    /// are here the partition is paused at the broker.
+    parked: VecDeque<Rec>,
+    /// The offset after the last record handed to this task; anything below
+    /// was handed over already (a re-fetch after a resume) and is skipped.
+    next_offset: i64,
+}
+
+/// What happened to a record offered to a partition task.
+enum Handed {
+    /// In the task's buffer, or skipped as already handed over.
+    Done,
+    /// Parked behind a full buffer; the partition must be paused.
+    Parked,
+}
+
+impl PartitionTask {
+    fn hand(&mut self, rec: Rec) -> Handed {
+        if rec.offset < self.next_offset {
+            return Handed::Done;
+        }
+        self.next_offset = rec.offset + 1;
+        if !self.parked.is_empty() {
+            self.parked.push_back(rec);
+            return Handed::Parked;
+        }
+        match self.tx.try_send(rec) {
+            Ok(()) | Err(TrySendError::Closed(_)) => Handed::Done,
+            Err(TrySendError::Full(rec)) => {
+                self.parked.push_back(rec);
+                Handed::Parked
+            }
+        }
+    }
+
+    /// Moves parked records into the buffer while there is room; true once
+    /// none are left.
+    fn unpark(&mut self) -> bool {
+        while let Some(rec) = self.parked.pop_front() {
+            match self.tx.try_send(rec) {
+                Ok(()) => {}
+                Err(TrySendError::Full(rec)) => {
+                    self.parked.push_front(rec);
+                    return false;
+                }
+                Err(TrySendError::Closed(_)) => self.parked.clear(),
+            }
+        }
+        true
+    }
 }
 
 /// The live partition tasks, by partition of the request topic.
@@ -96,10 +156,14 @@ impl ConsumerContext for Rebalancer {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Published after the assignment took effect (cooperative: it adds to
         // what the member already owns).
         if let Rebalance::Assign(tpl) = rebalance {
+            // A partition paused when it was revoked starts afresh.
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+            }
             let assigned = tpl.elements_for_topic(&self.topic);
             self.assignment
                 .send_modify(|a| a.extend(assigned.iter().map(|e| e.partition())));
@@ -120,10 +184,31 @@ pub fn commit<C: Consumer<X>, X: ConsumerContext>(consumer: &C, when: &str) {
 /// in hand (bounded by `grace`) and commits.
 pub async fn run(shared: Arc<Shared>, partitions: Partitions, shutdown: CancellationToken) {
     let consumer = shared.consumer.clone();
+    let topic = shared.cfg.common.request_topic.clone();
+    let mut paused: HashSet<i32> = HashSet::new();
+    let mut resume_check = tokio::time::interval(RESUME_CHECK);
+    resume_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let message = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            _ = resume_check.tick(), if !paused.is_empty() => {
+                let ready: Vec<i32> = {
+                    let mut map = partitions.lock().expect("partition map lock");
+                    // A revoked partition's task is gone; nothing to resume.
+                    paused.retain(|p| map.contains_key(p));
+                    paused
+                        .iter()
+                        .copied()
+                        .filter(|p| map.get_mut(p).is_some_and(PartitionTask::unpark))
+                        .collect()
+                };
+                for p in ready {
+                    paused.remove(&p);
+                    set_paused(consumer.as_ref(), &topic, p, false);
+                }
+                continue;
+            }
             m = consumer.recv() => m,
         };
         let rec = match message {
@@ -135,17 +220,15 @@ pub async fn run(shared: Arc<Shared>, partitions: Partitions, shutdown: Cancella
                 continue;
             }
         };
-        let tx = {
-            let mut map = partitions.lock().expect("partition map lock");
-            map.entry(rec.partition)
-                .or_insert_with(|| spawn_partition(shared.clone(), rec.partition, &shutdown))
-                .tx
-                .clone()
-        };
-        // A full buffer holds the poll loop here until the partition task
-        // catches up; heartbeats go on in librdkafka's own thread.
-        if tx.send(rec).await.is_err() {
-            tracing::debug!("record for a revoked partition dropped; its next owner reads it");
+        let partition = rec.partition;
+        let handed = partitions
+            .lock()
+            .expect("partition map lock")
+            .entry(partition)
+            .or_insert_with(|| spawn_partition(shared.clone(), partition, &shutdown))
+            .hand(rec);
+        if matches!(handed, Handed::Parked) && paused.insert(partition) {
+            set_paused(consumer.as_ref(), &topic, partition, true);
         }
     }
 
@@ -166,6 +249,28 @@ pub async fn run(shared: Arc<Shared>, partitions: Partitions, shutdown: Cancella
     commit(consumer.as_ref(), "shutdown");
 }
 
+fn set_paused<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    pause: bool,
+) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let done = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    match done {
+        // Debug: under steady backpressure this flips every few batches; a
+        // partition that is really stuck shows in the retry warnings.
+        Ok(()) if pause => tracing::debug!(partition, "partition paused: its task is behind"),
+        Ok(()) => tracing::debug!(partition, "partition resumed"),
+        Err(e) => tracing::warn!(partition, pause, error = %e, "pause/resume failed"),
+    }
+}
+
 fn spawn_partition(
     shared: Arc<Shared>,
     partition: i32,
@@ -174,7 +279,13 @@ fn spawn_partition(
     let (tx, rx) = mpsc::channel(shared.cfg.partition_buffer);
     let cancel = shutdown.child_token();
     let join = tokio::spawn(partition_loop(shared, partition, rx, cancel.clone()));
-    PartitionTask { tx, cancel, join }
+    PartitionTask {
+        tx,
+        cancel,
+        join,
+        parked: VecDeque::new(),
+        next_offset: i64::MIN,
+    }
 }
 
 /// Takes whatever is buffered (up to a batch) and processes it, in order,

@@ -60,6 +60,7 @@ impl Worker {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+            .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
             .set(
                 "heartbeat.interval.ms",
                 (cfg.session_timeout_ms / 3).to_string(),

@@ -1,0 +1,88 @@
+//! Faults injected for real: a service cut off through a TCP proxy.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use firstcome_suite::{PARTITIONS, Proxy, TestEnv};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_postgres_is_unreachable_the_partition_waits_paused_and_the_worker_keeps_its_partitions()
+ {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("pg-down");
+    assert_eq!(client.create_coupon(&coupon, 30).await.0, 201);
+
+    // The worker reaches Postgres through a proxy we can cut; its buffers are
+    // tiny and it must poll at least every 6 s or leave the group.
+    let proxy = Proxy::start(&Proxy::target_of(&env.common.database_url)).await;
+    let mut cfg = env.worker_config();
+    cfg.common.database_url = proxy.rewrite(&env.common.database_url);
+    cfg.max_batch = 5;
+    cfg.partition_buffer = 5;
+    cfg.max_poll_interval_ms = 6_000;
+    let worker = env.spawn_worker_with(cfg).await;
+    let all = PARTITIONS as usize;
+    worker
+        .wait_assignment("every partition", |a| a.len() == all)
+        .await;
+    let mut assignment = worker.assignment.clone().unwrap();
+    let smallest = Arc::new(AtomicUsize::new(all));
+    let watch = smallest.clone();
+    let watcher = tokio::spawn(async move {
+        while assignment.changed().await.is_ok() {
+            let now: BTreeSet<i32> = assignment.borrow().clone();
+            watch.fetch_min(now.len(), Ordering::SeqCst);
+        }
+    });
+
+    proxy.cut();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let (code, body) = client.issue(&coupon, &format!("user-{i:03}")).await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    // Twice the poll interval with Postgres gone: nothing can be persisted,
+    // and the worker must neither lose its partitions nor skip ahead.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let persisted: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = $1")
+            .bind(&coupon)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(persisted, 0);
+    let (_, pending) = client.get(&format!("/v1/issue-requests/{}", ids[99])).await;
+    assert_eq!(
+        pending["status"], "pending",
+        "not final before it is durable"
+    );
+
+    proxy.restore();
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(client.wait_final(id, Duration::from_secs(90)).await["status"].clone());
+    }
+    // In log order (one partition, one client in sequence): the first 30 win.
+    let issued: Vec<usize> = statuses
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| *s == "issued")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(issued, (0..30).collect::<Vec<_>>());
+    assert!(statuses[30..].iter().all(|s| s == "sold_out"));
+
+    assert_eq!(
+        smallest.load(Ordering::SeqCst),
+        all,
+        "the worker never lost a partition"
+    );
+    watcher.abort();
+    worker.stop().await;
+    ingress.stop().await;
+}
