@@ -86,3 +86,75 @@ async fn while_postgres_is_unreachable_the_partition_waits_paused_and_the_worker
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_twice_mid_stream_loses_nothing_and_decides_nothing_twice() {
+    use std::collections::HashSet;
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupons: Vec<(String, i64)> = vec![(env.coupon_id("k1"), 40), (env.coupon_id("k2"), 60)];
+    for (id, stock) in &coupons {
+        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
+    }
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+
+    // Requests keep arriving while the worker is killed and restarted.
+    const TOTAL: usize = 600;
+    let next = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(tokio::sync::Mutex::new(HashSet::new()));
+    let mut senders = Vec::new();
+    for _ in 0..8 {
+        let (client, next, accepted, coupons) = (
+            client.clone(),
+            next.clone(),
+            accepted.clone(),
+            coupons.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= TOTAL {
+                    break;
+                }
+                let coupon = &coupons[i % coupons.len()].0;
+                let user = format!("u{}", (i * 7919) % 150);
+                let (code, body) = client.issue(coupon, &user).await;
+                assert_eq!(code, 202, "{body}");
+                accepted
+                    .lock()
+                    .await
+                    .insert(body["request_id"].as_str().unwrap().to_owned());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+
+    // Small batches, so a kill often lands between a decision and its row.
+    for kill_at in [100, 300] {
+        let mut worker = env.spawn_worker_process(7);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while env.decided_count(&ids).await < kill_at {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker made no progress to {kill_at}"
+            );
+            assert!(
+                worker.try_wait().unwrap().is_none(),
+                "the worker exited by itself"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        worker.kill().await.unwrap(); // SIGKILL: no commit, no goodbye to the group
+    }
+    let mut last = env.spawn_worker_process(7);
+    for s in senders {
+        s.await.unwrap();
+    }
+    let accepted = accepted.lock().await.clone();
+    assert_eq!(accepted.len(), TOTAL);
+    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+        .await;
+    last.kill().await.unwrap();
+    ingress.stop().await;
+}

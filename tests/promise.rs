@@ -3,12 +3,11 @@
 //! coupon's log order, nobody holds a coupon twice, the counters add up, and
 //! every accepted request reaches a final status, once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use firstcome::IssueRequest;
 use firstcome_suite::TestEnv;
 use tokio::sync::Mutex;
 
@@ -110,139 +109,8 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
         "every request was accepted once, with its own id"
     );
 
-    // Every accepted request reaches a final status.
-    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let decided: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = ANY($1)")
-                .bind(&ids)
-                .fetch_one(&env.pool)
-                .await
-                .unwrap();
-        if decided as usize == REQUESTS {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {decided} of {REQUESTS} decided"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let ledger: Vec<(uuid::Uuid, String, String, String, i32, i64)> = sqlx::query_as(
-        "SELECT request_id, coupon_id, user_id, status, kafka_partition, kafka_offset
-         FROM request_ledger WHERE coupon_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
-    let decided: HashMap<String, String> = ledger
-        .iter()
-        .map(|(id, _, _, status, _, _)| (id.to_string(), status.clone()))
-        .collect();
-    assert_eq!(decided.keys().cloned().collect::<HashSet<_>>(), accepted);
-
-    // Replay the log: the expected decision of every record, in log order.
-    let log = env.read_request_log();
-    assert_eq!(
-        log.len(),
-        REQUESTS,
-        "the log holds each accepted request once"
-    );
-    let mut expected: HashMap<String, &'static str> = HashMap::new();
-    let mut per_coupon: HashMap<String, (HashSet<i32>, Vec<String>)> = HashMap::new();
-    for rec in &log {
-        let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
-        let entry = per_coupon.entry(r.coupon_id.to_string()).or_default();
-        entry.0.insert(rec.partition);
-        entry.1.push(r.user_id.to_string());
-        expected.insert(r.request_id.to_string(), "");
-    }
-    for (coupon, stock) in &coupons {
-        let (partitions, _) = &per_coupon[coupon];
-        assert_eq!(partitions.len(), 1, "all of {coupon} sits in one partition");
-        let mut holders: HashSet<String> = HashSet::new();
-        let mut first_distinct: Vec<String> = Vec::new();
-        for rec in log.iter() {
-            let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
-            if r.coupon_id.as_str() != coupon {
-                continue;
-            }
-            let user = r.user_id.to_string();
-            let want = if holders.contains(&user) {
-                "duplicate"
-            } else if (holders.len() as i64) < *stock {
-                holders.insert(user.clone());
-                first_distinct.push(user);
-                "issued"
-            } else {
-                "sold_out"
-            };
-            expected.insert(r.request_id.to_string(), want);
-        }
-        assert_eq!(
-            first_distinct.len() as i64,
-            *stock,
-            "demand exceeds the stock of {coupon}"
-        );
-
-        // The issued users in Postgres are exactly the first `stock` distinct users.
-        let issued: Vec<String> =
-            sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
-                .bind(coupon)
-                .fetch_all(&env.pool)
-                .await
-                .unwrap();
-        let issued_set: HashSet<String> = issued.iter().cloned().collect();
-        assert_eq!(
-            issued.len(),
-            issued_set.len(),
-            "nobody holds {coupon} twice"
-        );
-        assert_eq!(
-            issued_set,
-            first_distinct.iter().cloned().collect(),
-            "winners of {coupon}"
-        );
-
-        let (code, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
-        assert_eq!(code, 200);
-        let (remaining, count) = (
-            view["remaining_stock"].as_i64().unwrap(),
-            view["issued_count"].as_i64().unwrap(),
-        );
-        assert_eq!((remaining, count), (0, *stock), "{view}");
-        assert_eq!(remaining + count, view["total_stock"].as_i64().unwrap());
-    }
-    // Every request got exactly the decision its place in the log implies.
-    let mismatches: Vec<_> = expected
-        .iter()
-        .filter(|(id, want)| decided.get(*id).map(String::as_str) != Some(**want))
-        .take(5)
-        .collect();
-    assert!(
-        mismatches.is_empty(),
-        "decisions differ from log order, e.g. {mismatches:?}"
-    );
-    // The ledger records where each request sat in the log.
-    let positions: HashMap<String, (i32, i64)> = log
-        .iter()
-        .map(|rec| {
-            let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
-            (r.request_id.to_string(), (rec.partition, rec.offset))
-        })
-        .collect();
-    for (id, _, _, _, partition, offset) in &ledger {
-        assert_eq!(positions[&id.to_string()], (*partition, *offset));
-    }
-
-    // A sample through the API agrees with the ledger.
-    for id in accepted.iter().take(20) {
-        let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
-        assert_eq!(code, 200);
-        assert_eq!(status["status"], decided[id].as_str());
-    }
+    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(180))
+        .await;
     worker_b.unwrap().stop().await;
     ingress.stop().await;
 }

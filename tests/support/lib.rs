@@ -211,6 +211,42 @@ impl TestEnv {
         }
     }
 
+    /// Starts the real worker binary as a child process on this test's
+    /// topics, group and key prefix, so a test can kill it for real.
+    pub fn spawn_worker_process(&self, max_batch: usize) -> tokio::process::Child {
+        let bin = worker_binary();
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("DATABASE_URL", &self.common.database_url)
+            .env("REDIS_URL", &self.common.redis_url)
+            .env("KAFKA_BROKERS", &self.common.kafka_brokers)
+            .env("FIRSTCOME_REDIS_PREFIX", &self.common.redis_prefix)
+            .env("FIRSTCOME_REQUEST_TOPIC", &self.common.request_topic)
+            .env("FIRSTCOME_DLQ_TOPIC", &self.common.dlq_topic)
+            .env("FIRSTCOME_GROUP_ID", &self.group_id)
+            .env("FIRSTCOME_SESSION_TIMEOUT_MS", "6000")
+            .env("FIRSTCOME_COMMIT_INTERVAL_MS", "200")
+            .env("FIRSTCOME_MAX_BATCH", max_batch.to_string())
+            .env("FIRSTCOME_PARTITION_BUFFER", (max_batch * 4).to_string())
+            .kill_on_drop(true);
+        cmd.spawn().expect("the worker binary starts")
+    }
+
+    /// How many requests of `coupons` the ledger holds.
+    pub async fn decided_count(&self, coupons: &[&str]) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = ANY($1)")
+            .bind(coupons)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
     /// An HTTP client for `ingress`.
     pub fn client(&self, ingress: &Running) -> Client {
         Client {
@@ -232,6 +268,33 @@ impl TestEnv {
     pub fn read_dead_letters(&self) -> Vec<LogRecord> {
         read_topic(&self.common, &self.common.dlq_topic)
     }
+}
+
+/// The `firstcome-worker` binary, built now if it is missing or stale.
+pub fn worker_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let status = std::process::Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "firstcome-worker",
+                    "--bin",
+                    "firstcome-worker",
+                ])
+                .current_dir(&root)
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building firstcome-worker failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target.join("debug").join("firstcome-worker")
+        })
+        .clone()
 }
 
 /// A record read back from a topic.
@@ -507,5 +570,156 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();
+    }
+}
+
+/// Waits until every accepted request of `coupons` (id, stock) is decided,
+/// then checks the promise against the request log: each coupon sits in one
+/// partition; its issued users are exactly the first `stock` distinct users
+/// in log order; every request got the decision its place in the log
+/// implies, once; nobody holds a coupon twice; the counters add up; the
+/// ledger knows where each request sat. Demand must exceed every stock.
+pub async fn check_promise(
+    env: &TestEnv,
+    client: &Client,
+    coupons: &[(String, i64)],
+    accepted: &std::collections::HashSet<String>,
+    limit: Duration,
+) {
+    use firstcome::IssueRequest;
+    use std::collections::HashSet;
+    // Every accepted request reaches a final status.
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let decided: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = ANY($1)")
+                .bind(&ids)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        if decided as usize == accepted.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {decided} of {} decided",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ledger: Vec<(uuid::Uuid, String, String, String, i32, i64)> = sqlx::query_as(
+        "SELECT request_id, coupon_id, user_id, status, kafka_partition, kafka_offset
+         FROM request_ledger WHERE coupon_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let decided: HashMap<String, String> = ledger
+        .iter()
+        .map(|(id, _, _, status, _, _)| (id.to_string(), status.clone()))
+        .collect();
+    assert_eq!(&decided.keys().cloned().collect::<HashSet<_>>(), accepted);
+
+    // Replay the log: the expected decision of every record, in log order.
+    let log = env.read_request_log();
+    assert_eq!(
+        log.len(),
+        accepted.len(),
+        "the log holds each accepted request once"
+    );
+    let mut expected: HashMap<String, &'static str> = HashMap::new();
+    let mut per_coupon: HashMap<String, (HashSet<i32>, Vec<String>)> = HashMap::new();
+    for rec in &log {
+        let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
+        let entry = per_coupon.entry(r.coupon_id.to_string()).or_default();
+        entry.0.insert(rec.partition);
+        entry.1.push(r.user_id.to_string());
+        expected.insert(r.request_id.to_string(), "");
+    }
+    for (coupon, stock) in coupons {
+        let (partitions, _) = &per_coupon[coupon];
+        assert_eq!(partitions.len(), 1, "all of {coupon} sits in one partition");
+        let mut holders: HashSet<String> = HashSet::new();
+        let mut first_distinct: Vec<String> = Vec::new();
+        for rec in log.iter() {
+            let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
+            if r.coupon_id.as_str() != coupon {
+                continue;
+            }
+            let user = r.user_id.to_string();
+            let want = if holders.contains(&user) {
+                "duplicate"
+            } else if (holders.len() as i64) < *stock {
+                holders.insert(user.clone());
+                first_distinct.push(user);
+                "issued"
+            } else {
+                "sold_out"
+            };
+            expected.insert(r.request_id.to_string(), want);
+        }
+        assert_eq!(
+            first_distinct.len() as i64,
+            *stock,
+            "demand exceeds the stock of {coupon}"
+        );
+
+        // The issued users in Postgres are exactly the first `stock` distinct users.
+        let issued: Vec<String> =
+            sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
+                .bind(coupon)
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        let issued_set: HashSet<String> = issued.iter().cloned().collect();
+        assert_eq!(
+            issued.len(),
+            issued_set.len(),
+            "nobody holds {coupon} twice"
+        );
+        assert_eq!(
+            issued_set,
+            first_distinct.iter().cloned().collect(),
+            "winners of {coupon}"
+        );
+
+        let (code, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
+        assert_eq!(code, 200);
+        let (remaining, count) = (
+            view["remaining_stock"].as_i64().unwrap(),
+            view["issued_count"].as_i64().unwrap(),
+        );
+        assert_eq!((remaining, count), (0, *stock), "{view}");
+        assert_eq!(remaining + count, view["total_stock"].as_i64().unwrap());
+    }
+    // Every request got exactly the decision its place in the log implies.
+    let mismatches: Vec<_> = expected
+        .iter()
+        .filter(|(id, want)| decided.get(*id).map(String::as_str) != Some(**want))
+        .take(5)
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "decisions differ from log order, e.g. {mismatches:?}"
+    );
+    // The ledger records where each request sat in the log.
+    let positions: HashMap<String, (i32, i64)> = log
+        .iter()
+        .map(|rec| {
+            let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
+            (r.request_id.to_string(), (rec.partition, rec.offset))
+        })
+        .collect();
+    for (id, _, _, _, partition, offset) in &ledger {
+        assert_eq!(positions[&id.to_string()], (*partition, *offset));
+    }
+
+    // A sample through the API agrees with the ledger.
+    for id in accepted.iter().take(20) {
+        let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
+        assert_eq!(code, 200);
+        assert_eq!(status["status"], decided[id].as_str());
     }
 }
