@@ -158,3 +158,90 @@ async fn a_worker_killed_twice_mid_stream_loses_nothing_and_decides_nothing_twic
     last.kill().await.unwrap();
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_order_once_it_is_back()
+ {
+    let env = TestEnv::new().await;
+    let proxy = Proxy::start(&Proxy::target_of(&env.common.redis_url)).await;
+    let via_proxy = proxy.rewrite(&env.common.redis_url);
+    let mut icfg = env.ingress_config();
+    icfg.common.redis_url = via_proxy.clone();
+    let app = firstcome_ingress::Application::build(icfg).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let http = reqwest::Client::new();
+    let coupon = env.coupon_id("redis-down");
+    let created = http
+        .post(format!("{base}/v1/coupons"))
+        .bearer_auth(&env.admin_token)
+        .json(&serde_json::json!({ "coupon_id": coupon, "name": "r", "total_stock": 10 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let mut wcfg = env.worker_config();
+    wcfg.common.redis_url = via_proxy;
+    let worker = env.spawn_worker_with(wcfg).await;
+    worker
+        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
+        .await;
+
+    proxy.cut();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let r = http
+            .post(format!("{base}/v1/coupons/{coupon}/issue"))
+            .json(&serde_json::json!({ "user_id": format!("r{i:02}") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            202,
+            "the log, not Redis, decides whether a request is accepted"
+        );
+        let body: serde_json::Value = r.json().await.unwrap();
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        env.decided_count(&[&coupon]).await,
+        0,
+        "nothing is decided without Redis"
+    );
+
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while env.decided_count(&[&coupon]).await < 30 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all decided after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let issued: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1 ORDER BY user_id")
+            .bind(&coupon)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let first_ten: Vec<String> = (0..10).map(|i| format!("r{i:02}")).collect();
+    assert_eq!(
+        issued, first_ten,
+        "the first ten in line, sent one after another"
+    );
+    for id in &ids {
+        let r = http
+            .get(format!("{base}/v1/issue-requests/{id}"))
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_ne!(body["status"], "pending", "{body}");
+    }
+    worker.stop().await;
+    stop.cancel();
+    served.await.unwrap().unwrap();
+}
