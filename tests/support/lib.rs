@@ -211,13 +211,11 @@ impl TestEnv {
         }
     }
 
-    /// Starts the real worker binary as a child process on this test's
-    /// topics, group and key prefix, so a test can kill it for real.
-    pub fn spawn_worker_process(&self, max_batch: usize) -> tokio::process::Child {
-        let bin = worker_binary();
-        let mut cmd = tokio::process::Command::new(bin);
-        cmd.arg("run")
-            .env_clear()
+    /// The real worker binary, configured for this test's topics, group and
+    /// key prefix; add the subcommand and its arguments.
+    pub fn worker_command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(worker_binary());
+        cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env(
                 "RUST_LOG",
@@ -230,12 +228,21 @@ impl TestEnv {
             .env("FIRSTCOME_REQUEST_TOPIC", &self.common.request_topic)
             .env("FIRSTCOME_DLQ_TOPIC", &self.common.dlq_topic)
             .env("FIRSTCOME_GROUP_ID", &self.group_id)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Starts the worker binary as a child process, so a test can kill it
+    /// for real.
+    pub fn spawn_worker_process(&self, max_batch: usize) -> tokio::process::Child {
+        self.worker_command()
+            .arg("run")
             .env("FIRSTCOME_SESSION_TIMEOUT_MS", "6000")
             .env("FIRSTCOME_COMMIT_INTERVAL_MS", "200")
             .env("FIRSTCOME_MAX_BATCH", max_batch.to_string())
             .env("FIRSTCOME_PARTITION_BUFFER", (max_batch * 4).to_string())
-            .kill_on_drop(true);
-        cmd.spawn().expect("the worker binary starts")
+            .spawn()
+            .expect("the worker binary starts")
     }
 
     /// How many requests of `coupons` the ledger holds.

@@ -8,11 +8,13 @@
 //! - [`consumer`]: the poll loop, partition tasks, rebalances
 //! - [`pipeline`]: one batch from records to a stored offset
 //! - [`deadletter`]: dead-letter records and their headers
+//! - [`reconcile`]: compare Redis with Postgres
 
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod pipeline;
+pub mod reconcile;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

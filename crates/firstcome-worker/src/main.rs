@@ -26,6 +26,18 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// Compare each coupon's Redis state with Postgres. Exit code 0: in sync;
+    /// 1: drift; 2: the check could not run.
+    Reconcile {
+        #[command(flatten)]
+        common: CommonConfig,
+        /// Only this coupon.
+        #[arg(long)]
+        coupon: Option<String>,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create the request and dead-letter topics if they do not exist.
     Topics {
         #[command(flatten)]
@@ -60,6 +72,21 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
+        Command::Reconcile {
+            common,
+            coupon,
+            json,
+        } => {
+            firstcome::telemetry::init(common.log_json);
+            match reconcile(&common, coupon.as_deref(), json).await {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
         Command::Topics {
             common,
             partitions,
@@ -81,4 +108,27 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints the comparison; `Ok(true)` when every coupon is in sync.
+async fn reconcile(
+    common: &CommonConfig,
+    coupon: Option<&str>,
+    json: bool,
+) -> anyhow::Result<bool> {
+    common.validate()?;
+    let only = coupon.map(firstcome::CouponId::parse).transpose()?;
+    let pool = common.connect_postgres().await?;
+    let mut redis = common
+        .connect_redis(std::time::Duration::from_secs(10))
+        .await?;
+    let reports =
+        firstcome_worker::reconcile::reconcile(&pool, &mut redis, &common.keys()?, only.as_ref())
+            .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", firstcome_worker::reconcile::table(&reports));
+    }
+    Ok(reports.iter().all(|r| r.drift.is_empty()))
 }

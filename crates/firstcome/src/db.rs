@@ -59,6 +59,23 @@ pub async fn coupon(pool: &PgPool, id: &CouponId) -> Result<Option<Coupon>, sqlx
     .await
 }
 
+/// Every coupon, by id.
+pub async fn coupons(pool: &PgPool) -> Result<Vec<Coupon>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT coupon_id, name, total_stock, starts_at, ends_at FROM coupon ORDER BY coupon_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The users holding the coupon.
+pub async fn issued_users(pool: &PgPool, id: &CouponId) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
+        .bind(id.as_str())
+        .fetch_all(pool)
+        .await
+}
+
 /// How many users hold the coupon.
 pub async fn issued_count(pool: &PgPool, id: &CouponId) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM user_coupon WHERE coupon_id = $1")

@@ -239,6 +239,40 @@ pub async fn counters<C: ConnectionLike + Send>(
     }))
 }
 
+/// Everything Redis holds about a coupon, for comparing with Postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// `total` of the meta hash.
+    pub total: i64,
+    /// Units left.
+    pub remaining: i64,
+    /// Users holding the coupon.
+    pub users: Vec<String>,
+    /// How many requests have a recorded decision.
+    pub decided: i64,
+}
+
+/// Reads a coupon's whole state; `None` when not initialized.
+pub async fn observe<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &CouponKeys,
+) -> Result<Option<Observed>, StateError> {
+    let (total, remaining, users, decided): (Option<i64>, Option<i64>, Vec<String>, i64) =
+        redis::pipe()
+            .hget(&keys.meta, "total")
+            .get(&keys.stock)
+            .smembers(&keys.users)
+            .hlen(&keys.decided)
+            .query_async(conn)
+            .await?;
+    Ok(total.map(|total| Observed {
+        total,
+        remaining: remaining.unwrap_or(0),
+        users,
+        decided,
+    }))
+}
+
 /// What a status lookup answers; also the JSON kept under `req:{R}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestStatus {
