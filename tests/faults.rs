@@ -245,3 +245,82 @@ async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_o
     stop.cancel();
     served.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds() {
+    use std::collections::HashSet;
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupons: Vec<(String, i64)> = vec![(env.coupon_id("w1"), 30), (env.coupon_id("w2"), 50)];
+    for (id, stock) in &coupons {
+        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
+    }
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+    let mut cfg = env.worker_config();
+    cfg.max_batch = 7;
+    let worker = env.spawn_worker_with(cfg).await;
+    worker
+        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
+        .await;
+
+    const TOTAL: usize = 400;
+    let next = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(tokio::sync::Mutex::new(HashSet::new()));
+    let mut senders = Vec::new();
+    for _ in 0..8 {
+        let (client, next, accepted, coupons) = (
+            client.clone(),
+            next.clone(),
+            accepted.clone(),
+            coupons.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= TOTAL {
+                    break;
+                }
+                let coupon = &coupons[i % coupons.len()].0;
+                let (code, body) = client.issue(coupon, &format!("w{}", (i * 31) % 120)).await;
+                assert_eq!(code, 202, "{body}");
+                accepted
+                    .lock()
+                    .await
+                    .insert(body["request_id"].as_str().unwrap().to_owned());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    // Once some requests are decided, everything of this test in Redis goes
+    // at once, as with FLUSHALL or a new, empty Redis.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while env.decided_count(&ids).await < 60 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress before the wipe"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut redis = env.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", env.common.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: i64 = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    for s in senders {
+        s.await.unwrap();
+    }
+    let accepted = accepted.lock().await.clone();
+    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+        .await;
+    worker.stop().await;
+    ingress.stop().await;
+}
