@@ -89,7 +89,6 @@ async fn while_postgres_is_unreachable_the_partition_waits_paused_and_the_worker
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_twice_mid_stream_loses_nothing_and_decides_nothing_twice() {
-    use std::collections::HashSet;
     let env = TestEnv::new().await;
     let ingress = env.spawn_ingress().await;
     let client = env.client(&ingress);
@@ -100,35 +99,10 @@ async fn a_worker_killed_twice_mid_stream_loses_nothing_and_decides_nothing_twic
     let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
 
     // Requests keep arriving while the worker is killed and restarted.
-    const TOTAL: usize = 600;
-    let next = Arc::new(AtomicUsize::new(0));
-    let accepted = Arc::new(tokio::sync::Mutex::new(HashSet::new()));
-    let mut senders = Vec::new();
-    for _ in 0..8 {
-        let (client, next, accepted, coupons) = (
-            client.clone(),
-            next.clone(),
-            accepted.clone(),
-            coupons.clone(),
-        );
-        senders.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= TOTAL {
-                    break;
-                }
-                let coupon = &coupons[i % coupons.len()].0;
-                let user = format!("u{}", (i * 7919) % 150);
-                let (code, body) = client.issue(coupon, &user).await;
-                assert_eq!(code, 202, "{body}");
-                accepted
-                    .lock()
-                    .await
-                    .insert(body["request_id"].as_str().unwrap().to_owned());
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }));
-    }
+    let load =
+        firstcome_suite::spawn_load(&client, &coupons, 600, Duration::from_millis(10), |i| {
+            format!("u{}", (i * 7919) % 150)
+        });
 
     // Small batches, so a kill often lands between a decision and its row.
     for kill_at in [100, 300] {
@@ -148,11 +122,7 @@ async fn a_worker_killed_twice_mid_stream_loses_nothing_and_decides_nothing_twic
         worker.kill().await.unwrap(); // SIGKILL: no commit, no goodbye to the group
     }
     let mut last = env.spawn_worker_process(7);
-    for s in senders {
-        s.await.unwrap();
-    }
-    let accepted = accepted.lock().await.clone();
-    assert_eq!(accepted.len(), TOTAL);
+    let accepted = load.await.unwrap();
     firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
         .await;
     last.kill().await.unwrap();
@@ -248,7 +218,6 @@ async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds() {
-    use std::collections::HashSet;
     let env = TestEnv::new().await;
     let ingress = env.spawn_ingress().await;
     let client = env.client(&ingress);
@@ -264,34 +233,9 @@ async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds
         .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
         .await;
 
-    const TOTAL: usize = 400;
-    let next = Arc::new(AtomicUsize::new(0));
-    let accepted = Arc::new(tokio::sync::Mutex::new(HashSet::new()));
-    let mut senders = Vec::new();
-    for _ in 0..8 {
-        let (client, next, accepted, coupons) = (
-            client.clone(),
-            next.clone(),
-            accepted.clone(),
-            coupons.clone(),
-        );
-        senders.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= TOTAL {
-                    break;
-                }
-                let coupon = &coupons[i % coupons.len()].0;
-                let (code, body) = client.issue(coupon, &format!("w{}", (i * 31) % 120)).await;
-                assert_eq!(code, 202, "{body}");
-                accepted
-                    .lock()
-                    .await
-                    .insert(body["request_id"].as_str().unwrap().to_owned());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
-    }
+    let load = firstcome_suite::spawn_load(&client, &coupons, 400, Duration::from_millis(5), |i| {
+        format!("w{}", (i * 31) % 120)
+    });
     // Once some requests are decided, everything of this test in Redis goes
     // at once, as with FLUSHALL or a new, empty Redis.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -315,10 +259,7 @@ async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds
         .await
         .unwrap();
 
-    for s in senders {
-        s.await.unwrap();
-    }
-    let accepted = accepted.lock().await.clone();
+    let accepted = load.await.unwrap();
     firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
         .await;
     worker.stop().await;

@@ -730,3 +730,48 @@ pub async fn check_promise(
         assert_eq!(status["status"], decided[id].as_str());
     }
 }
+
+/// Sends `total` issue requests from 8 concurrent clients in the background,
+/// request `i` to coupon `i % coupons.len()` for user `user(i)`, pausing
+/// `pace` between a client's requests. Every request must be accepted; the
+/// handle resolves to the ids of all of them.
+pub fn spawn_load(
+    client: &Client,
+    coupons: &[(String, i64)],
+    total: usize,
+    pace: Duration,
+    user: fn(usize) -> String,
+) -> JoinHandle<std::collections::HashSet<String>> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let senders: Vec<JoinHandle<Vec<String>>> = (0..8)
+        .map(|_| {
+            let (client, next, coupons) = (client.clone(), next.clone(), coupons.to_vec());
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        return accepted;
+                    }
+                    let coupon = &coupons[i % coupons.len()].0;
+                    let (code, body) = client.issue(coupon, &user(i)).await;
+                    assert_eq!(code, 202, "request {i}: {body}");
+                    accepted.push(body["request_id"].as_str().unwrap().to_owned());
+                    tokio::time::sleep(pace).await;
+                }
+            })
+        })
+        .collect();
+    tokio::spawn(async move {
+        let mut all = std::collections::HashSet::new();
+        for s in senders {
+            all.extend(s.await.expect("a load client panicked"));
+        }
+        assert_eq!(
+            all.len(),
+            total,
+            "every request accepted once, with its own id"
+        );
+        all
+    })
+}
