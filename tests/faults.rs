@@ -265,3 +265,101 @@ async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_postgres_refuses_for_good_is_undone_dead_lettered_and_failed_and_the_rest_goes_on()
+ {
+    let env = TestEnv::new().await;
+    // A real Postgres error for one user: a trigger refuses their coupon row
+    // with a constraint violation, which waiting will not fix.
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION firstcome_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.user_id LIKE '%-refused' THEN
+                 RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation';
+             END IF;
+             RETURN NEW;
+         END $$",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'firstcome_test_refuse') THEN
+                 CREATE TRIGGER firstcome_test_refuse BEFORE INSERT ON user_coupon
+                     FOR EACH ROW EXECUTE FUNCTION firstcome_test_refuse();
+             END IF;
+         END $$",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("refuse");
+    assert_eq!(client.create_coupon(&coupon, 2).await.0, 201);
+    let refused = format!("{}-refused", env.tag);
+    let mut ids = Vec::new();
+    for user in ["amy", refused.as_str(), "bob", "cal"] {
+        let (code, body) = client.issue(&coupon, user).await;
+        assert_eq!(code, 202);
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    // One batch decides all four: amy and the refused user get the two units.
+    let worker = env.spawn_worker().await;
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(client.wait_final(id, Duration::from_secs(60)).await["status"].clone());
+    }
+    assert_eq!(statuses, ["issued", "failed", "sold_out", "sold_out"]);
+
+    // The refused unit went back: one left, one holder, and the next in line gets it.
+    let (_, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
+    assert_eq!(
+        (
+            view["remaining_stock"].as_i64(),
+            view["issued_count"].as_i64()
+        ),
+        (Some(1), Some(1)),
+        "{view}"
+    );
+    let (_, next) = client.issue(&coupon, "dan").await;
+    let next = client
+        .wait_final(
+            next["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(next["status"], "issued");
+
+    let letters = env.read_dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        letters[0].headers["firstcome.error.kind"],
+        "permanent_failure"
+    );
+    assert_eq!(letters[0].headers["firstcome.error.attempts"], "3");
+    assert!(letters[0].headers["firstcome.error.message"].contains("refused by the test trigger"));
+    let value: serde_json::Value =
+        serde_json::from_slice(letters[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!(value["request_id"], ids[1].as_str());
+
+    let ledger: String =
+        sqlx::query_scalar("SELECT status FROM request_ledger WHERE request_id = $1::uuid")
+            .bind(&ids[1])
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(ledger, "failed");
+    let holders: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1 ORDER BY user_id")
+            .bind(&coupon)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(holders, ["amy", "dan"]);
+    worker.stop().await;
+    ingress.stop().await;
+}

@@ -167,6 +167,7 @@ impl TestEnv {
             group_id: self.group_id.clone(),
             session_timeout_ms: 6_000,
             max_poll_interval_ms: 300_000,
+            permanent_attempts: 3,
             commit_interval_ms: 500,
             max_batch: 200,
             partition_buffer: 2_000,

@@ -54,6 +54,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "FIRSTCOME_RETRY_MAX_MS", default_value_t = 10_000)]
     pub retry_max_ms: u64,
 
+    /// Attempts at storing a record that Postgres refuses for good (a data or
+    /// constraint error) before it is given up: dead-lettered, its Redis
+    /// decision undone, its status `failed`.
+    #[arg(long, env = "FIRSTCOME_PERMANENT_ATTEMPTS", default_value_t = 3)]
+    pub permanent_attempts: u32,
+
     /// Longest a graceful shutdown waits for the batches in hand.
     #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
     pub shutdown_timeout_ms: u64,
@@ -83,6 +89,12 @@ impl WorkerConfig {
             return Err(invalid(
                 "FIRSTCOME_RETRY_MAX_MS",
                 "must be at least FIRSTCOME_RETRY_INITIAL_MS, which must be positive",
+            ));
+        }
+        if self.permanent_attempts == 0 {
+            return Err(invalid(
+                "FIRSTCOME_PERMANENT_ATTEMPTS",
+                "must be at least 1",
             ));
         }
         if self.session_timeout_ms < 3_000 {

@@ -42,6 +42,8 @@ pub enum ErrorKind {
     KeyMismatch,
     /// The coupon does not exist in Postgres.
     UnknownCoupon,
+    /// Postgres refused to store the decision, attempt after attempt.
+    PermanentFailure,
 }
 
 impl ErrorKind {
@@ -51,6 +53,7 @@ impl ErrorKind {
             ErrorKind::InvalidRecord => "invalid_record",
             ErrorKind::KeyMismatch => "key_mismatch",
             ErrorKind::UnknownCoupon => "unknown_coupon",
+            ErrorKind::PermanentFailure => "permanent_failure",
         }
     }
 }
@@ -89,6 +92,20 @@ impl DeadLetter {
             ErrorKind::UnknownCoupon,
             format!("coupon {coupon:?} does not exist"),
         )
+    }
+
+    /// A record whose decision Postgres refused `attempts` times.
+    pub fn permanent(
+        error: impl std::fmt::Display,
+        attempts: u32,
+        first_failed_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            kind: ErrorKind::PermanentFailure,
+            message: error.to_string(),
+            attempts,
+            first_failed_at,
+        }
     }
 
     fn new(kind: ErrorKind, message: String) -> Self {

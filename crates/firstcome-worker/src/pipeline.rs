@@ -89,8 +89,81 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct Aborted;
 
-/// Runs `step` until it succeeds, waiting longer after each failure, or until
-/// `cancel` fires.
+/// Why a step failed, by what the loop must do about it.
+enum Failure {
+    /// Infrastructure that will come back: retry for as long as it takes.
+    Transient(anyhow::Error),
+    /// The data itself is refused: retry a few times, then give up.
+    Permanent(anyhow::Error),
+}
+
+/// Why a retried step stopped without succeeding.
+enum Stop {
+    /// The partition was revoked or the worker is stopping.
+    Aborted,
+    /// A permanent failure outlasted `FIRSTCOME_PERMANENT_ATTEMPTS`.
+    GaveUp {
+        error: anyhow::Error,
+        attempts: u32,
+        first_failed_at: chrono::DateTime<Utc>,
+    },
+}
+
+/// Runs `step` until it succeeds, waiting longer after each failure: for
+/// ever on transient failures, up to the configured attempts on permanent
+/// ones; or until `cancel` fires.
+async fn retry_classified<T, F, Fut>(
+    shared: &Shared,
+    what: &str,
+    cancel: &CancellationToken,
+    mut step: F,
+) -> Result<T, Stop>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let backoff = shared.cfg.backoff();
+    let (mut attempt, mut permanent) = (0u32, 0u32);
+    let mut first_failed_at = None;
+    loop {
+        let error = match step().await {
+            Ok(v) => {
+                if attempt > 0 {
+                    tracing::info!(step = what, attempts = attempt + 1, "recovered");
+                }
+                return Ok(v);
+            }
+            Err(Failure::Transient(e)) => e,
+            Err(Failure::Permanent(e)) => {
+                permanent += 1;
+                let first = *first_failed_at.get_or_insert_with(Utc::now);
+                if permanent >= shared.cfg.permanent_attempts {
+                    return Err(Stop::GaveUp {
+                        error: e,
+                        attempts: permanent,
+                        first_failed_at: first,
+                    });
+                }
+                e
+            }
+        };
+        attempt += 1;
+        let delay = backoff.delay(attempt);
+        tracing::warn!(
+            step = what,
+            attempt,
+            ?delay,
+            error = format!("{error:#}"),
+            "failed, retrying"
+        );
+        tokio::select! {
+            () = cancel.cancelled() => return Err(Stop::Aborted),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// [`retry_classified`] for steps whose failures are all transient.
 async fn retry<T, F, Fut>(
     shared: &Shared,
     what: &str,
@@ -101,33 +174,30 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
-    let backoff = shared.cfg.backoff();
-    let mut attempt = 0u32;
-    loop {
-        match step().await {
-            Ok(v) => {
-                if attempt > 0 {
-                    tracing::info!(step = what, attempts = attempt + 1, "recovered");
-                }
-                return Ok(v);
-            }
-            Err(e) => {
-                attempt += 1;
-                let delay = backoff.delay(attempt);
-                tracing::warn!(
-                    step = what,
-                    attempt,
-                    ?delay,
-                    error = format!("{e:#}"),
-                    "transient failure, retrying"
-                );
-                tokio::select! {
-                    () = cancel.cancelled() => return Err(Aborted),
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
+    let transient = || {
+        let f = step();
+        async move { f.await.map_err(Failure::Transient) }
+    };
+    match retry_classified(shared, what, cancel, transient).await {
+        Ok(v) => Ok(v),
+        Err(Stop::Aborted) => Err(Aborted),
+        Err(Stop::GaveUp { .. }) => {
+            unreachable!("a step with only transient failures never gives up")
         }
     }
+}
+
+/// Stores decisions; Postgres errors are classified for [`retry_classified`].
+async fn persist(shared: &Shared, batch: &[Decided<'_>]) -> Result<(), Failure> {
+    db::persist(&shared.pool, batch).await.map_err(|e| {
+        let permanent = db::is_permanent(&e);
+        let e = anyhow::Error::new(e).context("persisting decisions");
+        if permanent {
+            Failure::Permanent(e)
+        } else {
+            Failure::Transient(e)
+        }
+    })
 }
 
 /// Processes one batch of one partition; see the module docs.
@@ -194,13 +264,36 @@ pub async fn process(
         .await?;
     }
 
-    // 4. Persist.
-    retry(shared, "persist", cancel, || async {
-        db::persist(&shared.pool, &decided)
-            .await
-            .context("persisting decisions")
-    })
-    .await?;
+    // 4. Persist. A batch Postgres refuses for good is stored record by
+    //    record, so only the records it refuses are given up.
+    match retry_classified(shared, "persist", cancel, || persist(shared, &decided)).await {
+        Ok(()) => {}
+        Err(Stop::Aborted) => return Err(Aborted),
+        Err(Stop::GaveUp { error, .. }) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "postgres refuses the batch, storing record by record"
+            );
+            for d in &mut decided {
+                let one = std::slice::from_ref(&*d);
+                match retry_classified(shared, "persist record", cancel, || persist(shared, one))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(Stop::Aborted) => return Err(Aborted),
+                    Err(Stop::GaveUp {
+                        error,
+                        attempts,
+                        first_failed_at,
+                    }) => {
+                        let letter =
+                            DeadLetter::permanent(format!("{error:#}"), attempts, first_failed_at);
+                        give_up(shared, d, &recs, letter, cancel).await?;
+                    }
+                }
+            }
+        }
+    }
 
     // 5. Publish the final statuses.
     let statuses: Vec<RequestStatus> = decided
@@ -232,6 +325,58 @@ pub async fn process(
         // The partition was revoked meanwhile; its next owner reads the batch
         // again and gets the same decisions back.
         tracing::info!(error = %e, "offset not stored, partition no longer assigned");
+    }
+    Ok(())
+}
+
+/// Gives up on a decision Postgres will not store: gives back in Redis what
+/// it took, dead-letters the record, and records it as `failed` (in the
+/// ledger when Postgres takes that row, and in the status cache).
+async fn give_up(
+    shared: &Shared,
+    d: &mut Decided<'_>,
+    recs: &[Rec],
+    letter: DeadLetter,
+    cancel: &CancellationToken,
+) -> Result<(), Aborted> {
+    let rec = recs
+        .iter()
+        .find(|r| r.partition == d.partition && r.offset == d.offset)
+        .expect("a decision comes from a record of its batch");
+    tracing::error!(
+        request_id = %d.request.request_id,
+        offset = d.offset,
+        error = %letter.message,
+        "giving up on a decision postgres refuses"
+    );
+    let now = Utc::now().trunc_subsecs(6);
+    let keys = shared.keys.coupon(&d.request.coupon_id);
+    retry(shared, "undo decision", cancel, || async {
+        state::undo(&mut shared.redis.clone(), &keys, d.request, now)
+            .await
+            .context("undoing a decision")
+    })
+    .await?;
+    retry(shared, "dead-letter", cancel, || {
+        dead_letter(shared, rec, &letter)
+    })
+    .await?;
+    d.decision = Decision {
+        status: firstcome::Status::Failed,
+        decided_at: now,
+    };
+    let failed = std::slice::from_ref(&*d);
+    match retry_classified(shared, "persist failure", cancel, || {
+        persist(shared, failed)
+    })
+    .await
+    {
+        Ok(()) => {}
+        Err(Stop::Aborted) => return Err(Aborted),
+        Err(Stop::GaveUp { error, .. }) => tracing::error!(
+            error = format!("{error:#}"),
+            "the ledger refuses the failure too; the dead letter is its only record"
+        ),
     }
     Ok(())
 }

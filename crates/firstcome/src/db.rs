@@ -124,6 +124,18 @@ pub async fn coupon_snapshot(
     })
 }
 
+/// Whether waiting will not fix `e`: Postgres refused the data itself
+/// (SQLSTATE class 22, data exception, or 23, integrity constraint violation,
+/// other than the conflicts `ON CONFLICT DO NOTHING` absorbs).
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        _ => false,
+    }
+}
+
 /// A decided request and where it sat in the log.
 #[derive(Debug, Clone)]
 pub struct Decided<'a> {

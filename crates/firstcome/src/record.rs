@@ -52,6 +52,9 @@ pub enum Status {
     SoldOut,
     /// Accepted before `starts_at` or after `ends_at`.
     NotOpen,
+    /// Decided, but the decision could not be stored for good; whatever it
+    /// took was given back and the record is in the dead-letter topic.
+    Failed,
 }
 
 impl Status {
@@ -63,6 +66,7 @@ impl Status {
             Status::Duplicate => "duplicate",
             Status::SoldOut => "sold_out",
             Status::NotOpen => "not_open",
+            Status::Failed => "failed",
         }
     }
 
@@ -93,6 +97,7 @@ impl FromStr for Status {
             "duplicate" => Status::Duplicate,
             "sold_out" => Status::SoldOut,
             "not_open" => Status::NotOpen,
+            "failed" => Status::Failed,
             other => return Err(UnknownStatus(other.to_owned())),
         })
     }
@@ -134,6 +139,7 @@ mod tests {
             Status::Duplicate,
             Status::SoldOut,
             Status::NotOpen,
+            Status::Failed,
         ] {
             assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
             assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));

@@ -25,6 +25,7 @@ use crate::ids::{CouponId, RequestId, UserId};
 use crate::record::{IssueRequest, Status};
 
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
+static UNDO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("undo.lua")));
 static INIT_COUPON: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("init_coupon.lua")));
 
@@ -135,6 +136,32 @@ pub async fn decide<C: ConnectionLike + Send>(
             requests.len()
         ))),
     }
+}
+
+/// Marks a decided request as failed, giving back the unit and the user's
+/// place among the holders if it had been issued. Returns the status it had.
+pub async fn undo<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &CouponKeys,
+    request: &IssueRequest,
+    failed_at: DateTime<Utc>,
+) -> Result<Option<Status>, StateError> {
+    let prior: String = UNDO
+        .key(&keys.stock)
+        .key(&keys.users)
+        .key(&keys.decided)
+        .arg(request.request_id.to_string())
+        .arg(request.user_id.as_str())
+        .arg(failed_at.timestamp_micros())
+        .invoke_async(conn)
+        .await?;
+    if prior.is_empty() {
+        return Ok(None);
+    }
+    prior
+        .parse()
+        .map(Some)
+        .map_err(|e| StateError::Protocol(format!("{e}")))
 }
 
 fn parse_decision(status: &str, decided_at: &str) -> Result<Decision, StateError> {
