@@ -12,9 +12,7 @@ use std::time::Duration;
 use firstcome::config::CommonConfig;
 use firstcome_ingress::{Application, IngressConfig};
 use firstcome_worker::{Worker, WorkerConfig};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -322,72 +320,28 @@ pub struct LogRecord {
 
 /// Reads a whole topic from the beginning to the high watermark of each partition.
 pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &common.kafka_brokers)
-        .set("group.id", unique("reader-"))
-        .set("enable.auto.commit", "false")
-        .set("broker.address.family", "v4")
-        .create()
-        .unwrap();
-    let meta = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let partitions: Vec<i32> = meta.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
-    let mut out = Vec::new();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .unwrap();
-        if high <= low {
-            continue;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(low))
-            .unwrap();
-        consumer.assign(&tpl).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut next = low;
-        while next < high {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "reading {topic}/{p} timed out at {next} of {high}"
-            );
-            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let m = m.unwrap();
-            if m.partition() != p || m.offset() < next {
-                continue;
-            }
-            use rdkafka::message::Headers;
-            let headers = m
+    use rdkafka::message::Headers;
+    firstcome::kafka::read_topic(common, topic, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("reading {topic}: {e:#}"))
+        .into_iter()
+        .map(|m| LogRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: m
                 .headers()
                 .map(|h| {
                     h.iter()
                         .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
+                            let value = String::from_utf8_lossy(h.value.unwrap_or_default());
+                            (h.key.to_owned(), value.into_owned())
                         })
                         .collect()
                 })
-                .unwrap_or_default();
-            out.push(LogRecord {
-                partition: p,
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers,
-            });
-            next = m.offset() + 1;
-        }
-    }
-    out
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// A component running in this process.

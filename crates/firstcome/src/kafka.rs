@@ -4,10 +4,12 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::{CommonConfig, ConfigError};
 
@@ -69,4 +71,53 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// Reads a whole topic, every partition from its first to its last record at
+/// the time of the call, in (partition, offset) order. For tools and tests:
+/// it joins no group and commits nothing.
+pub fn read_topic(
+    common: &CommonConfig,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<OwnedMessage>> {
+    let consumer: BaseConsumer = client_config(common)?
+        .set("group.id", "firstcome-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()?;
+    let meta = consumer.fetch_metadata(Some(topic), timeout)?;
+    let Some(t) = meta.topics().first().filter(|t| t.error().is_none()) else {
+        anyhow::bail!("topic {topic} does not exist");
+    };
+    let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort_unstable();
+    let mut out = Vec::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut next = low;
+        while next < high {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "reading {topic}/{p} timed out at offset {next} of {high}"
+            );
+            let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let m = m?;
+            if m.partition() != p || m.offset() < next {
+                continue;
+            }
+            next = m.offset() + 1;
+            out.push(m.detach());
+        }
+    }
+    Ok(out)
 }
