@@ -9,10 +9,12 @@
 //! - [`pipeline`]: one batch from records to a stored offset
 //! - [`deadletter`]: dead-letter records and their headers
 //! - [`reconcile`]: compare Redis with Postgres
+//! - [`dlq`]: list and show dead letters
 
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
+pub mod dlq;
 pub mod pipeline;
 pub mod reconcile;
 

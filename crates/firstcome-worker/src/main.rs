@@ -38,6 +38,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read the dead-letter topic.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Create the request and dead-letter topics if they do not exist.
     Topics {
         #[command(flatten)]
@@ -51,6 +56,34 @@ enum Command {
         /// Replication factor of both topics (3 on a production cluster).
         #[arg(long, env = "FIRSTCOME_REPLICATION", default_value_t = 1)]
         replication: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters with what their headers say, one line each.
+    List {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(flatten)]
+        filter: firstcome_worker::dlq::Filter,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter in full: every header and the original value.
+    Show {
+        #[command(flatten)]
+        common: CommonConfig,
+        /// Partition of the dead-letter topic.
+        #[arg(long)]
+        partition: i32,
+        /// Offset there.
+        #[arg(long)]
+        offset: i64,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -87,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Dlq { command } => dlq(command),
         Command::Topics {
             common,
             partitions,
@@ -131,4 +165,50 @@ async fn reconcile(
         print!("{}", firstcome_worker::reconcile::table(&reports));
     }
     Ok(reports.iter().all(|r| r.drift.is_empty()))
+}
+
+fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    use firstcome_worker::dlq;
+    match command {
+        DlqCommand::List {
+            common,
+            filter,
+            json,
+        } => {
+            firstcome::telemetry::init(common.log_json);
+            common.validate()?;
+            let letters = dlq::list(&common, &filter)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                print!("{}", dlq::table(&letters));
+            }
+        }
+        DlqCommand::Show {
+            common,
+            partition,
+            offset,
+            json,
+        } => {
+            firstcome::telemetry::init(common.log_json);
+            common.validate()?;
+            let filter = dlq::Filter {
+                partition: Some(partition),
+                offset: Some(offset),
+                ..Default::default()
+            };
+            let letter = dlq::list(&common, &filter)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no dead letter at partition {partition}, offset {offset}")
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letter)?);
+            } else {
+                print!("{}", dlq::detail(&letter));
+            }
+        }
+    }
+    Ok(())
 }
