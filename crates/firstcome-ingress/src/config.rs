@@ -81,3 +81,56 @@ impl IngressConfig {
         Duration::from_millis(self.produce_timeout_ms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::IngressConfig;
+
+    fn parse(extra: &[&str]) -> IngressConfig {
+        let mut args = vec![
+            "firstcome-ingress",
+            "--database-url",
+            "postgres://u:p@127.0.0.1:1/db",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+        ];
+        if !extra.contains(&"--admin-token") {
+            args.extend_from_slice(&["--admin-token", "a-token-long-enough"]);
+        }
+        args.extend_from_slice(extra);
+        IngressConfig::try_parse_from(args).expect("arguments parse")
+    }
+
+    #[test]
+    fn a_valid_configuration_passes_and_bad_values_name_their_key() {
+        assert!(parse(&[]).validate().is_ok());
+        let cases: [(&[&str], &str); 5] = [
+            (&["--admin-token", "short"], "FIRSTCOME_ADMIN_TOKEN"),
+            (&["--redis-prefix", "a{b"], "FIRSTCOME_REDIS_PREFIX"),
+            (&["--kafka-options", "nonsense"], "FIRSTCOME_KAFKA_OPTIONS"),
+            (
+                &["--produce-timeout-ms", "20000"],
+                "FIRSTCOME_PRODUCE_TIMEOUT_MS",
+            ),
+            (
+                &["--dlq-topic", "firstcome.issue-requests"],
+                "FIRSTCOME_DLQ_TOPIC",
+            ),
+        ];
+        for (args, key) in cases {
+            let err = parse(args).validate().expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_debug_form_never_shows_secrets() {
+        let shown = format!("{:?}", parse(&[]));
+        assert!(!shown.contains("a-token-long-enough"), "{shown}");
+        assert!(!shown.contains("u:p@"), "{shown}");
+    }
+}

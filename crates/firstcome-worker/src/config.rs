@@ -103,6 +103,12 @@ impl WorkerConfig {
                 "must be at least 3000",
             ));
         }
+        if self.max_poll_interval_ms < self.session_timeout_ms {
+            return Err(invalid(
+                "FIRSTCOME_MAX_POLL_INTERVAL_MS",
+                "must be at least FIRSTCOME_SESSION_TIMEOUT_MS",
+            ));
+        }
         Ok(())
     }
 
@@ -153,6 +159,61 @@ mod tests {
             let full = (Duration::from_millis(100) * 2u32.pow((attempt - 1).min(20)))
                 .min(Duration::from_secs(1));
             assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod validation {
+    use clap::Parser;
+
+    use super::WorkerConfig;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: WorkerConfig,
+    }
+
+    fn parse(extra: &[&str]) -> WorkerConfig {
+        let mut args = vec![
+            "firstcome-worker",
+            "--database-url",
+            "postgres://u:p@127.0.0.1:1/db",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+        ];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).expect("arguments parse").cfg
+    }
+
+    #[test]
+    fn a_valid_configuration_passes_and_bad_values_name_their_key() {
+        assert!(parse(&[]).validate().is_ok());
+        let cases: [(&[&str], &str); 5] = [
+            (&["--max-batch", "0"], "FIRSTCOME_MAX_BATCH"),
+            (
+                &["--max-batch", "100", "--partition-buffer", "10"],
+                "FIRSTCOME_PARTITION_BUFFER",
+            ),
+            (
+                &["--retry-initial-ms", "500", "--retry-max-ms", "100"],
+                "FIRSTCOME_RETRY_MAX_MS",
+            ),
+            (
+                &["--max-poll-interval-ms", "5000"],
+                "FIRSTCOME_MAX_POLL_INTERVAL_MS",
+            ),
+            (
+                &["--permanent-attempts", "0"],
+                "FIRSTCOME_PERMANENT_ATTEMPTS",
+            ),
+        ];
+        for (args, key) in cases {
+            let err = parse(args).validate().expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
         }
     }
 }
