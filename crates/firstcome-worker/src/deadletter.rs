@@ -30,6 +30,16 @@ pub mod headers {
     pub const FIRST_FAILED_AT: &str = "firstcome.failed_at.first";
     /// Last failure (RFC 3339).
     pub const LAST_FAILED_AT: &str = "firstcome.failed_at.last";
+    /// How many times the record was replayed from the dead-letter topic.
+    pub const REPLAY_COUNT: &str = "firstcome.replay.count";
+    /// The prefix of every header above but the replay count: what a replay
+    /// strips, and what a new failure writes afresh.
+    pub const ERROR_PREFIXES: [&str; 4] = [
+        "firstcome.error.",
+        "firstcome.original.",
+        "firstcome.failed_at.",
+        "firstcome.consumer.",
+    ];
 }
 
 /// Why a record is dead-lettered.
@@ -132,6 +142,9 @@ impl DeadLetter {
         ];
         if let Some(ts) = rec.timestamp_ms {
             h.push((headers::ORIGINAL_TIMESTAMP, ts.to_string()));
+        }
+        if rec.replay_count > 0 {
+            h.push((headers::REPLAY_COUNT, rec.replay_count.to_string()));
         }
         h.into_iter()
             .fold(OwnedHeaders::new(), |acc, (key, value)| {

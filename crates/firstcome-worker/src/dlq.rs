@@ -167,3 +167,14 @@ pub fn detail(l: &DeadLetterView) -> String {
     out.push_str(&format!("  value: {}\n", l.value.as_deref().unwrap_or("-")));
     out
 }
+
+/// The replay count a record carries (0 when it has none).
+pub fn replay_count<M: Message>(m: &M) -> u32 {
+    m.headers()
+        .and_then(|h| {
+            h.iter()
+                .find(|h| h.key == headers::REPLAY_COUNT)
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -53,6 +53,9 @@ pub struct Rec {
     pub payload: Option<Vec<u8>>,
     /// Its Kafka timestamp, in ms since the epoch.
     pub timestamp_ms: Option<i64>,
+    /// How often it was replayed from the dead-letter topic (0 for a record
+    /// the ingress wrote).
+    pub replay_count: u32,
 }
 
 impl Rec {
@@ -64,6 +67,7 @@ impl Rec {
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
             timestamp_ms: m.timestamp().to_millis(),
+            replay_count: crate::dlq::replay_count(m),
         }
     }
 }

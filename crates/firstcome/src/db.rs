@@ -151,8 +151,16 @@ pub struct Decided<'a> {
 
 /// Persists a batch of decisions in one statement (so all or nothing): every
 /// request into the ledger, the issued ones into `user_coupon`. Rows that are
-/// already there stay as they are, which makes redelivery harmless.
+/// already there stay as they are, which makes redelivery harmless; only a
+/// `failed` ledger row gives way, to the decision of a replayed dead letter.
 pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::Error> {
+    // A request twice in one batch (a dead letter replayed twice) is stored
+    // once, with its first decision; the upsert below may touch a row once.
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    let batch: Vec<&Decided<'_>> = batch
+        .iter()
+        .filter(|d| seen.insert(d.request.request_id))
+        .collect();
     if batch.is_empty() {
         return Ok(());
     }
@@ -169,7 +177,7 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::E
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for d in batch {
+    for d in &batch {
         ids.push(d.request.request_id.as_uuid());
         coupons.push(d.request.coupon_id.as_str());
         users.push(d.request.user_id.as_str());
@@ -189,7 +197,10 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::E
              INSERT INTO request_ledger (request_id, coupon_id, user_id, status,
                                          kafka_partition, kafka_offset, accepted_at, decided_at)
              SELECT * FROM input
-             ON CONFLICT (request_id) DO NOTHING
+             ON CONFLICT (request_id) DO UPDATE
+                 SET status = EXCLUDED.status, kafka_partition = EXCLUDED.kafka_partition,
+                     kafka_offset = EXCLUDED.kafka_offset, decided_at = EXCLUDED.decided_at
+                 WHERE request_ledger.status = 'failed'
          )
          INSERT INTO user_coupon (coupon_id, user_id, request_id, issued_at)
          SELECT coupon_id, user_id, request_id, decided_at FROM input WHERE status = 'issued'

@@ -138,8 +138,9 @@ pub async fn decide<C: ConnectionLike + Send>(
     }
 }
 
-/// Marks a decided request as failed, giving back the unit and the user's
-/// place among the holders if it had been issued. Returns the status it had.
+/// Takes back a request's decision, giving back the unit and the user's place
+/// among the holders if it had been issued; a replay of the request is then
+/// decided afresh. Returns the status it had.
 pub async fn undo<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &CouponKeys,
