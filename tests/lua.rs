@@ -292,3 +292,15 @@ async fn a_pending_entry_never_overwrites_a_final_status_written_first() {
         Some(final2)
     );
 }
+
+#[tokio::test]
+async fn publishing_no_statuses_is_a_no_op_not_an_error() {
+    // A batch of dead letters only has no status to publish; an error here
+    // would retry for ever and stall the partition.
+    let env = TestEnv::new().await;
+    let mut conn = env.redis().await;
+    let keys = env.common.keys().unwrap();
+    state::put_statuses(&mut conn, &keys, &[], std::time::Duration::from_secs(1))
+        .await
+        .expect("an empty batch of statuses is fine");
+}

@@ -183,3 +183,191 @@ async fn dlq_list_and_show_print_dead_letters_with_their_headers_and_filter_them
     let (code, _) = worker_cli(&env, &["dlq", "show", "--partition", &p, "--offset", "999"]).await;
     assert_ne!(code, 0, "a missing dead letter is an error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_puts_letters_back_resumes_changes_nothing_twice_and_refuses_past_the_maximum() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let producer: FutureProducer =
+        firstcome::kafka::producer_config(&env.common, Duration::from_secs(10), Duration::ZERO)
+            .unwrap()
+            .create()
+            .unwrap();
+    // A request for a coupon that does not exist yet, and a record that is junk.
+    let late = env.coupon_id("late");
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let value = serde_json::json!({
+        "request_id": request_id, "coupon_id": late, "user_id": "zoe",
+        "accepted_at": "2026-11-24T00:00:00Z",
+    })
+    .to_string();
+    for (key, value) in [(late.as_str(), value), ("junk", "{not json".to_owned())] {
+        producer
+            .send(
+                FutureRecord::to(&env.common.request_topic)
+                    .key(key)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let worker = env.spawn_worker().await;
+    let wait_letters = |n: usize| {
+        let env = &env;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while env.read_dead_letters().len() < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "fewer than {n} dead letters"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_letters(2).await;
+    let requests_before = env.read_request_log().len();
+
+    // A dry run changes nothing.
+    let (code, out) = worker_cli(&env, &["dlq", "replay", "--dry-run", "--group", "g1"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("would replay").count(), 2, "{out}");
+    assert_eq!(env.read_request_log().len(), requests_before);
+
+    // The coupon exists now: replay its letter, and only that one.
+    assert_eq!(client.create_coupon(&late, 1).await.0, 201);
+    let (code, out) = worker_cli(
+        &env,
+        &[
+            "dlq",
+            "replay",
+            "--group",
+            "g1",
+            "--kind",
+            "unknown_coupon",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (summary["replayed"].as_u64(), summary["skipped"].as_u64()),
+        (Some(1), Some(1)),
+        "{out}"
+    );
+    // It never went through the ingress, so it is unknown until decided.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let (code, body) = client
+            .get(&format!("/v1/issue-requests/{request_id}"))
+            .await;
+        if code == 200 && body["status"] != "pending" {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replayed request not decided: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        done["status"], "issued",
+        "the original request id is decided"
+    );
+    let log = env.read_request_log();
+    let replayed = log
+        .iter()
+        .find(|r| r.headers.contains_key("firstcome.replay.count"))
+        .expect("the replayed record is in the request topic");
+    assert_eq!(replayed.key.as_deref(), Some(late.as_bytes()));
+    assert_eq!(
+        replayed
+            .headers
+            .get("firstcome.replay.count")
+            .map(String::as_str),
+        Some("1")
+    );
+    assert!(
+        !replayed
+            .headers
+            .keys()
+            .any(|k| k.starts_with("firstcome.error."))
+    );
+
+    // The same group resumes past what it has seen; another group replays it
+    // again, which changes nothing.
+    let (_, out) = worker_cli(&env, &["dlq", "replay", "--group", "g1", "--json"]).await;
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["examined"], 0, "{out}");
+    let (_, out) = worker_cli(
+        &env,
+        &["dlq", "replay", "--group", "g2", "--kind", "unknown_coupon"],
+    )
+    .await;
+    assert!(out.contains("1 replayed"), "{out}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while env.read_request_log().len() < log.len() + 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let holders: i64 = sqlx::query_scalar("SELECT count(*) FROM user_coupon WHERE coupon_id = $1")
+        .bind(&late)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(holders, 1);
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM request_ledger WHERE request_id = $1::uuid")
+            .bind(&request_id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "issued", "replaying twice changes nothing");
+
+    // Junk that still fails comes back with its replay count raised, once
+    // (fresh error headers, not piled up), and past the maximum it is refused.
+    let (_, out) = worker_cli(
+        &env,
+        &[
+            "dlq",
+            "replay",
+            "--group",
+            "g3",
+            "--kind",
+            "invalid_record",
+            "--max-replays",
+            "1",
+        ],
+    )
+    .await;
+    assert!(out.contains("1 replayed"), "{out}");
+    wait_letters(3).await;
+    let again = env.read_dead_letters().into_iter().last().unwrap();
+    assert_eq!(again.headers["firstcome.replay.count"], "1");
+    assert_eq!(again.headers["firstcome.error.kind"], "invalid_record");
+    let (_, out) = worker_cli(
+        &env,
+        &[
+            "dlq",
+            "replay",
+            "--group",
+            "g3",
+            "--kind",
+            "invalid_record",
+            "--max-replays",
+            "1",
+        ],
+    )
+    .await;
+    assert!(
+        out.contains("refused") && out.contains("1 refused"),
+        "{out}"
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}

@@ -178,3 +178,218 @@ pub fn replay_count<M: Message>(m: &M) -> u32 {
         })
         .unwrap_or(0)
 }
+
+/// Options of `dlq replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayOptions {
+    /// Which dead letters to replay.
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Consumer group that remembers how far replay got, so a replay that
+    /// stopped resumes there. Its position moves past every record it looks
+    /// at, replayed or not: use another group to go over the topic again.
+    #[arg(long, default_value = "firstcome-dlq-replay")]
+    pub group: String,
+    /// Print what would happen to each record; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replay at most this many records, then stop (a later run resumes).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Replay at most this many records per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Refuse a record that was already replayed this many times.
+    #[arg(long, env = "FIRSTCOME_MAX_REPLAYS", default_value_t = 3)]
+    pub max_replays: u32,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReplaySummary {
+    /// Dead letters looked at.
+    pub examined: usize,
+    /// Put back on the request topic (or, in a dry run, that would be).
+    pub replayed: usize,
+    /// Refused: replayed `max_replays` times already.
+    pub refused: usize,
+    /// Not matched by the filter.
+    pub skipped: usize,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+}
+
+/// Puts the selected dead letters back on the request topic with their
+/// original key and value (so the request keeps its `request_id`, and a
+/// decision already made stands), without the error headers and with the
+/// replay count raised. Offsets are stored in `opts.group` only after the
+/// broker acknowledged the replayed record.
+pub async fn replay(
+    common: &CommonConfig,
+    opts: &ReplayOptions,
+    report: &mut impl std::io::Write,
+) -> anyhow::Result<ReplaySummary> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let topic = &common.dlq_topic;
+    let consumer: BaseConsumer = firstcome::kafka::client_config(common)?
+        .set("group.id", &opts.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()?;
+    let producer: FutureProducer =
+        firstcome::kafka::producer_config(common, Duration::from_secs(10), Duration::ZERO)?
+            .create()?;
+
+    // Where this group stopped, and where the topic ends now.
+    let meta = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let Some(t) = meta.topics().first().filter(|t| t.error().is_none()) else {
+        anyhow::bail!("dead-letter topic {topic} does not exist");
+    };
+    let mut all = TopicPartitionList::new();
+    for p in t.partitions() {
+        all.add_partition(topic, p.id());
+    }
+    let committed = consumer.committed_offsets(all, TIMEOUT)?;
+    let mut start = TopicPartitionList::new();
+    let mut end = std::collections::HashMap::new();
+    let mut total = 0i64;
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), TIMEOUT)?;
+        let from = match e.offset() {
+            Offset::Offset(o) if o >= low => o,
+            _ => low,
+        };
+        if from < high {
+            start.add_partition_offset(topic, e.partition(), Offset::Offset(from))?;
+            end.insert(e.partition(), high);
+            total += high - from;
+        }
+    }
+    let mut summary = ReplaySummary {
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    if end.is_empty() {
+        writeln!(
+            report,
+            "nothing to replay: group {} is at the end of {topic}",
+            opts.group
+        )?;
+        return Ok(summary);
+    }
+    consumer.assign(&start)?;
+
+    let pause = opts
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut done: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    'records: while !end.is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "reading {topic} took too long"
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?.detach();
+        let (p, o) = (m.partition(), m.offset());
+        let Some(&high) = end.get(&p) else { continue };
+        if o >= high {
+            end.remove(&p);
+            continue;
+        }
+        if o + 1 >= high {
+            end.remove(&p);
+        }
+        let letter = DeadLetterView::from_message(&m);
+        let count = replay_count(&m);
+        let what = format!(
+            "{p}/{o} {} coupon {} request {}",
+            letter.kind.as_deref().unwrap_or("-"),
+            letter.key.as_deref().unwrap_or("-"),
+            letter.request_id.as_deref().unwrap_or("-"),
+        );
+        if !opts.filter.matches(&letter) {
+            summary.skipped += 1;
+        } else if count >= opts.max_replays {
+            summary.refused += 1;
+            writeln!(
+                report,
+                "refused {what}: replayed {count} times already (--max-replays {}); fix the cause, then raise --max-replays",
+                opts.max_replays
+            )?;
+        } else if opts.limit.is_some_and(|l| summary.replayed >= l) {
+            // Not stored: a later run starts here.
+            break 'records;
+        } else if opts.dry_run {
+            summary.replayed += 1;
+            writeln!(report, "would replay {what} as replay {}", count + 1)?;
+        } else {
+            let mut headers = OwnedHeaders::new();
+            if let Some(h) = m.headers() {
+                for h in h.iter() {
+                    let stripped = h.key == headers::REPLAY_COUNT
+                        || headers::ERROR_PREFIXES
+                            .iter()
+                            .any(|pre| h.key.starts_with(pre));
+                    if !stripped {
+                        headers = headers.insert(Header {
+                            key: h.key,
+                            value: h.value,
+                        });
+                    }
+                }
+            }
+            let next = (count + 1).to_string();
+            headers = headers.insert(Header {
+                key: headers::REPLAY_COUNT,
+                value: Some(next.as_bytes()),
+            });
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&common.request_topic).headers(headers);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(v) = m.payload() {
+                record = record.payload(v);
+            }
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| anyhow::Error::new(e).context(format!("replaying {p}/{o}")))?;
+            summary.replayed += 1;
+            writeln!(report, "replayed {what} as replay {}", count + 1)?;
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        summary.examined += 1;
+        done.insert(p, o + 1);
+        eprint!("\r[replay] {}/{total} examined", summary.examined);
+    }
+    eprintln!();
+    if !opts.dry_run && !done.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &done {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))?;
+        }
+        consumer.commit(&tpl, CommitMode::Sync)?;
+    }
+    writeln!(
+        report,
+        "{}: {} examined, {} replayed, {} refused, {} not matching",
+        if opts.dry_run { "dry run" } else { "done" },
+        summary.examined,
+        summary.replayed,
+        summary.refused,
+        summary.skipped
+    )?;
+    Ok(summary)
+}

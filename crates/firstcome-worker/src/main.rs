@@ -71,6 +71,17 @@ enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Put dead letters back on the request topic (same key, value and
+    /// request id; error headers stripped; replay count raised).
+    Replay {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(flatten)]
+        opts: firstcome_worker::dlq::ReplayOptions,
+        /// Print the summary as JSON at the end.
+        #[arg(long)]
+        json: bool,
+    },
     /// One dead letter in full: every header and the original value.
     Show {
         #[command(flatten)]
@@ -119,6 +130,18 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(2);
                 }
             }
+        }
+        Command::Dlq {
+            command: DlqCommand::Replay { common, opts, json },
+        } => {
+            firstcome::telemetry::init(common.log_json);
+            common.validate()?;
+            let summary =
+                firstcome_worker::dlq::replay(&common, &opts, &mut std::io::stdout()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+            Ok(())
         }
         Command::Dlq { command } => dlq(command),
         Command::Topics {
@@ -209,6 +232,7 @@ fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 print!("{}", dlq::detail(&letter));
             }
         }
+        DlqCommand::Replay { .. } => unreachable!("replay is async and handled in main"),
     }
     Ok(())
 }

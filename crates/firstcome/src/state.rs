@@ -370,6 +370,11 @@ pub async fn put_statuses<C: ConnectionLike + Send>(
     statuses: &[RequestStatus],
     ttl: Duration,
 ) -> Result<(), StateError> {
+    // A batch of dead letters only has no status to write; Redis refuses an
+    // empty pipeline.
+    if statuses.is_empty() {
+        return Ok(());
+    }
     let mut pipe = redis::pipe();
     for s in statuses {
         let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
