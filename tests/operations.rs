@@ -331,39 +331,23 @@ async fn dlq_replay_puts_letters_back_resumes_changes_nothing_twice_and_refuses_
 
     // Junk that still fails comes back with its replay count raised, once
     // (fresh error headers, not piled up), and past the maximum it is refused.
-    let (_, out) = worker_cli(
-        &env,
-        &[
-            "dlq",
-            "replay",
-            "--group",
-            "g3",
-            "--kind",
-            "invalid_record",
-            "--max-replays",
-            "1",
-        ],
-    )
-    .await;
+    let replay_junk = [
+        "dlq",
+        "replay",
+        "--group",
+        "g3",
+        "--kind",
+        "invalid_record",
+        "--max-replays",
+        "1",
+    ];
+    let (_, out) = worker_cli(&env, &replay_junk).await;
     assert!(out.contains("1 replayed"), "{out}");
     wait_letters(3).await;
     let again = env.read_dead_letters().into_iter().last().unwrap();
     assert_eq!(again.headers["firstcome.replay.count"], "1");
     assert_eq!(again.headers["firstcome.error.kind"], "invalid_record");
-    let (_, out) = worker_cli(
-        &env,
-        &[
-            "dlq",
-            "replay",
-            "--group",
-            "g3",
-            "--kind",
-            "invalid_record",
-            "--max-replays",
-            "1",
-        ],
-    )
-    .await;
+    let (_, out) = worker_cli(&env, &replay_junk).await;
     assert!(
         out.contains("refused") && out.contains("1 refused"),
         "{out}"
