@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstcome_suite::TestEnv;
+use firstcome_suite::{TestEnv, request_value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issued_coupon_reaches_postgres_and_the_users_coupon_list() {
@@ -151,7 +151,6 @@ async fn the_worker_builds_a_coupons_redis_state_from_postgres_when_it_is_missin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_that_cannot_be_issue_requests_are_dead_lettered_and_block_nothing() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     let env = TestEnv::new().await;
     let ingress = env.spawn_ingress().await;
     let client = env.client(&ingress);
@@ -159,19 +158,8 @@ async fn records_that_cannot_be_issue_requests_are_dead_lettered_and_block_nothi
     assert_eq!(client.create_coupon(&coupon, 5).await.0, 201);
 
     // Another writer puts bad records in the coupon's partition, ahead of a good one.
-    let producer: FutureProducer =
-        firstcome::kafka::producer_config(&env.common, Duration::from_secs(10), Duration::ZERO)
-            .unwrap()
-            .create()
-            .unwrap();
     let ghost = env.coupon_id("ghost");
-    let valid = |coupon: &str| {
-        serde_json::json!({
-            "request_id": uuid::Uuid::now_v7(), "coupon_id": coupon, "user_id": "mallory",
-            "accepted_at": "2026-11-24T00:00:00Z",
-        })
-        .to_string()
-    };
+    let valid = |coupon: &str| request_value(coupon, "mallory").1;
     let bad: [(&str, String, &str); 4] = [
         (coupon.as_str(), "{not json".to_owned(), "invalid_record"),
         (
@@ -182,17 +170,8 @@ async fn records_that_cannot_be_issue_requests_are_dead_lettered_and_block_nothi
         ("some-other-key", valid(&coupon), "key_mismatch"),
         (ghost.as_str(), valid(&ghost), "unknown_coupon"),
     ];
-    for (key, value, _) in &bad {
-        producer
-            .send(
-                FutureRecord::to(&env.common.request_topic)
-                    .key(*key)
-                    .payload(value),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    let raw: Vec<(&str, &str)> = bad.iter().map(|(k, v, _)| (*k, v.as_str())).collect();
+    env.produce_raw(&raw).await;
     let (_, accepted) = client.issue(&coupon, "grace").await;
     let worker = env.spawn_worker().await;
     let done = client

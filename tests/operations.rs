@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use firstcome::CouponId;
-use firstcome_suite::TestEnv;
+use firstcome_suite::{TestEnv, request_value};
 use serde_json::Value;
 
 async fn reconcile(env: &TestEnv, coupon: &str) -> (i32, Value) {
@@ -100,34 +100,11 @@ async fn worker_cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_list_and_show_print_dead_letters_with_their_headers_and_filter_them() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     let env = TestEnv::new().await;
-    let producer: FutureProducer =
-        firstcome::kafka::producer_config(&env.common, Duration::from_secs(10), Duration::ZERO)
-            .unwrap()
-            .create()
-            .unwrap();
     let ghost = env.coupon_id("ghost");
-    let ghost_request = uuid::Uuid::now_v7().to_string();
-    let ghost_value = serde_json::json!({
-        "request_id": ghost_request, "coupon_id": ghost, "user_id": "u",
-        "accepted_at": "2026-11-24T00:00:00Z",
-    })
-    .to_string();
-    for (key, value) in [
-        ("junk", "{not json".to_owned()),
-        (ghost.as_str(), ghost_value),
-    ] {
-        producer
-            .send(
-                FutureRecord::to(&env.common.request_topic)
-                    .key(key)
-                    .payload(&value),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    let (ghost_request, ghost_value) = request_value(&ghost, "u");
+    env.produce_raw(&[("junk", "{not json"), (&ghost, &ghost_value)])
+        .await;
     let worker = env.spawn_worker().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while env.read_dead_letters().len() < 2 {
@@ -186,34 +163,14 @@ async fn dlq_list_and_show_print_dead_letters_with_their_headers_and_filter_them
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_replay_puts_letters_back_resumes_changes_nothing_twice_and_refuses_past_the_maximum() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     let env = TestEnv::new().await;
     let ingress = env.spawn_ingress().await;
     let client = env.client(&ingress);
-    let producer: FutureProducer =
-        firstcome::kafka::producer_config(&env.common, Duration::from_secs(10), Duration::ZERO)
-            .unwrap()
-            .create()
-            .unwrap();
     // A request for a coupon that does not exist yet, and a record that is junk.
     let late = env.coupon_id("late");
-    let request_id = uuid::Uuid::now_v7().to_string();
-    let value = serde_json::json!({
-        "request_id": request_id, "coupon_id": late, "user_id": "zoe",
-        "accepted_at": "2026-11-24T00:00:00Z",
-    })
-    .to_string();
-    for (key, value) in [(late.as_str(), value), ("junk", "{not json".to_owned())] {
-        producer
-            .send(
-                FutureRecord::to(&env.common.request_topic)
-                    .key(key)
-                    .payload(&value),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    let (request_id, value) = request_value(&late, "zoe");
+    env.produce_raw(&[(&late, &value), ("junk", "{not json")])
+        .await;
     let worker = env.spawn_worker().await;
     let wait_letters = |n: usize| {
         let env = &env;

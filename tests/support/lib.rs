@@ -244,6 +244,30 @@ impl TestEnv {
             .expect("the worker binary starts")
     }
 
+    /// Writes records straight to this test's request topic, keyed as given,
+    /// as another writer than the ingress would; waits for each
+    /// acknowledgement.
+    pub async fn produce_raw(&self, records: &[(&str, &str)]) {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = firstcome::kafka::producer_config(
+            &self.common,
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )
+        .unwrap()
+        .create()
+        .unwrap();
+        for (key, value) in records {
+            let record = FutureRecord::to(&self.common.request_topic)
+                .key(*key)
+                .payload(*value);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|(e, _)| panic!("producing a raw record: {e}"));
+        }
+    }
+
     /// How many requests of `coupons` the ledger holds.
     pub async fn decided_count(&self, coupons: &[&str]) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = ANY($1)")
@@ -274,6 +298,17 @@ impl TestEnv {
     pub fn read_dead_letters(&self) -> Vec<LogRecord> {
         read_topic(&self.common, &self.common.dlq_topic)
     }
+}
+
+/// A well-formed issue request value for `coupon` and `user` (as the
+/// ingress would write it): its request id and its JSON.
+pub fn request_value(coupon: &str, user: &str) -> (String, String) {
+    let id = uuid::Uuid::now_v7().to_string();
+    let value = serde_json::json!({
+        "request_id": id, "coupon_id": coupon, "user_id": user,
+        "accepted_at": "2026-11-24T00:00:00Z",
+    });
+    (id, value.to_string())
 }
 
 /// The `firstcome-worker` binary, built now if it is missing or stale.
