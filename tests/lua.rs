@@ -1,7 +1,7 @@
 //! The decision script against the real Redis of the local stack.
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
-use firstcome::state::{self, CouponKeys, CouponSnapshot, Decision, Keys};
+use firstcome::state::{self, CouponKeys, CouponSnapshot, Decision, Decisions, Keys, Verdict};
 use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
 use firstcome_suite::{TestEnv, stack_env, unique};
 
@@ -24,16 +24,14 @@ async fn fixture(snapshot: CouponSnapshot) -> Fixture {
     let keys = Keys::new(format!("{}:", unique("lua"))).unwrap();
     let coupon = CouponId::parse("c").unwrap();
     let keys = keys.coupon(&coupon);
-    assert!(
-        state::init_coupon(&mut conn, &keys, &snapshot)
-            .await
-            .unwrap()
-    );
+    assert!(state::install(&mut conn, &keys, &snapshot).await.unwrap());
     Fixture { conn, keys, coupon }
 }
 
 fn open_coupon(stock: i64) -> CouponSnapshot {
     CouponSnapshot {
+        epoch: 1,
+        seq: 0,
         total_stock: stock,
         starts_at: None,
         ends_at: None,
@@ -51,14 +49,33 @@ fn request(f: &Fixture, user: &str, accepted_at: DateTime<Utc>) -> IssueRequest 
     }
 }
 
+/// The decisions of a call that found the state in place.
+fn decisions(v: Verdict) -> Decisions {
+    match v {
+        Verdict::Decided(d) => d,
+        other => panic!("expected decisions, got {other:?}"),
+    }
+}
+
+async fn decide_at(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &CouponKeys,
+    reqs: &[&IssueRequest],
+    now: DateTime<Utc>,
+) -> Decisions {
+    decisions(
+        state::decide(conn, keys, reqs, now.trunc_subsecs(6))
+            .await
+            .unwrap(),
+    )
+}
+
 async fn decide(f: &mut Fixture, reqs: &[&IssueRequest]) -> Vec<Status> {
-    let now = Utc::now().trunc_subsecs(6);
-    state::decide(&mut f.conn, &f.keys, reqs, now)
+    decide_at(&mut f.conn, &f.keys, reqs, Utc::now())
         .await
-        .unwrap()
-        .expect("state exists")
+        .decisions
         .into_iter()
-        .map(|d| d.status)
+        .map(|(d, _)| d.status)
         .collect()
 }
 
@@ -144,24 +161,32 @@ async fn a_redelivered_request_gets_its_first_decision_back_with_its_first_time(
     let mut f = fixture(open_coupon(1)).await;
     let now = Utc::now();
     let (a, b) = (request(&f, "a", now), request(&f, "b", now));
-    let first: Vec<Decision> = state::decide(&mut f.conn, &f.keys, &[&a, &b], now.trunc_subsecs(6))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first[0].status, Status::Issued);
-    assert_eq!(first[1].status, Status::SoldOut);
+    let first = decide_at(&mut f.conn, &f.keys, &[&a, &b], now).await;
+    assert_eq!(first.epoch, 1);
+    let first: Vec<(Decision, Option<i64>)> = first.decisions;
+    assert_eq!(first[0].0.status, Status::Issued);
+    assert_eq!(first[1].0.status, Status::SoldOut);
+    assert_eq!(
+        (first[0].1, first[1].1),
+        (Some(1), Some(2)),
+        "numbered in log order"
+    );
     // Redelivered later, in a batch with a new request: the issued one is
     // not `duplicate` against itself, the sold-out one stays sold out, and
     // both keep their original decision time.
     let c = request(&f, "c", now);
     let later = now + Duration::seconds(5);
-    let again = state::decide(&mut f.conn, &f.keys, &[&a, &b, &c], later.trunc_subsecs(6))
+    let again = decide_at(&mut f.conn, &f.keys, &[&a, &b, &c], later)
         .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&again[..2], &first[..]);
-    assert_eq!(again[2].status, Status::SoldOut);
-    assert_eq!(again[2].decided_at, later.trunc_subsecs(6));
+        .decisions;
+    assert_eq!(
+        again[..2],
+        [(first[0].0, None), (first[1].0, None)],
+        "given back, not numbered again"
+    );
+    assert_eq!(again[2].0.status, Status::SoldOut);
+    assert_eq!(again[2].0.decided_at, later.trunc_subsecs(6));
+    assert_eq!(again[2].1, Some(3));
     let counters = state::counters(&mut f.conn, &f.keys)
         .await
         .unwrap()
@@ -170,7 +195,8 @@ async fn a_redelivered_request_gets_its_first_decision_back_with_its_first_time(
 }
 
 #[tokio::test]
-async fn a_coupon_without_state_is_reported_uninitialized_and_init_is_idempotent() {
+async fn a_coupon_without_state_is_reported_uninitialized_and_only_a_newer_epoch_replaces_a_state()
+{
     let env = TestEnv::new().await;
     let mut conn = env.redis().await;
     let keys = env
@@ -188,13 +214,15 @@ async fn a_coupon_without_state_is_reported_uninitialized_and_init_is_idempotent
         state::decide(&mut conn, &keys, &[&r], Utc::now())
             .await
             .unwrap(),
-        None
+        Verdict::Uninitialized
     );
 
     // Rebuilt from a snapshot holding one issued user and one decision.
     let earlier = RequestId::new();
     let decided_at = Utc::now().trunc_subsecs(6);
     let snapshot = CouponSnapshot {
+        epoch: 4,
+        seq: 9,
         total_stock: 2,
         starts_at: None,
         ends_at: None,
@@ -207,38 +235,86 @@ async fn a_coupon_without_state_is_reported_uninitialized_and_init_is_idempotent
             },
         )],
     };
-    assert!(
-        state::init_coupon(&mut conn, &keys, &snapshot)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !state::init_coupon(&mut conn, &keys, &snapshot)
-            .await
-            .unwrap()
-    );
+    assert!(state::install(&mut conn, &keys, &snapshot).await.unwrap());
+    let older = CouponSnapshot {
+        epoch: 3,
+        issued_users: vec![],
+        ..snapshot.clone()
+    };
+    for stale in [&snapshot, &older] {
+        assert!(
+            !state::install(&mut conn, &keys, stale).await.unwrap(),
+            "epoch {} must not replace epoch 4",
+            stale.epoch
+        );
+    }
     let c = state::counters(&mut conn, &keys).await.unwrap().unwrap();
     assert_eq!((c.remaining, c.issued), (1, 1));
-    let d = state::decide(&mut conn, &keys, &[&r], Utc::now())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(d[0].status, Status::Duplicate);
+    let d = decide_at(&mut conn, &keys, &[&r], Utc::now()).await;
+    assert_eq!(d.epoch, 4);
+    assert_eq!(
+        (d.decisions[0].0.status, d.decisions[0].1),
+        (Status::Duplicate, Some(10)),
+        "numbering resumes after the stored sequence"
+    );
     let replay = IssueRequest {
         request_id: earlier,
         ..r.clone()
     };
-    let d = state::decide(&mut conn, &keys, &[&replay], Utc::now())
+    let d = decide_at(&mut conn, &keys, &[&replay], Utc::now()).await;
+    assert_eq!(
+        d.decisions[0],
+        (
+            Decision {
+                status: Status::Issued,
+                decided_at
+            },
+            None
+        )
+    );
+
+    // A newer epoch replaces everything, the decisions and holders too.
+    let newer = CouponSnapshot {
+        epoch: 5,
+        seq: 0,
+        issued_users: vec![],
+        decisions: vec![],
+        ..snapshot
+    };
+    assert!(state::install(&mut conn, &keys, &newer).await.unwrap());
+    let c = state::counters(&mut conn, &keys).await.unwrap().unwrap();
+    assert_eq!((c.remaining, c.issued), (2, 0));
+    let d = decide_at(&mut conn, &keys, &[&replay], Utc::now()).await;
+    assert_eq!(
+        (d.epoch, d.decisions[0].0.status, d.decisions[0].1),
+        (5, Status::Issued, Some(1))
+    );
+}
+
+#[tokio::test]
+async fn a_paused_coupon_decides_nothing_until_it_is_resumed() {
+    let mut f = fixture(open_coupon(1)).await;
+    state::pause(&mut f.conn, &f.keys, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let a = request(&f, "a", Utc::now());
+    assert_eq!(
+        state::decide(&mut f.conn, &f.keys, &[&a], Utc::now())
+            .await
+            .unwrap(),
+        Verdict::Paused
+    );
+    let c = state::counters(&mut f.conn, &f.keys)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(
-        d[0],
-        Decision {
-            status: Status::Issued,
-            decided_at
-        }
+        (c.remaining, c.issued),
+        (1, 0),
+        "nothing taken while paused"
     );
+    state::resume(&mut f.conn, &f.keys).await.unwrap();
+    assert_eq!(decide(&mut f, &[&a]).await, [Status::Issued]);
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
 use firstcome::db::{self, Coupon};
-use firstcome::state::{self, CouponSnapshot, RequestStatus};
+use firstcome::state::{self, RequestStatus};
 use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
@@ -169,19 +169,8 @@ async fn create_coupon(
     if !db::insert_coupon(&state.inner.pool, &coupon).await? {
         return Err(ApiError::CouponExists(id.to_string()));
     }
-    // The worker creates the state itself when it finds none, so a Redis
-    // failure here only costs that first request a Postgres read.
-    let snapshot = CouponSnapshot {
-        total_stock: coupon.total_stock.into(),
-        starts_at: coupon.starts_at,
-        ends_at: coupon.ends_at,
-        issued_users: Vec::new(),
-        decisions: Vec::new(),
-    };
-    let keys = state.inner.keys.coupon(&id);
-    if let Err(e) = state::init_coupon(&mut state.inner.redis.clone(), &keys, &snapshot).await {
-        tracing::warn!(error = %e, "coupon created, its Redis state is left to the worker");
-    }
+    // The worker builds the coupon's Redis state from Postgres on its first
+    // request (see `firstcome::rebuild`).
     tracing::info!(total_stock = coupon.total_stock, "coupon created");
     let view = CouponView::new(&coupon, coupon.total_stock.into(), 0);
     Ok((StatusCode::CREATED, Json(view)).into_response())

@@ -5,8 +5,11 @@
 //! 2. decide the valid ones, one atomic Lua call per coupon with that
 //!    coupon's requests in log order (calls for different coupons run
 //!    concurrently: their order does not matter to each other);
-//! 3. write the dead letters and wait for the broker's acknowledgement;
-//! 4. persist every decision in Postgres in one statement;
+//! 3. persist every decision in Postgres in one statement; the coupons whose
+//!    decisions Postgres refuses because they were taken on a stale Redis
+//!    state (the fence, see [`firstcome::state`]) are rebuilt from Postgres
+//!    and go back to step 2;
+//! 4. write the dead letters and wait for the broker's acknowledgement;
 //! 5. publish the final statuses to the Redis status cache;
 //! 6. only then store the offset past the batch.
 //!
@@ -21,8 +24,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{SubsecRound, Utc};
-use firstcome::db::{self, Decided};
-use firstcome::state::{self, Decision, Keys, RequestStatus};
+use firstcome::db::{self, Decided, TakenOn};
+use firstcome::state::{self, Decision, Decisions, Keys, RequestStatus, Verdict};
 use firstcome::{CouponId, IssueRequest};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -191,8 +194,9 @@ where
     }
 }
 
-/// Stores decisions; Postgres errors are classified for [`retry_classified`].
-async fn persist(shared: &Shared, batch: &[Decided<'_>]) -> Result<(), Failure> {
+/// Stores decisions and returns the coupons the fence refused; Postgres
+/// errors are classified for [`retry_classified`].
+async fn persist(shared: &Shared, batch: &[Decided<'_>]) -> Result<Vec<CouponId>, Failure> {
     db::persist(&shared.pool, batch).await.map_err(|e| {
         let permanent = db::is_permanent(&e);
         let e = anyhow::Error::new(e).context("persisting decisions");
@@ -232,33 +236,54 @@ pub async fn process(
         groups[g].1.push(j);
     }
     let now = Utc::now().trunc_subsecs(6);
-    let outcomes = retry(shared, "decide", cancel, || {
-        decide_groups(shared, &groups, &requests, now)
-    })
-    .await?;
     let mut decided: Vec<Decided<'_>> = Vec::with_capacity(requests.len());
-    for ((coupon, members), outcome) in groups.iter().zip(outcomes) {
-        match outcome {
-            Some(decisions) => {
-                for (&j, decision) in members.iter().zip(decisions) {
-                    let (i, request) = &requests[j];
-                    decided.push(Decided {
-                        request,
-                        decision,
-                        partition: recs[*i].partition,
-                        offset: recs[*i].offset,
-                    });
+    let mut todo: Vec<usize> = (0..groups.len()).collect();
+    loop {
+        let outcomes = retry(shared, "decide", cancel, || {
+            decide_groups(shared, &groups, &todo, &requests, now)
+        })
+        .await?;
+        let mut round: Vec<Decided<'_>> = Vec::new();
+        for (&g, outcome) in todo.iter().zip(outcomes) {
+            let (coupon, members) = &groups[g];
+            match outcome {
+                Some(Decisions { epoch, decisions }) => {
+                    for (&j, (decision, seq)) in members.iter().zip(decisions) {
+                        let (i, request) = &requests[j];
+                        round.push(Decided {
+                            request,
+                            decision,
+                            partition: recs[*i].partition,
+                            offset: recs[*i].offset,
+                            taken_on: Some(TakenOn { epoch, seq }),
+                        });
+                    }
                 }
+                // Unknown to Postgres, so never refused by the fence: this
+                // happens in the first round only.
+                None => dead.extend(
+                    members
+                        .iter()
+                        .map(|&j| (requests[j].0, DeadLetter::unknown_coupon(coupon.as_str()))),
+                ),
             }
-            None => dead.extend(
-                members
-                    .iter()
-                    .map(|&j| (requests[j].0, DeadLetter::unknown_coupon(coupon.as_str()))),
-            ),
         }
+
+        // 3. Persist; coupons decided on a stale state go round again.
+        let refused = store(shared, &mut round, &recs, cancel).await?;
+        round.retain(|d| !refused.contains(&d.request.coupon_id));
+        decided.append(&mut round);
+        if refused.is_empty() {
+            break;
+        }
+        for coupon in &refused {
+            tracing::warn!(%coupon, "decisions taken on a stale redis state were refused; rebuilding the coupon from postgres and deciding again");
+            retry(shared, "rebuild", cancel, || rebuild(shared, coupon)).await?;
+        }
+        todo.retain(|&g| refused.contains(&groups[g].0));
     }
 
-    // 3. Dead letters, acknowledged before anything moves past them.
+    // 4. Dead letters, acknowledged before anything moves past them.
     for (i, letter) in &dead {
         let rec = &recs[*i];
         tracing::warn!(offset = rec.offset, kind = letter.kind.as_str(), message = %letter.message, "dead-lettering record");
@@ -266,37 +291,6 @@ pub async fn process(
             dead_letter(shared, rec, letter)
         })
         .await?;
-    }
-
-    // 4. Persist. A batch Postgres refuses for good is stored record by
-    //    record, so only the records it refuses are given up.
-    match retry_classified(shared, "persist", cancel, || persist(shared, &decided)).await {
-        Ok(()) => {}
-        Err(Stop::Aborted) => return Err(Aborted),
-        Err(Stop::GaveUp { error, .. }) => {
-            tracing::warn!(
-                error = format!("{error:#}"),
-                "postgres refuses the batch, storing record by record"
-            );
-            for d in &mut decided {
-                let one = std::slice::from_ref(&*d);
-                match retry_classified(shared, "persist record", cancel, || persist(shared, one))
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(Stop::Aborted) => return Err(Aborted),
-                    Err(Stop::GaveUp {
-                        error,
-                        attempts,
-                        first_failed_at,
-                    }) => {
-                        let letter =
-                            DeadLetter::permanent(format!("{error:#}"), attempts, first_failed_at);
-                        give_up(shared, d, &recs, letter, cancel).await?;
-                    }
-                }
-            }
-        }
     }
 
     // 5. Publish the final statuses.
@@ -330,6 +324,61 @@ pub async fn process(
         // again and gets the same decisions back.
         tracing::info!(error = %e, "offset not stored, partition no longer assigned");
     }
+    Ok(())
+}
+
+/// Persists one round of decisions. A batch Postgres refuses for good is
+/// stored record by record, so only the records it refuses are given up.
+/// Returns the coupons the fence refused.
+async fn store(
+    shared: &Shared,
+    round: &mut [Decided<'_>],
+    recs: &[Rec],
+    cancel: &CancellationToken,
+) -> Result<Vec<CouponId>, Aborted> {
+    let error = match retry_classified(shared, "persist", cancel, || persist(shared, round)).await {
+        Ok(refused) => return Ok(refused),
+        Err(Stop::Aborted) => return Err(Aborted),
+        Err(Stop::GaveUp { error, .. }) => error,
+    };
+    tracing::warn!(
+        error = format!("{error:#}"),
+        "postgres refuses the batch, storing record by record"
+    );
+    let mut refused: Vec<CouponId> = Vec::new();
+    for d in round.iter_mut() {
+        if refused.contains(&d.request.coupon_id) {
+            continue; // its coupon is decided again as a whole
+        }
+        let one = std::slice::from_ref(&*d);
+        match retry_classified(shared, "persist record", cancel, || persist(shared, one)).await {
+            Ok(r) => refused.extend(r),
+            Err(Stop::Aborted) => return Err(Aborted),
+            Err(Stop::GaveUp {
+                error,
+                attempts,
+                first_failed_at,
+            }) => {
+                let letter = DeadLetter::permanent(format!("{error:#}"), attempts, first_failed_at);
+                give_up(shared, d, recs, letter, cancel).await?;
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Rebuilds a coupon's Redis state from Postgres under a new epoch.
+async fn rebuild(shared: &Shared, coupon: &CouponId) -> anyhow::Result<()> {
+    let built = firstcome::rebuild::coupon(
+        &shared.pool,
+        &mut shared.redis.clone(),
+        &shared.keys,
+        coupon,
+    )
+    .await
+    .context("rebuilding coupon state")?
+    .with_context(|| format!("coupon {coupon} is gone from postgres"))?;
+    tracing::info!(%coupon, epoch = built.epoch, issued = built.issued, decisions = built.decisions, "built coupon state from postgres");
     Ok(())
 }
 
@@ -369,13 +418,14 @@ async fn give_up(
         status: firstcome::Status::Failed,
         decided_at: now,
     };
+    d.taken_on = None;
     let failed = std::slice::from_ref(&*d);
     match retry_classified(shared, "persist failure", cancel, || {
         persist(shared, failed)
     })
     .await
     {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(Stop::Aborted) => return Err(Aborted),
         Err(Stop::GaveUp { error, .. }) => tracing::error!(
             error = format!("{error:#}"),
@@ -401,14 +451,16 @@ fn parse(rec: &Rec) -> Result<IssueRequest, DeadLetter> {
     Ok(request)
 }
 
-/// Decides every coupon group; `None` for a coupon Postgres does not know.
+/// Decides the groups `todo`; `None` for a coupon Postgres does not know.
 async fn decide_groups(
     shared: &Shared,
     groups: &[(CouponId, Vec<usize>)],
+    todo: &[usize],
     requests: &[(usize, IssueRequest)],
     now: chrono::DateTime<Utc>,
-) -> anyhow::Result<Vec<Option<Vec<Decision>>>> {
-    futures::future::try_join_all(groups.iter().map(|(coupon, members)| {
+) -> anyhow::Result<Vec<Option<Decisions>>> {
+    futures::future::try_join_all(todo.iter().map(|&g| {
+        let (coupon, members) = &groups[g];
         let batch: Vec<&IssueRequest> = members.iter().map(|&j| &requests[j].1).collect();
         async move { decide_coupon(shared, coupon, &batch, now).await }
     }))
@@ -420,25 +472,28 @@ async fn decide_coupon(
     coupon: &CouponId,
     batch: &[&IssueRequest],
     now: chrono::DateTime<Utc>,
-) -> anyhow::Result<Option<Vec<Decision>>> {
+) -> anyhow::Result<Option<Decisions>> {
     let mut conn = shared.redis.clone();
     let keys = shared.keys.coupon(coupon);
-    if let Some(d) = state::decide(&mut conn, &keys, batch, now).await? {
-        return Ok(Some(d));
+    match state::decide(&mut conn, &keys, batch, now).await? {
+        Verdict::Decided(d) => return Ok(Some(d)),
+        Verdict::Paused => anyhow::bail!("coupon {coupon} is paused while its state is rebuilt"),
+        Verdict::Uninitialized => {}
     }
     // No state in Redis: build it from Postgres, or give up on a coupon
     // that does not exist.
-    let Some(row) = db::coupon(&shared.pool, coupon).await? else {
+    let Some(built) = firstcome::rebuild::coupon(&shared.pool, &mut conn, &shared.keys, coupon)
+        .await
+        .context("building coupon state")?
+    else {
         return Ok(None);
     };
-    let snapshot = db::coupon_snapshot(&shared.pool, &row).await?;
-    if state::init_coupon(&mut conn, &keys, &snapshot).await? {
-        tracing::info!(%coupon, issued = snapshot.issued_users.len(), "initialized coupon state from postgres");
+    tracing::info!(%coupon, epoch = built.epoch, issued = built.issued, "built coupon state from postgres");
+    match state::decide(&mut conn, &keys, batch, now).await? {
+        Verdict::Decided(d) => Ok(Some(d)),
+        Verdict::Paused => anyhow::bail!("coupon {coupon} is paused while its state is rebuilt"),
+        Verdict::Uninitialized => anyhow::bail!("coupon state vanished right after it was built"),
     }
-    state::decide(&mut conn, &keys, batch, now)
-        .await?
-        .map(Some)
-        .context("coupon state vanished right after it was initialized")
 }
 
 async fn dead_letter(shared: &Shared, rec: &Rec, letter: &DeadLetter) -> anyhow::Result<()> {

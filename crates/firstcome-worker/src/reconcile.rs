@@ -57,6 +57,21 @@ pub async fn reconcile<C: ConnectionLike + Send>(
         match &observed {
             None => drift.push("no state in Redis".to_owned()),
             Some(o) => {
+                let (epoch, seq) = db::fence(pool, &id).await?.unwrap_or_default();
+                if o.epoch != epoch {
+                    drift.push(format!(
+                        "epoch: redis {} postgres {epoch} (a stale state; the worker rebuilds it \
+                         before deciding)",
+                        o.epoch
+                    ));
+                }
+                if o.seq < seq {
+                    drift.push(format!(
+                        "decisions: redis has numbered {} of the {seq} postgres stored (restored \
+                         from an older copy?)",
+                        o.seq
+                    ));
+                }
                 if o.total != total {
                     drift.push(format!("total stock: redis {} postgres {total}", o.total));
                 }

@@ -84,32 +84,49 @@ pub async fn issued_count(pool: &PgPool, id: &CouponId) -> Result<i64, sqlx::Err
         .await
 }
 
-/// Everything Redis needs to decide for `coupon`, read in one snapshot.
-pub async fn coupon_snapshot(
+/// Starts a new build of the coupon's Redis state: takes the next epoch
+/// (waiting for batches being stored to finish; any stored later with an
+/// older epoch is refused) and reads everything Redis needs to decide for the
+/// coupon. `None` when the coupon does not exist.
+pub async fn rebuild_snapshot(
     pool: &PgPool,
-    coupon: &Coupon,
-) -> Result<CouponSnapshot, sqlx::Error> {
+    id: &CouponId,
+) -> Result<Option<CouponSnapshot>, sqlx::Error> {
+    type Row = (i32, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64, i64);
+    let row: Option<Row> = sqlx::query_as(
+        "UPDATE coupon SET redis_epoch = redis_epoch + 1 WHERE coupon_id = $1
+         RETURNING total_stock, starts_at, ends_at, redis_epoch, decided_seq",
+    )
+    .bind(id.as_str())
+    .fetch_optional(pool)
+    .await?;
+    let Some((total_stock, starts_at, ends_at, epoch, seq)) = row else {
+        return Ok(None);
+    };
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
     let users: Vec<String> =
         sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
-            .bind(&coupon.coupon_id)
+            .bind(id.as_str())
             .fetch_all(&mut *tx)
             .await?;
     let decisions: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT request_id, status, decided_at FROM request_ledger WHERE coupon_id = $1",
+        "SELECT request_id, status, decided_at FROM request_ledger
+         WHERE coupon_id = $1 AND status <> 'failed'",
     )
-    .bind(&coupon.coupon_id)
+    .bind(id.as_str())
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
     let corrupt = |what: String| sqlx::Error::Decode(what.into());
-    Ok(CouponSnapshot {
-        total_stock: coupon.total_stock.into(),
-        starts_at: coupon.starts_at,
-        ends_at: coupon.ends_at,
+    Ok(Some(CouponSnapshot {
+        epoch,
+        seq,
+        total_stock: total_stock.into(),
+        starts_at,
+        ends_at,
         issued_users: users
             .into_iter()
             .map(|u| UserId::parse(u).map_err(|e| corrupt(e.to_string())))
@@ -121,7 +138,15 @@ pub async fn coupon_snapshot(
                 Ok((RequestId::from(id), Decision { status, decided_at }))
             })
             .collect::<Result<_, sqlx::Error>>()?,
-    })
+    }))
+}
+
+/// A coupon's fence as Postgres holds it (see [`crate::state`]).
+pub async fn fence(pool: &PgPool, id: &CouponId) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT redis_epoch, decided_seq FROM coupon WHERE coupon_id = $1")
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await
 }
 
 /// Whether waiting will not fix `e`: Postgres refused the data itself
@@ -147,13 +172,31 @@ pub struct Decided<'a> {
     pub partition: i32,
     /// Its offset there.
     pub offset: i64,
+    /// The Redis state it was decided on; `None` for a row that holds no
+    /// decision (a `failed` request), which is stored unfenced.
+    pub taken_on: Option<TakenOn>,
 }
 
-/// Persists a batch of decisions in one statement (so all or nothing): every
-/// request into the ledger, the issued ones into `user_coupon`. Rows that are
-/// already there stay as they are, which makes redelivery harmless; only a
-/// `failed` ledger row gives way, to the decision of a replayed dead letter.
-pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::Error> {
+/// Where in a coupon's Redis history a decision was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakenOn {
+    /// Epoch of the state.
+    pub epoch: i64,
+    /// The decision's number; `None` for an earlier decision given back.
+    pub seq: Option<i64>,
+}
+
+/// Persists a batch of decisions in one statement (so all or nothing per
+/// coupon): every request into the ledger, the issued ones into
+/// `user_coupon`. Rows that are already there stay as they are, which makes
+/// redelivery harmless; only a `failed` ledger row gives way, to the decision
+/// of a replayed dead letter.
+///
+/// The rows of a coupon are stored only if its decisions were taken on the
+/// state Postgres knows: the current `redis_epoch`, and numbers past
+/// `decided_seq` (which then moves to the highest). Returns the coupons whose
+/// rows were refused for that reason; nothing of theirs was stored.
+pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponId>, sqlx::Error> {
     // A request twice in one batch (a dead letter replayed twice) is stored
     // once, with its first decision; the upsert below may touch a row once.
     let mut seen = std::collections::HashSet::with_capacity(batch.len());
@@ -162,7 +205,7 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::E
         .filter(|d| seen.insert(d.request.request_id))
         .collect();
     if batch.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let n = batch.len();
     let (mut ids, mut coupons, mut users, mut statuses) = (
@@ -177,6 +220,8 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::E
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    // Per coupon: epoch, lowest and highest new decision number.
+    let mut fences: std::collections::BTreeMap<&str, (i64, i64, i64)> = Default::default();
     for d in &batch {
         ids.push(d.request.request_id.as_uuid());
         coupons.push(d.request.coupon_id.as_str());
@@ -186,25 +231,56 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::E
         offsets.push(d.offset);
         accepted.push(d.request.accepted_at);
         decided.push(d.decision.decided_at);
+        if let Some(t) = d.taken_on {
+            let f = fences
+                .entry(d.request.coupon_id.as_str())
+                .or_insert((t.epoch, i64::MAX, 0));
+            // Decisions of two epochs in one batch cannot both be current.
+            f.0 = f.0.min(t.epoch);
+            if let Some(seq) = t.seq {
+                f.1 = f.1.min(seq);
+                f.2 = f.2.max(seq);
+            }
+        }
     }
-    sqlx::query(
+    let fence_coupons: Vec<&str> = fences.keys().copied().collect();
+    let epochs: Vec<i64> = fences.values().map(|f| f.0).collect();
+    let min_seqs: Vec<i64> = fences.values().map(|f| f.1).collect();
+    let max_seqs: Vec<i64> = fences.values().map(|f| f.2).collect();
+    let refused: Vec<String> = sqlx::query_scalar(
         "WITH input AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
                                   $5::int[], $6::bigint[], $7::timestamptz[], $8::timestamptz[])
                  AS t(request_id, coupon_id, user_id, status,
                       kafka_partition, kafka_offset, accepted_at, decided_at)
+         ), fence_in AS (
+             SELECT * FROM UNNEST($9::text[], $10::bigint[], $11::bigint[], $12::bigint[])
+                 AS f(coupon_id, epoch, min_seq, max_seq)
+         ), fenced AS (
+             UPDATE coupon c SET decided_seq = GREATEST(c.decided_seq, f.max_seq)
+             FROM fence_in f
+             WHERE c.coupon_id = f.coupon_id AND c.redis_epoch = f.epoch
+               AND c.decided_seq < f.min_seq
+             RETURNING c.coupon_id
+         ), admitted AS (
+             SELECT * FROM input
+             WHERE coupon_id NOT IN (SELECT coupon_id FROM fence_in)
+                OR coupon_id IN (SELECT coupon_id FROM fenced)
          ), ledger AS (
              INSERT INTO request_ledger (request_id, coupon_id, user_id, status,
                                          kafka_partition, kafka_offset, accepted_at, decided_at)
-             SELECT * FROM input
+             SELECT * FROM admitted
              ON CONFLICT (request_id) DO UPDATE
                  SET status = EXCLUDED.status, kafka_partition = EXCLUDED.kafka_partition,
                      kafka_offset = EXCLUDED.kafka_offset, decided_at = EXCLUDED.decided_at
                  WHERE request_ledger.status = 'failed'
+         ), issued AS (
+             INSERT INTO user_coupon (coupon_id, user_id, request_id, issued_at)
+             SELECT coupon_id, user_id, request_id, decided_at FROM admitted
+             WHERE status = 'issued'
+             ON CONFLICT DO NOTHING
          )
-         INSERT INTO user_coupon (coupon_id, user_id, request_id, issued_at)
-         SELECT coupon_id, user_id, request_id, decided_at FROM input WHERE status = 'issued'
-         ON CONFLICT DO NOTHING",
+         SELECT coupon_id FROM fence_in WHERE coupon_id NOT IN (SELECT coupon_id FROM fenced)",
     )
     .bind(&ids)
     .bind(&coupons)
@@ -214,9 +290,16 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<(), sqlx::E
     .bind(&offsets)
     .bind(&accepted)
     .bind(&decided)
-    .execute(pool)
+    .bind(&fence_coupons)
+    .bind(&epochs)
+    .bind(&min_seqs)
+    .bind(&max_seqs)
+    .fetch_all(pool)
     .await?;
-    Ok(())
+    refused
+        .into_iter()
+        .map(|c| CouponId::parse(c).map_err(|e| sqlx::Error::Decode(e.to_string().into())))
+        .collect()
 }
 
 /// A ledger row, as a status lookup needs it.

@@ -5,6 +5,7 @@
 //! - [`record`]: the Kafka record and the request statuses
 //! - [`state`]: the Redis state, the decision Lua script and its wrapper
 //! - [`db`]: Postgres, the system of record, and its migrations
+//! - [`rebuild`]: a coupon's Redis state built from Postgres
 //! - [`kafka`]: client settings every producer and consumer starts from
 //! - [`config`]: connection settings both binaries share
 //! - [`telemetry`], [`shutdown`]: process plumbing
@@ -13,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod ids;
 pub mod kafka;
+pub mod rebuild;
 pub mod record;
 pub mod shutdown;
 pub mod state;

@@ -6,12 +6,25 @@
 //! With `P` the configured key prefix (e.g. `fc:`) and `C` a coupon id, all
 //! keys of a coupon share the hash tag `{C}`, so one Lua call can touch them
 //! all on Redis Cluster too:
-//! - `P coupon:{C}:meta`    hash: `total`, `starts_at_us`, `ends_at_us`
+//! - `P coupon:{C}:meta`    hash: `epoch`, `seq`, `total`, `starts_at_us`,
+//!   `ends_at_us`
 //! - `P coupon:{C}:stock`   string: units left (the seed's counter)
 //! - `P coupon:{C}:users`   set: users holding the coupon (the seed's set)
 //! - `P coupon:{C}:decided` hash: request id → `status:decided_at_us`
+//! - `P coupon:{C}:paused`  string with a TTL: `redis rebuild` is at work
+//! - `P coupon:{C}:next:{E}:users|decided`: a state of epoch `E` being built
 //! - `P req:{R}`            string: JSON [`RequestStatus`] of request `R`,
 //!   written `pending` by the ingress and final by the worker, with a TTL
+//!
+//! # The fence
+//! A coupon's state is only ever built from Postgres by [`install`], which
+//! takes a new `epoch` from Postgres first (`coupon.redis_epoch`). Each new
+//! decision gets the next number of the coupon's `seq`. Postgres stores a
+//! batch of decisions only if they carry its current epoch and numbers past
+//! its `coupon.decided_seq` ([`crate::db::persist`]). A Redis that was wiped,
+//! restored from an older copy, failed over to a lagging replica or rebuilt
+//! meanwhile fails that check, so no decision taken on it is ever stored or
+//! published: the worker rebuilds the coupon and decides again.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -26,8 +39,10 @@ use crate::record::{IssueRequest, Status};
 
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
 static UNDO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("undo.lua")));
-static INIT_COUPON: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("init_coupon.lua")));
+static INSTALL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("install.lua")));
+
+/// How long a staging key of an unfinished build survives its builder.
+const STAGING_TTL_SECS: i64 = 3_600;
 
 /// How many members one `SADD`/`HSET` carries when loading a coupon's state.
 const LOAD_CHUNK: usize = 1_000;
@@ -72,6 +87,8 @@ impl Keys {
             stock: format!("{base}:stock"),
             users: format!("{base}:users"),
             decided: format!("{base}:decided"),
+            paused: format!("{base}:paused"),
+            base,
         }
     }
 
@@ -81,10 +98,11 @@ impl Keys {
     }
 }
 
-/// The four keys of one coupon (see the module docs).
+/// The keys of one coupon (see the module docs).
 #[derive(Debug, Clone)]
 pub struct CouponKeys {
-    /// Window and total; its existence marks the state as initialized.
+    base: String,
+    /// Epoch, sequence, window and total; its epoch marks the state as installed.
     pub meta: String,
     /// Units left.
     pub stock: String,
@@ -92,6 +110,18 @@ pub struct CouponKeys {
     pub users: String,
     /// Request id → final status and decision time.
     pub decided: String,
+    /// Present while a rebuild works on the coupon; nothing is decided then.
+    pub paused: String,
+}
+
+impl CouponKeys {
+    /// The staging keys (users, decisions) of a state of `epoch` being built.
+    fn staging(&self, epoch: i64) -> (String, String) {
+        (
+            format!("{}:next:{epoch}:users", self.base),
+            format!("{}:next:{epoch}:decided", self.base),
+        )
+    }
 }
 
 /// A final answer for one request.
@@ -103,19 +133,40 @@ pub struct Decision {
     pub decided_at: DateTime<Utc>,
 }
 
+/// What [`decide`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The coupon has no state in Redis: build it with [`install`].
+    Uninitialized,
+    /// A rebuild is at work on the coupon; try again shortly.
+    Paused,
+    /// One decision per request, in the order given.
+    Decided(Decisions),
+}
+
+/// Decisions of one call, and the state they were taken on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decisions {
+    /// Epoch of the state (see the module docs).
+    pub epoch: i64,
+    /// Each request's decision with its sequence number; `None` for an
+    /// earlier decision given back.
+    pub decisions: Vec<(Decision, Option<i64>)>,
+}
+
 /// Decides `requests` (all of one coupon, in log order) in one atomic call.
-/// Returns `None` when the coupon has no state in Redis yet.
 pub async fn decide<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &CouponKeys,
     requests: &[&IssueRequest],
     now: DateTime<Utc>,
-) -> Result<Option<Vec<Decision>>, StateError> {
+) -> Result<Verdict, StateError> {
     let mut call = DECIDE.prepare_invoke();
     call.key(&keys.meta)
         .key(&keys.stock)
         .key(&keys.users)
         .key(&keys.decided)
+        .key(&keys.paused)
         .arg(now.timestamp_micros());
     for r in requests {
         call.arg(r.request_id.to_string())
@@ -124,18 +175,30 @@ pub async fn decide<C: ConnectionLike + Send>(
     }
     let reply: Vec<String> = call.invoke_async(conn).await?;
     match reply.first().map(String::as_str) {
-        Some("uninitialized") => Ok(None),
-        Some("ok") if reply.len() == 1 + 2 * requests.len() => reply[1..]
-            .chunks_exact(2)
-            .map(|pair| parse_decision(&pair[0], &pair[1]))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
+        Some("uninitialized") => Ok(Verdict::Uninitialized),
+        Some("paused") => Ok(Verdict::Paused),
+        Some("ok") if reply.len() == 2 + 3 * requests.len() => {
+            let epoch = number(&reply[1], "epoch")?;
+            let decisions = reply[2..]
+                .chunks_exact(3)
+                .map(|t| {
+                    let seq = number(&t[2], "seq")?;
+                    Ok((parse_decision(&t[0], &t[1])?, (seq > 0).then_some(seq)))
+                })
+                .collect::<Result<Vec<_>, StateError>>()?;
+            Ok(Verdict::Decided(Decisions { epoch, decisions }))
+        }
         _ => Err(StateError::Protocol(format!(
             "decide.lua answered {} items for {} requests",
             reply.len(),
             requests.len()
         ))),
     }
+}
+
+fn number(s: &str, what: &str) -> Result<i64, StateError> {
+    s.parse()
+        .map_err(|_| StateError::Protocol(format!("{what} {s:?} is not a number")))
 }
 
 /// Takes back a request's decision, giving back the unit and the user's place
@@ -183,6 +246,10 @@ fn parse_decision(status: &str, decided_at: &str) -> Result<Decision, StateError
 /// Everything needed to (re)create a coupon's Redis state, read from Postgres.
 #[derive(Debug, Clone)]
 pub struct CouponSnapshot {
+    /// The epoch taken for this build (`coupon.redis_epoch`).
+    pub epoch: i64,
+    /// Decisions stored so far (`coupon.decided_seq`).
+    pub seq: i64,
     /// The coupon's total stock.
     pub total_stock: i64,
     /// Start of the issue window, if any.
@@ -191,49 +258,97 @@ pub struct CouponSnapshot {
     pub ends_at: Option<DateTime<Utc>>,
     /// Users holding the coupon (rows of `user_coupon`).
     pub issued_users: Vec<UserId>,
-    /// Final decisions already recorded in the ledger.
+    /// Decisions recorded in the ledger (not the `failed` ones, which hold
+    /// no decision).
     pub decisions: Vec<(RequestId, Decision)>,
 }
 
-/// Creates a coupon's state from `snapshot` unless it already exists.
-/// Returns whether it created it. Safe to run concurrently and repeatedly.
-pub async fn init_coupon<C: ConnectionLike + Send>(
+/// Puts the state of `snapshot` in place of whatever Redis holds for the
+/// coupon, unless a state of the same or a newer epoch is there already.
+/// Returns whether it installed it. Safe to run concurrently and repeatedly.
+pub async fn install<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &CouponKeys,
     snapshot: &CouponSnapshot,
 ) -> Result<bool, StateError> {
+    let (users, decided) = keys.staging(snapshot.epoch);
+    redis::cmd("DEL")
+        .arg(&users)
+        .arg(&decided)
+        .exec_async(conn)
+        .await?;
     for chunk in snapshot.issued_users.chunks(LOAD_CHUNK) {
         let members: Vec<&str> = chunk.iter().map(UserId::as_str).collect();
-        redis::cmd("SADD")
-            .arg(&keys.users)
-            .arg(&members)
+        redis::pipe()
+            .sadd(&users, &members)
+            .ignore()
+            .expire(&users, STAGING_TTL_SECS)
+            .ignore()
             .exec_async(conn)
             .await?;
     }
     for chunk in snapshot.decisions.chunks(LOAD_CHUNK) {
-        // Every writer loads the same values, so overwriting is harmless.
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(&keys.decided);
-        for (request, d) in chunk {
-            cmd.arg(request.to_string()).arg(format!(
-                "{}:{}",
-                d.status,
-                d.decided_at.timestamp_micros()
-            ));
-        }
-        cmd.exec_async(conn).await?;
+        let fields: Vec<(String, String)> = chunk
+            .iter()
+            .map(|(request, d)| {
+                (
+                    request.to_string(),
+                    format!("{}:{}", d.status, d.decided_at.timestamp_micros()),
+                )
+            })
+            .collect();
+        redis::pipe()
+            .hset_multiple(&decided, &fields)
+            .ignore()
+            .expire(&decided, STAGING_TTL_SECS)
+            .ignore()
+            .exec_async(conn)
+            .await?;
     }
     let remaining = snapshot.total_stock - snapshot.issued_users.len() as i64;
-    let created: i64 = INIT_COUPON
+    let installed: i64 = INSTALL
         .key(&keys.meta)
         .key(&keys.stock)
+        .key(&keys.users)
+        .key(&keys.decided)
+        .key(&keys.paused)
+        .key(&users)
+        .key(&decided)
+        .arg(snapshot.epoch)
         .arg(snapshot.total_stock)
         .arg(micros_or_empty(snapshot.starts_at))
         .arg(micros_or_empty(snapshot.ends_at))
         .arg(remaining.max(0))
+        .arg(snapshot.seq)
         .invoke_async(conn)
         .await?;
-    Ok(created == 1)
+    Ok(installed == 1)
+}
+
+/// Stops decisions on the coupon for up to `ttl` (see [`Verdict::Paused`]);
+/// [`install`] or [`resume`] ends the pause.
+pub async fn pause<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &CouponKeys,
+    ttl: Duration,
+) -> Result<(), StateError> {
+    redis::cmd("SET")
+        .arg(&keys.paused)
+        .arg(1)
+        .arg("EX")
+        .arg(ttl.as_secs().max(1))
+        .exec_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Ends a [`pause`].
+pub async fn resume<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &CouponKeys,
+) -> Result<(), StateError> {
+    redis::cmd("DEL").arg(&keys.paused).exec_async(conn).await?;
+    Ok(())
 }
 
 fn micros_or_empty(t: Option<DateTime<Utc>>) -> String {
@@ -256,7 +371,7 @@ pub async fn counters<C: ConnectionLike + Send>(
     keys: &CouponKeys,
 ) -> Result<Option<Counters>, StateError> {
     let (exists, remaining, issued): (bool, Option<i64>, i64) = redis::pipe()
-        .exists(&keys.meta)
+        .hexists(&keys.meta, "epoch")
         .get(&keys.stock)
         .scard(&keys.users)
         .query_async(conn)
@@ -270,6 +385,10 @@ pub async fn counters<C: ConnectionLike + Send>(
 /// Everything Redis holds about a coupon, for comparing with Postgres.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
+    /// Epoch of the installed state.
+    pub epoch: i64,
+    /// Decisions numbered so far.
+    pub seq: i64,
     /// `total` of the meta hash.
     pub total: i64,
     /// Units left.
@@ -285,16 +404,27 @@ pub async fn observe<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &CouponKeys,
 ) -> Result<Option<Observed>, StateError> {
-    let (total, remaining, users, decided): (Option<i64>, Option<i64>, Vec<String>, i64) =
-        redis::pipe()
-            .hget(&keys.meta, "total")
-            .get(&keys.stock)
-            .smembers(&keys.users)
-            .hlen(&keys.decided)
-            .query_async(conn)
-            .await?;
-    Ok(total.map(|total| Observed {
-        total,
+    type Reply = (
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Vec<String>,
+        i64,
+    );
+    let (epoch, seq, total, remaining, users, decided): Reply = redis::pipe()
+        .hget(&keys.meta, "epoch")
+        .hget(&keys.meta, "seq")
+        .hget(&keys.meta, "total")
+        .get(&keys.stock)
+        .smembers(&keys.users)
+        .hlen(&keys.decided)
+        .query_async(conn)
+        .await?;
+    Ok(epoch.map(|epoch| Observed {
+        epoch,
+        seq: seq.unwrap_or(0),
+        total: total.unwrap_or(0),
         remaining: remaining.unwrap_or(0),
         users,
         decided,
@@ -409,7 +539,16 @@ mod tests {
     fn every_key_of_a_coupon_shares_one_hash_tag() {
         let keys = Keys::new("fc:").unwrap();
         let k = keys.coupon(&CouponId::parse("c-1").unwrap());
-        for key in [&k.meta, &k.stock, &k.users, &k.decided] {
+        let (next_users, next_decided) = k.staging(3);
+        for key in [
+            &k.meta,
+            &k.stock,
+            &k.users,
+            &k.decided,
+            &k.paused,
+            &next_users,
+            &next_decided,
+        ] {
             assert!(key.starts_with("fc:coupon:{c-1}:"), "{key}");
         }
     }

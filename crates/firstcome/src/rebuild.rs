@@ -1,0 +1,59 @@
+//! Building a coupon's Redis state from Postgres: what the worker does when
+//! it finds no state or a stale one, and what `firstcome-worker redis
+//! rebuild` does on demand. See the fence in [`crate::state`].
+
+use redis::aio::ConnectionLike;
+use sqlx::PgPool;
+
+use crate::db;
+use crate::ids::CouponId;
+use crate::state::{self, Keys, StateError};
+
+/// A rebuild that did not finish; running it again is safe.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// Postgres could not be read or refused the new epoch.
+    #[error("reading postgres")]
+    Postgres(#[from] sqlx::Error),
+    /// Redis could not take the state.
+    #[error("writing redis")]
+    Redis(#[from] StateError),
+}
+
+/// What a rebuild put in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The new epoch.
+    pub epoch: i64,
+    /// Decisions stored so far, where numbering resumes.
+    pub seq: i64,
+    /// Users holding the coupon.
+    pub issued: usize,
+    /// Earlier decisions loaded for redelivery.
+    pub decisions: usize,
+    /// `false` when a concurrent build of a newer epoch got there first
+    /// (its state is as good).
+    pub installed: bool,
+}
+
+/// Replaces the coupon's Redis state with one built from Postgres under a new
+/// epoch, so anything decided on the old state can no longer be stored.
+/// `None` when Postgres does not know the coupon.
+pub async fn coupon<C: ConnectionLike + Send>(
+    pool: &PgPool,
+    conn: &mut C,
+    keys: &Keys,
+    id: &CouponId,
+) -> Result<Option<Rebuilt>, RebuildError> {
+    let Some(snapshot) = db::rebuild_snapshot(pool, id).await? else {
+        return Ok(None);
+    };
+    let installed = state::install(conn, &keys.coupon(id), &snapshot).await?;
+    Ok(Some(Rebuilt {
+        epoch: snapshot.epoch,
+        seq: snapshot.seq,
+        issued: snapshot.issued_users.len(),
+        decisions: snapshot.decisions.len(),
+        installed,
+    }))
+}
