@@ -18,6 +18,8 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod services;
+
 /// Partitions of every test's request topic.
 pub const PARTITIONS: i32 = 4;
 
@@ -129,6 +131,36 @@ impl TestEnv {
             pool,
             tag,
         }
+    }
+
+    /// Moves this test onto a Redis of its own (see [`services`]).
+    pub fn use_redis(&mut self, url: String) {
+        self.common.redis_url = url;
+    }
+
+    /// Moves this test onto a Postgres of its own, with the migrations applied.
+    pub async fn use_postgres(&mut self, url: String) {
+        self.pool = PgPool::connect(&url).await.expect("the private Postgres");
+        firstcome::db::migrate(&self.pool)
+            .await
+            .expect("migrations apply");
+        self.common.database_url = url;
+    }
+
+    /// Moves this test onto a broker of its own, with this test's topics.
+    pub async fn use_broker(&mut self, brokers: String) {
+        self.common.kafka_brokers = brokers;
+        let topics = [
+            (self.common.request_topic.as_str(), PARTITIONS),
+            (self.common.dlq_topic.as_str(), 1),
+        ];
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            firstcome::kafka::ensure_topics(&self.common, &topics, 1),
+        )
+        .await
+        .expect("the private broker answers")
+        .expect("topics on the private broker");
     }
 
     /// A coupon id private to this test.
@@ -272,6 +304,27 @@ impl TestEnv {
     pub async fn decided_count(&self, coupons: &[&str]) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = ANY($1)")
             .bind(coupons)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until at least `n` requests of `coupons` are in the ledger.
+    pub async fn wait_decided(&self, coupons: &[&str], n: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while self.decided_count(coupons).await < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} requests decided after 90 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The Redis epoch Postgres holds for a coupon (see `firstcome::state`).
+    pub async fn epoch(&self, coupon: &str) -> i64 {
+        sqlx::query_scalar("SELECT redis_epoch FROM coupon WHERE coupon_id = $1")
+            .bind(coupon)
             .fetch_one(&self.pool)
             .await
             .unwrap()

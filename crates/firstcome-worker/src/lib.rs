@@ -1,7 +1,8 @@
 //! The worker of firstcome: a Kafka consumer group member that decides issue
 //! requests in log order with one atomic Lua call per coupon and batch,
 //! persists every decision in Postgres, and dead-letters what it cannot
-//! process. Also the operator's tool: `migrate` and `topics`.
+//! process. Also the operator's tool: `migrate`, `topics`, `reconcile`,
+//! `redis rebuild` and `dlq list|show|replay`.
 //!
 //! # Layout
 //! - [`config`]: flags and environment variables, the retry schedule
@@ -9,13 +10,15 @@
 //! - [`pipeline`]: one batch from records to a stored offset
 //! - [`deadletter`]: dead-letter records and their headers
 //! - [`reconcile`]: compare Redis with Postgres
-//! - [`dlq`]: list and show dead letters
+//! - [`rebuild`]: rebuild Redis from Postgres on demand
+//! - [`dlq`]: list, show and replay dead letters
 
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod dlq;
 pub mod pipeline;
+pub mod rebuild;
 pub mod reconcile;
 
 use std::collections::{BTreeSet, HashMap};

@@ -38,6 +38,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Redis maintenance.
+    Redis {
+        #[command(subcommand)]
+        command: RedisCommand,
+    },
     /// Read the dead-letter topic.
     Dlq {
         #[command(subcommand)]
@@ -56,6 +61,26 @@ enum Command {
         /// Replication factor of both topics (3 on a production cluster).
         #[arg(long, env = "FIRSTCOME_REPLICATION", default_value_t = 1)]
         replication: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum RedisCommand {
+    /// Rebuild coupons' Redis state from Postgres (stock, holders, earlier
+    /// decisions), pausing decisions on each coupon while it runs. Safe while
+    /// workers run. Exit code 0: rebuilt; 2: failed (run it again).
+    Rebuild {
+        #[command(flatten)]
+        common: CommonConfig,
+        /// Only this coupon.
+        #[arg(long)]
+        coupon: Option<String>,
+        /// Longest a coupon stays paused, should this tool die half-way.
+        #[arg(long, default_value_t = 60)]
+        pause_secs: u64,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -131,6 +156,22 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Redis {
+            command:
+                RedisCommand::Rebuild {
+                    common,
+                    coupon,
+                    pause_secs,
+                    json,
+                },
+        } => {
+            firstcome::telemetry::init(common.log_json);
+            if let Err(e) = rebuild(&common, coupon.as_deref(), pause_secs, json).await {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Dlq {
             command: DlqCommand::Replay { common, opts, json },
         } => {
@@ -188,6 +229,35 @@ async fn reconcile(
         print!("{}", firstcome_worker::reconcile::table(&reports));
     }
     Ok(reports.iter().all(|r| r.drift.is_empty()))
+}
+
+/// Rebuilds and prints what it did.
+async fn rebuild(
+    common: &CommonConfig,
+    coupon: Option<&str>,
+    pause_secs: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    common.validate()?;
+    let only = coupon.map(firstcome::CouponId::parse).transpose()?;
+    let pool = common.connect_postgres().await?;
+    let mut redis = common
+        .connect_redis(std::time::Duration::from_secs(10))
+        .await?;
+    let reports = firstcome_worker::rebuild::rebuild(
+        &pool,
+        &mut redis,
+        &common.keys()?,
+        only.as_ref(),
+        std::time::Duration::from_secs(pause_secs.max(1)),
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", firstcome_worker::rebuild::table(&reports));
+    }
+    Ok(())
 }
 
 fn dlq(command: DlqCommand) -> anyhow::Result<()> {

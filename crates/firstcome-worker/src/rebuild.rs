@@ -1,0 +1,111 @@
+//! `firstcome-worker redis rebuild`: rebuilds coupons' Redis state from
+//! Postgres, coupon by coupon, with deciding paused on each while it runs.
+//!
+//! It is safe while workers run: a coupon is paused (the workers hold its
+//! partition where it is and retry), rebuilt under a new epoch, and resumed
+//! by the install itself. Should the pause lapse or the tool die half-way,
+//! the fence still holds: a decision taken on the old state is refused by
+//! Postgres and taken again on the new one (see [`firstcome::state`]).
+
+use std::time::Duration;
+
+use firstcome::state::{self, Keys};
+use firstcome::{CouponId, db};
+use redis::aio::ConnectionLike;
+use serde::Serialize;
+use sqlx::PgPool;
+
+/// One coupon rebuilt.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Report {
+    /// The coupon.
+    pub coupon_id: String,
+    /// The epoch of the new state.
+    pub epoch: i64,
+    /// Total stock.
+    pub total_stock: i64,
+    /// Users holding it.
+    pub issued: i64,
+    /// Units left.
+    pub remaining: i64,
+    /// Earlier decisions loaded, so redelivered requests get them back.
+    pub decisions: i64,
+    /// `false` when a worker installed a newer state meanwhile (as good).
+    pub installed: bool,
+}
+
+/// Rebuilds one coupon, or every coupon, each paused for at most `pause`.
+pub async fn rebuild<C: ConnectionLike + Send>(
+    pool: &PgPool,
+    redis: &mut C,
+    keys: &Keys,
+    only: Option<&CouponId>,
+    pause: Duration,
+) -> anyhow::Result<Vec<Report>> {
+    let coupons = match only {
+        Some(id) => db::coupon(pool, id)
+            .await?
+            .map(|c| vec![c])
+            .ok_or_else(|| anyhow::anyhow!("coupon {id} does not exist"))?,
+        None => db::coupons(pool).await?,
+    };
+    let mut reports = Vec::with_capacity(coupons.len());
+    for c in coupons {
+        let id = CouponId::parse(c.coupon_id.clone())?;
+        let ck = keys.coupon(&id);
+        state::pause(redis, &ck, pause).await?;
+        let built = match firstcome::rebuild::coupon(pool, redis, keys, &id).await {
+            Ok(Some(built)) => built,
+            Ok(None) => anyhow::bail!("coupon {id} vanished from postgres"),
+            Err(e) => {
+                // Best effort: the pause lapses by itself anyway.
+                let _ = state::resume(redis, &ck).await;
+                return Err(anyhow::Error::new(e).context(format!("rebuilding coupon {id}")));
+            }
+        };
+        if !built.installed {
+            state::resume(redis, &ck).await?;
+        }
+        tracing::info!(coupon = %id, epoch = built.epoch, issued = built.issued, "coupon rebuilt");
+        let total = i64::from(c.total_stock);
+        reports.push(Report {
+            coupon_id: c.coupon_id,
+            epoch: built.epoch,
+            total_stock: total,
+            issued: built.issued as i64,
+            remaining: total - built.issued as i64,
+            decisions: built.decisions as i64,
+            installed: built.installed,
+        });
+    }
+    Ok(reports)
+}
+
+/// The reports as a table for people.
+pub fn table(reports: &[Report]) -> String {
+    let mut out = format!(
+        "{:<40} {:>6} {:>10} {:>10} {:>10} {:>10}  {}\n",
+        "coupon", "epoch", "total", "issued", "remaining", "decisions", "state"
+    );
+    for r in reports {
+        out.push_str(&format!(
+            "{:<40} {:>6} {:>10} {:>10} {:>10} {:>10}  {}\n",
+            r.coupon_id,
+            r.epoch,
+            r.total_stock,
+            r.issued,
+            r.remaining,
+            r.decisions,
+            if r.installed {
+                "rebuilt"
+            } else {
+                "rebuilt by a worker meanwhile"
+            }
+        ));
+    }
+    out.push_str(&format!(
+        "{} coupon(s) rebuilt from postgres\n",
+        reports.len()
+    ));
+    out
+}
