@@ -209,9 +209,12 @@ impl TestEnv {
 
     /// Starts an ingress in this process.
     pub async fn spawn_ingress(&self) -> Running {
-        let app = Application::build(self.ingress_config())
-            .await
-            .expect("ingress starts");
+        self.spawn_ingress_with(self.ingress_config()).await
+    }
+
+    /// Starts an ingress with the given settings.
+    pub async fn spawn_ingress_with(&self, cfg: IngressConfig) -> Running {
+        let app = Application::build(cfg).await.expect("ingress starts");
         let addr = app.local_addr();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
@@ -636,27 +639,70 @@ pub async fn check_promise(
     accepted: &std::collections::HashSet<String>,
     limit: Duration,
 ) {
+    check_promise_with(env, client, coupons, accepted, &Default::default(), limit).await;
+}
+
+/// [`check_promise`] after faults that left some requests unconfirmed (a 503
+/// naming the request): each of those is either in the log and decided like
+/// any other, or not in the log and unknown to the status endpoint.
+pub async fn check_promise_with(
+    env: &TestEnv,
+    client: &Client,
+    coupons: &[(String, i64)],
+    accepted: &std::collections::HashSet<String>,
+    unconfirmed: &std::collections::HashSet<String>,
+    limit: Duration,
+) {
     use firstcome::IssueRequest;
     use std::collections::HashSet;
-    // Every accepted request reaches a final status.
+    // What the log holds: every accepted request, and maybe some unconfirmed.
+    let log = env.read_request_log();
+    let logged: HashSet<String> = log
+        .iter()
+        .map(|rec| {
+            IssueRequest::from_json(rec.payload.as_ref().unwrap())
+                .unwrap()
+                .request_id
+                .to_string()
+        })
+        .collect();
+    assert_eq!(logged.len(), log.len(), "the log holds each request once");
+    let lost: Vec<&String> = accepted.difference(&logged).take(5).collect();
+    assert!(lost.is_empty(), "accepted but not in the log: {lost:?}");
+    let strangers: Vec<&String> = logged
+        .iter()
+        .filter(|id| !accepted.contains(*id) && !unconfirmed.contains(*id))
+        .take(5)
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "in the log, never sent: {strangers:?}"
+    );
+
+    // Every logged request reaches a final status.
     let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let decided: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = ANY($1)")
-                .bind(&ids)
-                .fetch_one(&env.pool)
-                .await
-                .unwrap();
-        if decided as usize == accepted.len() {
+        let decided = env.decided_count(&ids).await;
+        if decided as usize == logged.len() {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "only {decided} of {} decided",
-            accepted.len()
+            logged.len()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // An unconfirmed request's status tells the truth.
+    for id in unconfirmed.iter().take(50) {
+        let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
+        if logged.contains(id) {
+            assert_eq!(code, 200, "{status}");
+            assert_ne!(status["status"], "pending", "{status}");
+        } else {
+            assert_eq!(code, 404, "never written, so unknown: {status}");
+        }
     }
     let ledger: Vec<(uuid::Uuid, String, String, String, i32, i64)> = sqlx::query_as(
         "SELECT request_id, coupon_id, user_id, status, kafka_partition, kafka_offset
@@ -670,15 +716,9 @@ pub async fn check_promise(
         .iter()
         .map(|(id, _, _, status, _, _)| (id.to_string(), status.clone()))
         .collect();
-    assert_eq!(&decided.keys().cloned().collect::<HashSet<_>>(), accepted);
+    assert_eq!(decided.keys().cloned().collect::<HashSet<_>>(), logged);
 
     // Replay the log: the expected decision of every record, in log order.
-    let log = env.read_request_log();
-    assert_eq!(
-        log.len(),
-        accepted.len(),
-        "the log holds each accepted request once"
-    );
     let mut expected: HashMap<String, &'static str> = HashMap::new();
     let mut per_coupon: HashMap<String, (HashSet<i32>, Vec<String>)> = HashMap::new();
     for rec in &log {
@@ -815,6 +855,78 @@ pub fn spawn_load(
             total,
             "every request accepted once, with its own id"
         );
+        all
+    })
+}
+
+/// What [`spawn_open_load`] saw.
+#[derive(Debug, Default)]
+pub struct LoadOutcome {
+    /// Request ids answered 202.
+    pub accepted: std::collections::HashSet<String>,
+    /// Request ids answered 503 (not confirmed; maybe written).
+    pub unconfirmed: std::collections::HashSet<String>,
+    /// The longest a 503 took to arrive.
+    pub slowest_refusal: Duration,
+    /// When the last 503 was answered.
+    pub last_refusal: Option<tokio::time::Instant>,
+    /// When each 202 was answered.
+    pub accepted_at: Vec<tokio::time::Instant>,
+}
+
+/// Eight clients issuing requests over `coupons` round robin until `stop`
+/// fires; a 503 must name its request (it may have been written), anything
+/// but 202 or 503 fails the test.
+pub fn spawn_open_load(
+    client: &Client,
+    coupons: &[(String, i64)],
+    pace: Duration,
+    user: fn(usize) -> String,
+    stop: CancellationToken,
+) -> JoinHandle<LoadOutcome> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let senders: Vec<JoinHandle<LoadOutcome>> = (0..8)
+        .map(|_| {
+            let (client, next, coupons) = (client.clone(), next.clone(), coupons.to_vec());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut seen = LoadOutcome::default();
+                while !stop.is_cancelled() {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let coupon = &coupons[i % coupons.len()].0;
+                    let started = tokio::time::Instant::now();
+                    let (code, body) = client.issue(coupon, &user(i)).await;
+                    let id = body["request_id"].as_str().map(str::to_owned);
+                    match code {
+                        202 => {
+                            seen.accepted.insert(id.expect("a 202 names its request"));
+                            seen.accepted_at.push(tokio::time::Instant::now());
+                        }
+                        503 => {
+                            seen.unconfirmed.insert(
+                                id.unwrap_or_else(|| panic!("a 503 names its request: {body}")),
+                            );
+                            seen.slowest_refusal = seen.slowest_refusal.max(started.elapsed());
+                            seen.last_refusal = Some(tokio::time::Instant::now());
+                        }
+                        _ => panic!("request {i}: {code} {body}"),
+                    }
+                    tokio::time::sleep(pace).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::spawn(async move {
+        let mut all = LoadOutcome::default();
+        for s in senders {
+            let seen = s.await.expect("a load client panicked");
+            all.accepted.extend(seen.accepted);
+            all.unconfirmed.extend(seen.unconfirmed);
+            all.slowest_refusal = all.slowest_refusal.max(seen.slowest_refusal);
+            all.last_refusal = all.last_refusal.max(seen.last_refusal);
+            all.accepted_at.extend(seen.accepted_at);
+        }
         all
     })
 }

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use firstcome::db::{self, Coupon};
+use firstcome::kafka::HealingProducer;
 use firstcome::state::Keys;
 use firstcome::{CouponId, kafka};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -29,7 +30,7 @@ pub(crate) struct Inner {
     pub(crate) cfg: IngressConfig,
     pub(crate) pool: PgPool,
     pub(crate) redis: ConnectionManager,
-    pub(crate) producer: FutureProducer,
+    pub(crate) producer: HealingProducer,
     pub(crate) keys: Keys,
     /// Coupons seen in Postgres. A coupon's definition never changes once
     /// created, so a hit needs no expiry; misses are not cached, so a coupon
@@ -68,12 +69,11 @@ impl Application {
         cfg.validate()?;
         let pool = cfg.common.connect_postgres().await?;
         let redis = cfg.common.connect_redis(Duration::from_secs(2)).await?;
-        let producer: FutureProducer = kafka::producer_config(
+        let producer = HealingProducer::new(kafka::producer_config(
             &cfg.common,
             cfg.produce_timeout(),
             Duration::from_millis(cfg.linger_ms),
-        )?
-        .create()
+        )?)
         .context("creating the Kafka producer (KAFKA_BROKERS)")?;
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -119,7 +119,7 @@ impl Application {
                 tracing::warn!("shutdown timeout reached with requests still in flight");
             }
         }
-        let producer = state.inner.producer.clone();
+        let producer = state.inner.producer.producer();
         tokio::task::spawn_blocking(move || producer.flush(grace))
             .await?
             .context("flushing the producer")?;

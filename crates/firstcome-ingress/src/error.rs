@@ -5,6 +5,7 @@
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use firstcome::RequestId;
 use serde_json::json;
 
 /// What went wrong, by what the client should do about it.
@@ -35,6 +36,8 @@ pub enum ApiError {
         retry_after_secs: u32,
         /// What failed, for the log only.
         cause: String,
+        /// The request that may or may not have been written.
+        request_id: Option<RequestId>,
     },
     /// 500: a bug or an unexpected failure; logged, answered opaquely.
     #[error("internal error")]
@@ -60,6 +63,17 @@ impl ApiError {
         ApiError::Unavailable {
             retry_after_secs: 1,
             cause: cause.to_string(),
+            request_id: None,
+        }
+    }
+
+    /// A 503 for an issue request the broker did not acknowledge in time; it
+    /// may still have been appended, so the answer names it.
+    pub fn not_acknowledged(request_id: RequestId, cause: impl std::fmt::Display) -> Self {
+        ApiError::Unavailable {
+            retry_after_secs: 1,
+            cause: cause.to_string(),
+            request_id: Some(request_id),
         }
     }
 }
@@ -89,7 +103,19 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable { cause, .. } => tracing::warn!(%cause, "answering 503"),
             _ => {}
         }
-        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let mut body = json!({ "error": { "code": code, "message": self.to_string() } });
+        if let ApiError::Unavailable {
+            request_id: Some(id),
+            ..
+        } = &self
+        {
+            body["error"]["message"] = json!(
+                "the request was not confirmed in time and may still be decided: \
+                 check status_url before sending it again"
+            );
+            body["request_id"] = json!(id);
+            body["status_url"] = json!(format!("/v1/issue-requests/{id}"));
+        }
         let mut response = (status, axum::Json(body)).into_response();
         if let ApiError::Unavailable {
             retry_after_secs, ..

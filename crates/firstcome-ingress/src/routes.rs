@@ -14,7 +14,6 @@ use firstcome::db::{self, Coupon};
 use firstcome::state::{self, RequestStatus};
 use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
 use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
@@ -238,13 +237,21 @@ async fn issue(
     // client.
     let delivered = tokio::time::timeout(
         timeout + Duration::from_secs(1),
-        state.inner.producer.send(record, Timeout::After(timeout)),
+        state.inner.producer.send(record, timeout),
     )
     .await;
+    // Not acknowledged does not mean not written: the answer carries the
+    // request id, whose status tells the truth once the log is readable.
+    let id = request.request_id;
     match delivered {
-        Ok(Ok(_)) => {}
-        Ok(Err((e, _))) => return Err(ApiError::unavailable(format!("kafka: {e}"))),
-        Err(_) => return Err(ApiError::unavailable("kafka: no delivery report in time")),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ApiError::not_acknowledged(id, format!("kafka: {e}"))),
+        Err(_) => {
+            return Err(ApiError::not_acknowledged(
+                id,
+                "kafka: no delivery report in time",
+            ));
+        }
     }
     // The record is in the log, so the request will be decided whatever
     // happens next; the pending entry only lets lookups say "pending" rather
@@ -258,7 +265,6 @@ async fn issue(
         Ok(Err(e)) => tracing::warn!(error = %e, "accepted, but the pending status was not cached"),
         Err(_) => tracing::warn!("accepted, but caching the pending status timed out"),
     }
-    let id = request.request_id;
     let body = json!({
         "request_id": id,
         "status": Status::Pending,
@@ -340,7 +346,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
-    let producer = inner.producer.clone();
+    let producer = inner.producer.producer();
     let topic = inner.cfg.common.request_topic.clone();
     let kafka = async move {
         tokio::task::spawn_blocking(move || {

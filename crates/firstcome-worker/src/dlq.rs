@@ -231,19 +231,22 @@ pub async fn replay(
 ) -> anyhow::Result<ReplaySummary> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
     use rdkafka::{Offset, TopicPartitionList};
 
     const TIMEOUT: Duration = Duration::from_secs(30);
+    const REPLAY_SEND_ATTEMPTS: u32 = 5;
     let topic = &common.dlq_topic;
     let consumer: BaseConsumer = firstcome::kafka::client_config(common)?
         .set("group.id", &opts.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .create()?;
-    let producer: FutureProducer =
-        firstcome::kafka::producer_config(common, Duration::from_secs(10), Duration::ZERO)?
-            .create()?;
+    let producer = firstcome::kafka::HealingProducer::new(firstcome::kafka::producer_config(
+        common,
+        Duration::from_secs(10),
+        Duration::ZERO,
+    )?)?;
 
     // Where this group stopped, and where the topic ends now.
     let meta = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
@@ -352,18 +355,30 @@ pub async fn replay(
                 key: headers::REPLAY_COUNT,
                 value: Some(next.as_bytes()),
             });
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&common.request_topic).headers(headers);
-            if let Some(k) = m.key() {
-                record = record.key(k);
+            // A few tries, so a producer the broker stopped taking records
+            // from is replaced (see `HealingProducer`) rather than ending the run.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&common.request_topic).headers(headers.clone());
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                if let Some(v) = m.payload() {
+                    record = record.payload(v);
+                }
+                match producer.send(record, Duration::from_secs(10)).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < REPLAY_SEND_ATTEMPTS => {
+                        tracing::warn!(error = %e, attempt, "replaying {p}/{o} failed, retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context(format!("replaying {p}/{o}")));
+                    }
+                }
             }
-            if let Some(v) = m.payload() {
-                record = record.payload(v);
-            }
-            producer
-                .send(record, Duration::from_secs(10))
-                .await
-                .map_err(|(e, _)| anyhow::Error::new(e).context(format!("replaying {p}/{o}")))?;
             summary.replayed += 1;
             writeln!(report, "replayed {what} as replay {}", count + 1)?;
             if let Some(pause) = pause {

@@ -48,9 +48,12 @@ impl Worker {
         let pool = cfg.common.connect_postgres().await?;
         // Longer than the ingress: a Lua call deciding a large batch may take a while.
         let redis = cfg.common.connect_redis(Duration::from_secs(5)).await?;
-        let dlq = kafka::producer_config(&cfg.common, Duration::from_secs(10), Duration::ZERO)?
-            .create()
-            .context("creating the dead-letter producer")?;
+        let dlq = kafka::HealingProducer::new(kafka::producer_config(
+            &cfg.common,
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )?)
+        .context("creating the dead-letter producer")?;
 
         let partitions: Partitions = Arc::new(Mutex::new(HashMap::new()));
         let context = Rebalancer::new(cfg.common.request_topic.clone(), partitions.clone());

@@ -29,8 +29,7 @@ use firstcome::state::{self, Decision, Decisions, Keys, RequestStatus, Verdict};
 use firstcome::{CouponId, IssueRequest};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -86,7 +85,7 @@ pub struct Shared {
     /// The Redis key layout.
     pub keys: Keys,
     /// Producer for the dead-letter topic.
-    pub dlq: FutureProducer,
+    pub dlq: firstcome::kafka::HealingProducer,
     /// The consumer, to store offsets on.
     pub consumer: Arc<StreamConsumer<Rebalancer>>,
 }
@@ -508,8 +507,7 @@ async fn dead_letter(shared: &Shared, rec: &Rec, letter: &DeadLetter) -> anyhow:
     }
     shared
         .dlq
-        .send(record, Timeout::After(DLQ_DELIVERY_TIMEOUT))
+        .send(record, DLQ_DELIVERY_TIMEOUT)
         .await
-        .map(|_| ())
-        .map_err(|(e, _)| anyhow::Error::new(e).context("writing a dead letter"))
+        .map_err(|e| anyhow::Error::new(e).context("writing a dead letter"))
 }

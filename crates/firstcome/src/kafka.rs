@@ -2,13 +2,18 @@
 //! topic creation. Only the Kafka protocol is used, so any compliant broker
 //! (Apache Kafka in production, nisshi locally) works.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::{CommonConfig, ConfigError};
@@ -120,4 +125,113 @@ pub fn read_topic(
         }
     }
     Ok(out)
+}
+
+/// Consecutive failed deliveries after which a producer is suspected broken.
+const SUSPECT_AFTER_FAILURES: u32 = 3;
+
+/// A producer that replaces itself when it stops working although the
+/// broker works.
+///
+/// An idempotent producer whose records timed out (a broker outage, a frozen
+/// broker) bumps its epoch; a broker that does not take the bump refuses every
+/// record from then on (`PRODUCER_FENCED`, `UNKNOWN_SERVER_ERROR`), and
+/// librdkafka may also raise a fatal error. After
+/// [`SUSPECT_AFTER_FAILURES`] failures in a row, or at once on a fatal
+/// error, a fresh producer is created; it takes over only if it reaches the
+/// broker, so an outage does not churn producers. Every sender holding the
+/// old one finishes on it.
+pub struct HealingProducer {
+    config: ClientConfig,
+    current: std::sync::RwLock<(u64, FutureProducer)>,
+    failures: AtomicU32,
+    replaced: AtomicU64,
+    healing: tokio::sync::Mutex<()>,
+}
+
+impl HealingProducer {
+    /// Creates the first producer from `config` (see [`producer_config`]).
+    pub fn new(config: ClientConfig) -> KafkaResult<Self> {
+        let producer: FutureProducer = config.create()?;
+        Ok(Self {
+            config,
+            current: std::sync::RwLock::new((0, producer)),
+            failures: AtomicU32::new(0),
+            replaced: AtomicU64::new(0),
+            healing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The producer in use now.
+    pub fn producer(&self) -> FutureProducer {
+        self.current.read().expect("lock").1.clone()
+    }
+
+    /// How often the producer was replaced.
+    pub fn replacements(&self) -> u64 {
+        self.replaced.load(Ordering::Relaxed)
+    }
+
+    /// Sends one record and waits for the broker's acknowledgement, or for
+    /// `queue_timeout` when the local queue is full.
+    pub async fn send<K, P>(
+        &self,
+        record: FutureRecord<'_, K, P>,
+        queue_timeout: Duration,
+    ) -> Result<(), KafkaError>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        let (generation, producer) = self.current.read().expect("lock").clone();
+        match producer.send(record, Timeout::After(queue_timeout)).await {
+            Ok(_) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Ok(())
+            }
+            Err((e, _)) => {
+                self.failed(generation, &producer).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn failed(&self, generation: u64, producer: &FutureProducer) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let fatal = producer.client().fatal_error();
+        if fatal.is_none() && failures < SUSPECT_AFTER_FAILURES {
+            return;
+        }
+        // One replacement at a time, and only of the producer that failed.
+        let Ok(_healing) = self.healing.try_lock() else {
+            return;
+        };
+        if self.current.read().expect("lock").0 != generation {
+            return;
+        }
+        let config = self.config.clone();
+        let fresh = tokio::task::spawn_blocking(move || -> Option<FutureProducer> {
+            let fresh: FutureProducer = config.create().ok()?;
+            fresh
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .ok()?;
+            Some(fresh)
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(fresh) = fresh else {
+            tracing::debug!(failures, "producer failing, broker unreachable: keeping it");
+            return;
+        };
+        *self.current.write().expect("lock") = (generation + 1, fresh);
+        self.failures.store(0, Ordering::Relaxed);
+        self.replaced.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            failures,
+            fatal = ?fatal,
+            "replaced the Kafka producer: it kept failing while the broker answers"
+        );
+    }
 }
