@@ -642,9 +642,104 @@ pub async fn check_promise(
     check_promise_with(env, client, coupons, accepted, &Default::default(), limit).await;
 }
 
-/// [`check_promise`] after faults that left some requests unconfirmed (a 503
-/// naming the request): each of those is either in the log and decided like
-/// any other, or not in the log and unknown to the status endpoint.
+/// The decisions the request log implies, replayed in log order.
+#[derive(Debug, Default)]
+pub struct LogModel {
+    /// Request ids of every parseable record.
+    pub logged: std::collections::HashSet<String>,
+    /// Request id → (expected status, partition, offset of the deciding record).
+    pub expected: HashMap<String, (&'static str, i32, i64)>,
+    /// Per coupon: the users issued, in log order.
+    pub winners: HashMap<String, Vec<String>>,
+    /// Records that went to the dead-letter topic, by kind.
+    pub dead: HashMap<String, usize>,
+    /// Per coupon: the partitions its records sit in.
+    pub partitions: HashMap<String, std::collections::HashSet<i32>>,
+    /// Log positions no dead letter explains though they cannot be decided.
+    pub unexplained: Vec<(i32, i64)>,
+}
+
+/// Replays the request log against the dead letters: a record whose
+/// position was dead-lettered decides nothing (a permanently failing one
+/// leaves its request `failed`, unless a replay decides it later); a record
+/// of a request decided earlier in the log (a replay) decides nothing new;
+/// every other record is decided at its place: duplicate, issued while
+/// stock lasts, then sold out.
+pub fn model(env: &TestEnv, coupons: &[(String, i64)]) -> LogModel {
+    use firstcome::IssueRequest;
+    let topic = &env.common.request_topic;
+    let dead: HashMap<(i32, i64), String> = env
+        .read_dead_letters()
+        .into_iter()
+        .filter(|d| d.headers.get("firstcome.original.topic") == Some(topic))
+        .map(|d| {
+            let at = (
+                d.headers["firstcome.original.partition"].parse().unwrap(),
+                d.headers["firstcome.original.offset"].parse().unwrap(),
+            );
+            (at, d.headers["firstcome.error.kind"].clone())
+        })
+        .collect();
+    let stock: HashMap<&str, i64> = coupons.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+    let mut m = LogModel::default();
+    let mut holders: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for rec in env.read_request_log() {
+        let at = (rec.partition, rec.offset);
+        let parsed = rec
+            .payload
+            .as_deref()
+            .and_then(|p| IssueRequest::from_json(p).ok())
+            .filter(|r| rec.key.as_deref() == Some(r.coupon_id.as_str().as_bytes()));
+        if let Some(kind) = dead.get(&at) {
+            *m.dead.entry(kind.clone()).or_default() += 1;
+            if let Some(r) = parsed {
+                let id = r.request_id.to_string();
+                m.logged.insert(id.clone());
+                if kind == "permanent_failure" {
+                    m.expected.entry(id).or_insert(("failed", at.0, at.1));
+                }
+            }
+            continue;
+        }
+        let Some(r) = parsed else {
+            m.unexplained.push(at);
+            continue;
+        };
+        let id = r.request_id.to_string();
+        m.logged.insert(id.clone());
+        m.partitions
+            .entry(r.coupon_id.to_string())
+            .or_default()
+            .insert(rec.partition);
+        let Some(&stock) = stock.get(r.coupon_id.as_str()) else {
+            m.unexplained.push(at);
+            continue;
+        };
+        if matches!(m.expected.get(&id), Some((s, _, _)) if *s != "failed") {
+            continue; // decided earlier in the log
+        }
+        let coupon = r.coupon_id.to_string();
+        let users = holders.entry(coupon.clone()).or_default();
+        let user = r.user_id.to_string();
+        let want = if users.contains(&user) {
+            "duplicate"
+        } else if (users.len() as i64) < stock {
+            users.insert(user.clone());
+            m.winners.entry(coupon).or_default().push(user);
+            "issued"
+        } else {
+            "sold_out"
+        };
+        m.expected.insert(id, (want, at.0, at.1));
+    }
+    m
+}
+
+/// [`check_promise`] after faults: `unconfirmed` requests (a 503 naming the
+/// request, or records written around the ingress) may or may not be in the
+/// log; those that are are decided like any other, those that are not are
+/// unknown to the status endpoint. Dead-lettered records must all be
+/// explained, and they decide nothing. Returns the model it checked against.
 pub async fn check_promise_with(
     env: &TestEnv,
     client: &Client,
@@ -652,110 +747,84 @@ pub async fn check_promise_with(
     accepted: &std::collections::HashSet<String>,
     unconfirmed: &std::collections::HashSet<String>,
     limit: Duration,
-) {
-    use firstcome::IssueRequest;
+) -> LogModel {
     use std::collections::HashSet;
-    // What the log holds: every accepted request, and maybe some unconfirmed.
-    let log = env.read_request_log();
-    let logged: HashSet<String> = log
-        .iter()
-        .map(|rec| {
-            IssueRequest::from_json(rec.payload.as_ref().unwrap())
-                .unwrap()
-                .request_id
-                .to_string()
-        })
-        .collect();
-    assert_eq!(logged.len(), log.len(), "the log holds each request once");
-    let lost: Vec<&String> = accepted.difference(&logged).take(5).collect();
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+    // Wait until the ledger holds what the log implies.
+    let deadline = tokio::time::Instant::now() + limit;
+    let m = loop {
+        let m = model(env, coupons);
+        let decided = env.decided_count(&ids).await;
+        if decided as usize == m.expected.len() && m.unexplained.is_empty() {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{decided} of {} decided; undecided positions without a dead letter: {:?}",
+            m.expected.len(),
+            &m.unexplained[..m.unexplained.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let lost: Vec<&String> = accepted.difference(&m.logged).take(5).collect();
     assert!(lost.is_empty(), "accepted but not in the log: {lost:?}");
-    let strangers: Vec<&String> = logged
+    let strangers: Vec<&String> = m
+        .logged
         .iter()
         .filter(|id| !accepted.contains(*id) && !unconfirmed.contains(*id))
         .take(5)
         .collect();
+    assert!(strangers.is_empty(), "in the log, never sent: {strangers:?}");
+    let undecided: Vec<&String> = m
+        .logged
+        .iter()
+        .filter(|id| !m.expected.contains_key(*id))
+        .take(5)
+        .collect();
     assert!(
-        strangers.is_empty(),
-        "in the log, never sent: {strangers:?}"
+        undecided.is_empty(),
+        "in the log, but neither decided nor failed: {undecided:?}"
     );
 
-    // Every logged request reaches a final status.
-    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let decided = env.decided_count(&ids).await;
-        if decided as usize == logged.len() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {decided} of {} decided",
-            logged.len()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    // An unconfirmed request's status tells the truth.
-    for id in unconfirmed.iter().take(50) {
-        let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
-        if logged.contains(id) {
-            assert_eq!(code, 200, "{status}");
-            assert_ne!(status["status"], "pending", "{status}");
-        } else {
-            assert_eq!(code, 404, "never written, so unknown: {status}");
-        }
-    }
-    let ledger: Vec<(uuid::Uuid, String, String, String, i32, i64)> = sqlx::query_as(
-        "SELECT request_id, coupon_id, user_id, status, kafka_partition, kafka_offset
+    // Every request got exactly the decision its place in the log implies,
+    // once, and the ledger says where that place was.
+    let ledger: Vec<(uuid::Uuid, String, i32, i64)> = sqlx::query_as(
+        "SELECT request_id, status, kafka_partition, kafka_offset
          FROM request_ledger WHERE coupon_id = ANY($1)",
     )
     .bind(&ids)
     .fetch_all(&env.pool)
     .await
     .unwrap();
-    let decided: HashMap<String, String> = ledger
-        .iter()
-        .map(|(id, _, _, status, _, _)| (id.to_string(), status.clone()))
+    let got: HashMap<String, (String, i32, i64)> = ledger
+        .into_iter()
+        .map(|(id, status, p, o)| (id.to_string(), (status, p, o)))
         .collect();
-    assert_eq!(decided.keys().cloned().collect::<HashSet<_>>(), logged);
+    let mismatches: Vec<_> = m
+        .expected
+        .iter()
+        .filter(|(id, (want, p, o))| got.get(*id) != Some(&((*want).to_owned(), *p, *o)))
+        .take(5)
+        .map(|(id, want)| (id, want, got.get(id)))
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "decisions differ from log order (id, expected, ledger): {mismatches:?}"
+    );
+    assert_eq!(got.len(), m.expected.len(), "no ledger row without a log record");
 
-    // Replay the log: the expected decision of every record, in log order.
-    let mut expected: HashMap<String, &'static str> = HashMap::new();
-    let mut per_coupon: HashMap<String, (HashSet<i32>, Vec<String>)> = HashMap::new();
-    for rec in &log {
-        let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
-        let entry = per_coupon.entry(r.coupon_id.to_string()).or_default();
-        entry.0.insert(rec.partition);
-        entry.1.push(r.user_id.to_string());
-        expected.insert(r.request_id.to_string(), "");
-    }
     for (coupon, stock) in coupons {
-        let (partitions, _) = &per_coupon[coupon];
-        assert_eq!(partitions.len(), 1, "all of {coupon} sits in one partition");
-        let mut holders: HashSet<String> = HashSet::new();
-        let mut first_distinct: Vec<String> = Vec::new();
-        for rec in log.iter() {
-            let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
-            if r.coupon_id.as_str() != coupon {
-                continue;
-            }
-            let user = r.user_id.to_string();
-            let want = if holders.contains(&user) {
-                "duplicate"
-            } else if (holders.len() as i64) < *stock {
-                holders.insert(user.clone());
-                first_distinct.push(user);
-                "issued"
-            } else {
-                "sold_out"
-            };
-            expected.insert(r.request_id.to_string(), want);
-        }
         assert_eq!(
-            first_distinct.len() as i64,
+            m.partitions.get(coupon).map(HashSet::len),
+            Some(1),
+            "all of {coupon} sits in one partition"
+        );
+        let winners = m.winners.get(coupon).cloned().unwrap_or_default();
+        assert_eq!(
+            winners.len() as i64,
             *stock,
             "demand exceeds the stock of {coupon}"
         );
-
         // The issued users in Postgres are exactly the first `stock` distinct users.
         let issued: Vec<String> =
             sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
@@ -771,10 +840,9 @@ pub async fn check_promise_with(
         );
         assert_eq!(
             issued_set,
-            first_distinct.iter().cloned().collect(),
+            winners.into_iter().collect(),
             "winners of {coupon}"
         );
-
         let (code, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
         assert_eq!(code, 200);
         let (remaining, count) = (
@@ -784,34 +852,21 @@ pub async fn check_promise_with(
         assert_eq!((remaining, count), (0, *stock), "{view}");
         assert_eq!(remaining + count, view["total_stock"].as_i64().unwrap());
     }
-    // Every request got exactly the decision its place in the log implies.
-    let mismatches: Vec<_> = expected
-        .iter()
-        .filter(|(id, want)| decided.get(*id).map(String::as_str) != Some(**want))
-        .take(5)
-        .collect();
-    assert!(
-        mismatches.is_empty(),
-        "decisions differ from log order, e.g. {mismatches:?}"
-    );
-    // The ledger records where each request sat in the log.
-    let positions: HashMap<String, (i32, i64)> = log
-        .iter()
-        .map(|rec| {
-            let r = IssueRequest::from_json(rec.payload.as_ref().unwrap()).unwrap();
-            (r.request_id.to_string(), (rec.partition, rec.offset))
-        })
-        .collect();
-    for (id, _, _, _, partition, offset) in &ledger {
-        assert_eq!(positions[&id.to_string()], (*partition, *offset));
-    }
 
-    // A sample through the API agrees with the ledger.
+    // Through the API: a sample of the accepted, and the unconfirmed.
     for id in accepted.iter().take(20) {
         let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
         assert_eq!(code, 200);
-        assert_eq!(status["status"], decided[id].as_str());
+        assert_eq!(status["status"], got[id].0.as_str());
     }
+    for id in unconfirmed.iter().take(50) {
+        let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
+        match got.get(id) {
+            Some((want, _, _)) => assert_eq!((code, &status["status"]), (200, &json!(want))),
+            None => assert_eq!(code, 404, "never written, so unknown: {status}"),
+        }
+    }
+    m
 }
 
 /// Sends `total` issue requests from 8 concurrent clients in the background,
