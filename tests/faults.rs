@@ -270,39 +270,16 @@ async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds
 async fn a_decision_postgres_refuses_for_good_is_undone_dead_lettered_and_failed_and_the_rest_goes_on()
  {
     let env = TestEnv::new().await;
-    // A real Postgres error for one user: a trigger refuses their coupon row
-    // with a constraint violation, which waiting will not fix.
-    sqlx::query(
-        "CREATE OR REPLACE FUNCTION firstcome_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.user_id LIKE '%-refused' THEN
-                 RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation';
-             END IF;
-             RETURN NEW;
-         END $$",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "DO $$ BEGIN
-             IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'firstcome_test_refuse') THEN
-                 CREATE TRIGGER firstcome_test_refuse BEFORE INSERT ON user_coupon
-                     FOR EACH ROW EXECUTE FUNCTION firstcome_test_refuse();
-             END IF;
-         END $$",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
-
     let ingress = env.spawn_ingress().await;
     let client = env.client(&ingress);
     let coupon = env.coupon_id("refuse");
     assert_eq!(client.create_coupon(&coupon, 2).await.0, 201);
-    let refused = format!("{}-refused", env.tag);
+    // A real Postgres error for one user: a trigger refuses their coupon row
+    // with a constraint violation, which waiting will not fix.
+    let refused = "rex";
+    env.refuse(&coupon, refused).await;
     let mut ids = Vec::new();
-    for user in ["amy", refused.as_str(), "bob", "cal"] {
+    for user in ["amy", refused, "bob", "cal"] {
         let (code, body) = client.issue(&coupon, user).await;
         assert_eq!(code, 202);
         ids.push(body["request_id"].as_str().unwrap().to_owned());

@@ -163,6 +163,56 @@ impl TestEnv {
         .expect("topics on the private broker");
     }
 
+    /// Makes Postgres refuse, for good, to store that `user` holds `coupon`:
+    /// a trigger raises a constraint violation (SQLSTATE 23514), as a real
+    /// data problem would. [`Self::stop_refusing`] fixes the cause.
+    pub async fn refuse(&self, coupon: &str, user: &str) {
+        let mut tx = self.pool.begin().await.unwrap();
+        // Tests set this up concurrently; DDL on one function must not race.
+        sqlx::query("SELECT pg_advisory_xact_lock(4242)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        for ddl in [
+            "CREATE TABLE IF NOT EXISTS firstcome_test_refused (
+                 coupon_id text NOT NULL, user_id text NOT NULL,
+                 PRIMARY KEY (coupon_id, user_id))",
+            "CREATE OR REPLACE FUNCTION firstcome_test_refuse() RETURNS trigger
+             LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM firstcome_test_refused
+                            WHERE coupon_id = NEW.coupon_id AND user_id = NEW.user_id) THEN
+                     RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation';
+                 END IF;
+                 RETURN NEW;
+             END $$",
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'firstcome_test_refuse') THEN
+                     CREATE TRIGGER firstcome_test_refuse BEFORE INSERT ON user_coupon
+                         FOR EACH ROW EXECUTE FUNCTION firstcome_test_refuse();
+                 END IF;
+             END $$",
+        ] {
+            sqlx::query(ddl).execute(&mut *tx).await.unwrap();
+        }
+        sqlx::query("INSERT INTO firstcome_test_refused VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(coupon)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// Undoes every [`Self::refuse`] of `coupon`.
+    pub async fn stop_refusing(&self, coupon: &str) {
+        sqlx::query("DELETE FROM firstcome_test_refused WHERE coupon_id = $1")
+            .bind(coupon)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
     /// A coupon id private to this test.
     pub fn coupon_id(&self, name: &str) -> String {
         format!("{}-{name}", self.tag)
@@ -653,6 +703,8 @@ pub struct LogModel {
     pub winners: HashMap<String, Vec<String>>,
     /// Records that went to the dead-letter topic, by kind.
     pub dead: HashMap<String, usize>,
+    /// Request ids of dead-lettered records that name one.
+    pub dead_ids: std::collections::HashSet<String>,
     /// Per coupon: the partitions its records sit in.
     pub partitions: HashMap<String, std::collections::HashSet<i32>>,
     /// Log positions no dead letter explains though they cannot be decided.
@@ -695,6 +747,7 @@ pub fn model(env: &TestEnv, coupons: &[(String, i64)]) -> LogModel {
             if let Some(r) = parsed {
                 let id = r.request_id.to_string();
                 m.logged.insert(id.clone());
+                m.dead_ids.insert(id.clone());
                 if kind == "permanent_failure" {
                     m.expected.entry(id).or_insert(("failed", at.0, at.1));
                 }
@@ -774,11 +827,14 @@ pub async fn check_promise_with(
         .filter(|id| !accepted.contains(*id) && !unconfirmed.contains(*id))
         .take(5)
         .collect();
-    assert!(strangers.is_empty(), "in the log, never sent: {strangers:?}");
+    assert!(
+        strangers.is_empty(),
+        "in the log, never sent: {strangers:?}"
+    );
     let undecided: Vec<&String> = m
         .logged
         .iter()
-        .filter(|id| !m.expected.contains_key(*id))
+        .filter(|id| !m.expected.contains_key(*id) && !m.dead_ids.contains(*id))
         .take(5)
         .collect();
     assert!(
@@ -811,7 +867,11 @@ pub async fn check_promise_with(
         mismatches.is_empty(),
         "decisions differ from log order (id, expected, ledger): {mismatches:?}"
     );
-    assert_eq!(got.len(), m.expected.len(), "no ledger row without a log record");
+    assert_eq!(
+        got.len(),
+        m.expected.len(),
+        "no ledger row without a log record"
+    );
 
     for (coupon, stock) in coupons {
         assert_eq!(

@@ -1,0 +1,233 @@
+//! Poison and permanently failing records in the middle of a burst: they go
+//! to the dead-letter topic with what happened, block nothing, and once the
+//! cause is fixed a replay decides them at their new place in the log;
+//! replaying them again changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use firstcome_suite::{PARTITIONS, TestEnv, request_value};
+
+async fn replay(env: &TestEnv, group: &str) -> serde_json::Value {
+    let out = env
+        .worker_command()
+        .args([
+            "dlq",
+            "replay",
+            "--group",
+            group,
+            "--kind",
+            "permanent_failure",
+            "--json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+async fn ledger(env: &TestEnv, coupons: &[&str]) -> HashMap<String, (String, i64)> {
+    let rows: Vec<(uuid::Uuid, String, i64)> = sqlx::query_as(
+        "SELECT request_id, status, kafka_offset FROM request_ledger WHERE coupon_id = ANY($1)",
+    )
+    .bind(coupons)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, s, o)| (id.to_string(), (s, o)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cause_is_fixed() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupons = vec![(env.coupon_id("p1"), 30), (env.coupon_id("p2"), 50)];
+    for (id, stock) in &coupons {
+        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
+    }
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+    // Postgres refuses two users of the first coupon for good.
+    let refused = ["zed", "zoe"];
+    for user in refused {
+        env.refuse(ids[0], user).await;
+    }
+    let worker = env.spawn_worker().await;
+    worker
+        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
+        .await;
+
+    let mut accepted = HashSet::new();
+    // First in line, so they win a unit that cannot be stored.
+    for user in refused {
+        let (code, body) = client.issue(ids[0], user).await;
+        assert_eq!(code, 202);
+        accepted.insert(body["request_id"].as_str().unwrap().to_owned());
+    }
+    let load = firstcome_suite::spawn_load(&client, &coupons, 400, Duration::from_millis(5), |i| {
+        format!("u{}", (i * 7) % 130)
+    });
+    // Poison in the middle of the burst: junk, a key that is not the
+    // record's coupon, and a coupon nobody created.
+    env.wait_decided(&ids, 60).await;
+    let (ghost_id, ghost) = request_value(&env.coupon_id("ghost"), "gus");
+    let (_, misfiled) = request_value(ids[1], "mia");
+    let ghost_coupon = env.coupon_id("ghost");
+    env.produce_raw(&[
+        (ids[0], "{not json"),
+        (ids[0], &misfiled),
+        (&ghost_coupon, &ghost),
+    ])
+    .await;
+    accepted.extend(load.await.unwrap());
+
+    let unconfirmed = HashSet::from([ghost_id]);
+    let m = firstcome_suite::check_promise_with(
+        &env,
+        &client,
+        &coupons,
+        &accepted,
+        &unconfirmed,
+        Duration::from_secs(120),
+    )
+    .await;
+    eprintln!("before the replay: dead letters by kind {:?}", m.dead);
+    for (kind, n) in [
+        ("invalid_record", 1),
+        ("key_mismatch", 1),
+        ("unknown_coupon", 1),
+        ("permanent_failure", 2),
+    ] {
+        assert_eq!(m.dead.get(kind), Some(&n), "{kind}: {:?}", m.dead);
+    }
+    let letters = env.read_dead_letters();
+    for l in &letters {
+        for h in [
+            "firstcome.error.kind",
+            "firstcome.error.message",
+            "firstcome.error.attempts",
+            "firstcome.original.topic",
+            "firstcome.original.partition",
+            "firstcome.original.offset",
+            "firstcome.original.timestamp",
+            "firstcome.consumer.group",
+            "firstcome.failed_at.first",
+            "firstcome.failed_at.last",
+        ] {
+            assert!(l.headers.contains_key(h), "{h} missing: {:?}", l.headers);
+        }
+        assert_eq!(l.headers["firstcome.consumer.group"], env.group_id);
+    }
+    let failed = letters
+        .iter()
+        .filter(|l| l.headers["firstcome.error.kind"] == "permanent_failure")
+        .collect::<Vec<_>>();
+    assert!(
+        failed
+            .iter()
+            .all(|l| l.key.as_deref() == Some(ids[0].as_bytes()))
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|l| l.headers["firstcome.error.message"].contains("refused by the test trigger"))
+    );
+    let statuses: Vec<String> = ledger(&env, &ids)
+        .await
+        .into_values()
+        .filter(|(s, _)| s == "failed")
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(statuses.len(), 2, "both refused requests end failed first");
+
+    // The cause is fixed; the failures are replayed and decided at their new
+    // place in the log, behind the whole burst: sold out by then.
+    env.stop_refusing(ids[0]).await;
+    let summary = replay(&env, "fix-1").await;
+    assert_eq!(summary["replayed"], 2, "{summary}");
+    let m = firstcome_suite::check_promise_with(
+        &env,
+        &client,
+        &coupons,
+        &accepted,
+        &unconfirmed,
+        Duration::from_secs(120),
+    )
+    .await;
+    let after_first = ledger(&env, &ids).await;
+    assert!(
+        after_first.values().all(|(s, _)| s != "failed"),
+        "no request stays failed once replayed"
+    );
+    eprintln!(
+        "after the replay: {} requests decided, dead letters by kind {:?}",
+        m.expected.len(),
+        m.dead
+    );
+
+    // Replaying the same letters again changes nothing.
+    let summary = replay(&env, "fix-2").await;
+    assert_eq!(summary["replayed"], 2, "{summary}");
+    firstcome_suite::check_promise_with(
+        &env,
+        &client,
+        &coupons,
+        &accepted,
+        &unconfirmed,
+        Duration::from_secs(120),
+    )
+    .await;
+    // The second replay's records are read and answered from the decisions.
+    let log_len = env.read_request_log().len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = worker_done(&env, log_len).await;
+        if committed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker never read the second replay"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ledger(&env, &ids).await, after_first);
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+/// Whether the worker's group has committed past `records` records in total.
+async fn worker_done(env: &TestEnv, records: usize) -> bool {
+    let (common, group) = (env.common.clone(), env.group_id.clone());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = firstcome::kafka::client_config(&common)
+            .unwrap()
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition(&common.request_topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        let total: i64 = committed
+            .elements()
+            .iter()
+            .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0))
+            .sum();
+        total as usize >= records
+    })
+    .await
+    .unwrap()
+}
