@@ -1,10 +1,12 @@
-//! Faults injected for real: a service cut off through a TCP proxy.
+//! Faults injected for real: a service cut off through a TCP proxy, a
+//! private Postgres stopped, the worker killed.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use firstcome_suite::services::PrivatePostgres;
 use firstcome_suite::{PARTITIONS, Proxy, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -284,32 +286,25 @@ async fn a_decision_postgres_refuses_for_good_is_undone_dead_lettered_and_failed
         assert_eq!(code, 202);
         ids.push(body["request_id"].as_str().unwrap().to_owned());
     }
-    // One batch decides all four: amy and the refused user get the two units.
+    // One batch decides all four, the refused user taking the second unit;
+    // once Postgres refuses it for good, it is given up and the requests
+    // behind it are decided again as if it had never taken a unit: bob, the
+    // next in line, gets it.
     let worker = env.spawn_worker().await;
     let mut statuses = Vec::new();
     for id in &ids {
         statuses.push(client.wait_final(id, Duration::from_secs(60)).await["status"].clone());
     }
-    assert_eq!(statuses, ["issued", "failed", "sold_out", "sold_out"]);
-
-    // The refused unit went back: one left, one holder, and the next in line gets it.
+    assert_eq!(statuses, ["issued", "failed", "issued", "sold_out"]);
     let (_, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
     assert_eq!(
         (
             view["remaining_stock"].as_i64(),
             view["issued_count"].as_i64()
         ),
-        (Some(1), Some(1)),
+        (Some(0), Some(2)),
         "{view}"
     );
-    let (_, next) = client.issue(&coupon, "dan").await;
-    let next = client
-        .wait_final(
-            next["request_id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(next["status"], "issued");
 
     let letters = env.read_dead_letters();
     assert_eq!(letters.len(), 1, "{letters:?}");
@@ -336,7 +331,43 @@ async fn a_decision_postgres_refuses_for_good_is_undone_dead_lettered_and_failed
             .fetch_all(&env.pool)
             .await
             .unwrap();
-    assert_eq!(holders, ["amy", "dan"]);
+    assert_eq!(holders, ["amy", "bob"]);
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_stopped_for_15_s_mid_burst_costs_no_request_and_the_promise_holds() {
+    let mut env = TestEnv::new().await;
+    let pg = PrivatePostgres::start().await;
+    env.use_postgres(pg.url()).await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupons: Vec<(String, i64)> = vec![(env.coupon_id("s1"), 40), (env.coupon_id("s2"), 60)];
+    for (id, stock) in &coupons {
+        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
+    }
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+    let mut cfg = env.worker_config();
+    cfg.max_batch = 9;
+    let worker = env.spawn_worker_with(cfg).await;
+    worker
+        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
+        .await;
+
+    // Every request must be accepted, Postgres or not (spawn_load insists on 202).
+    let load =
+        firstcome_suite::spawn_load(&client, &coupons, 1_200, Duration::from_millis(80), |i| {
+            format!("s{}", (i * 13) % 200)
+        });
+    env.wait_decided(&ids, 100).await;
+    pg.stop(); // immediate: every connection cut, as in a crash
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    pg.start_server().await;
+
+    let accepted = load.await.unwrap();
+    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+        .await;
     worker.stop().await;
     ingress.stop().await;
 }

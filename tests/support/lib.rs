@@ -295,10 +295,10 @@ impl TestEnv {
         }
     }
 
-    /// The real worker binary, configured for this test's topics, group and
-    /// key prefix; add the subcommand and its arguments.
-    pub fn worker_command(&self) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(worker_binary());
+    /// A binary of ours, configured for this test's services, topics and
+    /// key prefix.
+    fn command(&self, binary: PathBuf) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(binary);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env(
@@ -311,8 +311,23 @@ impl TestEnv {
             .env("FIRSTCOME_REDIS_PREFIX", &self.common.redis_prefix)
             .env("FIRSTCOME_REQUEST_TOPIC", &self.common.request_topic)
             .env("FIRSTCOME_DLQ_TOPIC", &self.common.dlq_topic)
-            .env("FIRSTCOME_GROUP_ID", &self.group_id)
             .kill_on_drop(true);
+        cmd
+    }
+
+    /// The real worker binary, configured for this test's topics, group and
+    /// key prefix; add the subcommand and its arguments.
+    pub fn worker_command(&self) -> tokio::process::Command {
+        let mut cmd = self.command(worker_binary());
+        cmd.env("FIRSTCOME_GROUP_ID", &self.group_id);
+        cmd
+    }
+
+    /// The real ingress binary, configured for this test, listening on `listen`.
+    pub fn ingress_command(&self, listen: SocketAddr) -> tokio::process::Command {
+        let mut cmd = self.command(ingress_binary());
+        cmd.env("FIRSTCOME_LISTEN", listen.to_string())
+            .env("FIRSTCOME_ADMIN_TOKEN", &self.admin_token);
         cmd
     }
 
@@ -385,12 +400,14 @@ impl TestEnv {
 
     /// An HTTP client for `ingress`.
     pub fn client(&self, ingress: &Running) -> Client {
+        self.client_at(ingress.addr.expect("an ingress has an address"))
+    }
+
+    /// An HTTP client of the ingress at `addr`.
+    pub fn client_at(&self, addr: SocketAddr) -> Client {
         Client {
             http: reqwest::Client::new(),
-            base: format!(
-                "http://{}",
-                ingress.addr.expect("an ingress has an address")
-            ),
+            base: format!("http://{addr}"),
             admin_token: self.admin_token.clone(),
         }
     }
@@ -421,27 +438,30 @@ pub fn request_value(coupon: &str, user: &str) -> (String, String) {
 pub fn worker_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            let status = std::process::Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "firstcome-worker",
-                    "--bin",
-                    "firstcome-worker",
-                ])
-                .current_dir(&root)
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building firstcome-worker failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            target.join("debug").join("firstcome-worker")
-        })
+        .get_or_init(|| build_binary("firstcome-worker"))
         .clone()
+}
+
+/// The ingress binary, built once per test process.
+pub fn ingress_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binary("firstcome-ingress"))
+        .clone()
+}
+
+fn build_binary(name: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", name, "--bin", name])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building {name} failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug").join(name)
 }
 
 /// A record read back from a topic.
@@ -695,6 +715,8 @@ pub async fn check_promise(
 /// The decisions the request log implies, replayed in log order.
 #[derive(Debug, Default)]
 pub struct LogModel {
+    /// Records in the log.
+    pub records: usize,
     /// Request ids of every parseable record.
     pub logged: std::collections::HashSet<String>,
     /// Request id → (expected status, partition, offset of the deciding record).
@@ -736,6 +758,7 @@ pub fn model(env: &TestEnv, coupons: &[(String, i64)]) -> LogModel {
     let mut m = LogModel::default();
     let mut holders: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
     for rec in env.read_request_log() {
+        m.records += 1;
         let at = (rec.partition, rec.offset);
         let parsed = rec
             .payload
@@ -912,6 +935,19 @@ pub async fn check_promise_with(
         assert_eq!((remaining, count), (0, *stock), "{view}");
         assert_eq!(remaining + count, view["total_stock"].as_i64().unwrap());
     }
+
+    let mut statuses: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (status, _, _) in m.expected.values() {
+        *statuses.entry(status).or_default() += 1;
+    }
+    eprintln!(
+        "promise held: {} log records, {} requests accepted (202), {} unconfirmed (503), \
+         statuses {statuses:?}, dead letters {:?}",
+        m.records,
+        accepted.len(),
+        unconfirmed.len(),
+        m.dead
+    );
 
     // Through the API: a sample of the accepted, and the unconfirmed.
     for id in accepted.iter().take(20) {

@@ -216,8 +216,21 @@ async fn issue(
 ) -> Result<Response, ApiError> {
     let coupon_id = parse(CouponId::parse(coupon_id))?;
     let user_id = parse(UserId::parse(body.user_id))?;
-    if state.coupon(&coupon_id).await?.is_none() {
-        return Err(ApiError::CouponNotFound(coupon_id.to_string()));
+    match state.coupon(&coupon_id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(ApiError::CouponNotFound(coupon_id.to_string())),
+        // Postgres is down and this replica has not seen the coupon yet: a
+        // coupon with a state in Redis exists, and the log, not Postgres,
+        // takes the request.
+        Err(e) => {
+            let keys = state.inner.keys.coupon(&coupon_id);
+            match state::counters(&mut state.inner.redis.clone(), &keys).await {
+                Ok(Some(_)) => {
+                    tracing::warn!(error = %e, "postgres unavailable, coupon known to redis")
+                }
+                _ => return Err(e.into()),
+            }
+        }
     }
     let request = IssueRequest {
         request_id: RequestId::new(),

@@ -237,6 +237,7 @@ pub async fn process(
     let now = Utc::now().trunc_subsecs(6);
     let mut decided: Vec<Decided<'_>> = Vec::with_capacity(requests.len());
     let mut todo: Vec<usize> = (0..groups.len()).collect();
+    let mut given_up = std::collections::HashSet::new();
     loop {
         let outcomes = retry(shared, "decide", cancel, || {
             decide_groups(shared, &groups, &todo, &requests, now)
@@ -268,18 +269,33 @@ pub async fn process(
             }
         }
 
-        // 3. Persist; coupons decided on a stale state go round again.
-        let refused = store(shared, &mut round, &recs, cancel).await?;
-        round.retain(|d| !refused.contains(&d.request.coupon_id));
+        // 3. Persist. Coupons decided on a stale state, and coupons with a
+        //    request given up (the requests behind it in the batch were
+        //    decided as if it held its unit), are rebuilt and go round again
+        //    without the given-up requests, which keep their `failed`.
+        let redo = store(shared, &mut round, &recs, cancel).await?;
+        for d in round.iter().filter(|d| d.taken_on.is_none()) {
+            given_up.insert(d.request.request_id);
+            decided.push(d.clone());
+        }
+        round.retain(|d| !redo.contains(&d.request.coupon_id));
         decided.append(&mut round);
-        if refused.is_empty() {
+        if redo.is_empty() {
             break;
         }
-        for coupon in &refused {
-            tracing::warn!(%coupon, "decisions taken on a stale redis state were refused; rebuilding the coupon from postgres and deciding again");
+        for coupon in &redo {
+            tracing::warn!(%coupon, "rebuilding the coupon from postgres and deciding its requests again");
             retry(shared, "rebuild", cancel, || rebuild(shared, coupon)).await?;
         }
-        todo.retain(|&g| refused.contains(&groups[g].0));
+        for (coupon, members) in &mut groups {
+            if redo.contains(coupon) {
+                members.retain(|&j| !given_up.contains(&requests[j].1.request_id));
+            }
+        }
+        todo.retain(|&g| redo.contains(&groups[g].0) && !groups[g].1.is_empty());
+        if todo.is_empty() {
+            break;
+        }
     }
 
     // 4. Dead letters, acknowledged before anything moves past them.
@@ -327,8 +343,10 @@ pub async fn process(
 }
 
 /// Persists one round of decisions. A batch Postgres refuses for good is
-/// stored record by record, so only the records it refuses are given up.
-/// Returns the coupons the fence refused.
+/// stored record by record, so only the records it refuses are given up
+/// (left `failed`, without [`TakenOn`]). Returns the coupons to decide
+/// again: those the fence refused, and those with a request given up, whose
+/// later requests are not stored.
 async fn store(
     shared: &Shared,
     round: &mut [Decided<'_>],
@@ -360,6 +378,7 @@ async fn store(
             }) => {
                 let letter = DeadLetter::permanent(format!("{error:#}"), attempts, first_failed_at);
                 give_up(shared, d, recs, letter, cancel).await?;
+                refused.push(d.request.coupon_id.clone());
             }
         }
     }
