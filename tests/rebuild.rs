@@ -140,16 +140,20 @@ async fn a_redis_restored_from_an_older_copy_is_caught_by_the_fence_and_the_prom
         copy.push((k, dump.unwrap()));
     }
     env.wait_decided(&ids, 250).await;
+    // All at once, as a restarted Redis comes back.
+    let mut restore = redis::pipe();
+    restore.atomic();
     for (k, dump) in &copy {
-        let _: () = redis::cmd("RESTORE")
+        restore
+            .cmd("RESTORE")
             .arg(k)
             .arg(0)
             .arg(dump.as_slice())
             .arg("REPLACE")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+            .ignore();
     }
+    let _: () = restore.query_async(&mut redis).await.unwrap();
+    let epochs_then = [env.epoch(ids[0]).await, env.epoch(ids[1]).await];
 
     let accepted = load.await.unwrap();
     firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
@@ -161,7 +165,10 @@ async fn a_redis_restored_from_an_older_copy_is_caught_by_the_fence_and_the_prom
             caught += 1;
         }
     }
-    assert!(caught > 0, "the worker never noticed the rollback");
+    assert!(
+        caught > 0,
+        "the worker never noticed the rollback (epochs at the rollback {epochs_then:?})"
+    );
     let (code, table) = reconcile(&env, &ids).await;
     assert_eq!(code, 0, "in sync once quiet:\n{table}");
     worker.stop().await;
