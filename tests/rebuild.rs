@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstcome_suite::services::PrivateRedis;
+use firstcome_suite::services::{PrivatePostgres, PrivateRedis};
 use firstcome_suite::{PARTITIONS, TestEnv};
 use serde_json::Value;
 
@@ -44,7 +44,10 @@ fn two_coupons(env: &TestEnv, a: i64, b: i64) -> Vec<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_rebuild_under_load_restores_every_coupon_and_the_promise_holds() {
-    let env = TestEnv::new().await;
+    // A Postgres of its own: "every coupon" must mean this test's only.
+    let mut env = TestEnv::new().await;
+    let pg = PrivatePostgres::start().await;
+    env.use_postgres(pg.url()).await;
     let ingress = env.spawn_ingress().await;
     let client = env.client(&ingress);
     let coupons = two_coupons(&env, 40, 70);
@@ -200,7 +203,7 @@ async fn a_redis_restarted_empty_mid_stream_is_rebuilt_and_the_promise_holds() {
     env.wait_decided(&ids, 100).await;
     redis.restart_wiped().await; // kill -9, data directory deleted, started again
     // The operator's rebuild, racing the worker's own.
-    let (code, _, err) = rebuild(&env, &[]).await;
+    let (code, _, err) = rebuild(&env, &["--coupon", ids[0], "--coupon", ids[1]]).await;
     assert_eq!(code, 0, "{err}");
 
     let accepted = load.await.unwrap();

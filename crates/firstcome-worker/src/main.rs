@@ -72,9 +72,9 @@ enum RedisCommand {
     Rebuild {
         #[command(flatten)]
         common: CommonConfig,
-        /// Only this coupon.
+        /// Only these coupons (repeatable); every coupon when absent.
         #[arg(long)]
-        coupon: Option<String>,
+        coupon: Vec<String>,
         /// Longest a coupon stays paused, should this tool die half-way.
         #[arg(long, default_value_t = 60)]
         pause_secs: u64,
@@ -166,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => {
             firstcome::telemetry::init(common.log_json);
-            if let Err(e) = rebuild(&common, coupon.as_deref(), pause_secs, json).await {
+            if let Err(e) = rebuild(&common, &coupon, pause_secs, json).await {
                 eprintln!("error: {e:#}");
                 std::process::exit(2);
             }
@@ -234,12 +234,15 @@ async fn reconcile(
 /// Rebuilds and prints what it did.
 async fn rebuild(
     common: &CommonConfig,
-    coupon: Option<&str>,
+    coupons: &[String],
     pause_secs: u64,
     json: bool,
 ) -> anyhow::Result<()> {
     common.validate()?;
-    let only = coupon.map(firstcome::CouponId::parse).transpose()?;
+    let only = coupons
+        .iter()
+        .map(|c| firstcome::CouponId::parse(c.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
     let pool = common.connect_postgres().await?;
     let mut redis = common
         .connect_redis(std::time::Duration::from_secs(10))
@@ -248,7 +251,7 @@ async fn rebuild(
         &pool,
         &mut redis,
         &common.keys()?,
-        only.as_ref(),
+        &only,
         std::time::Duration::from_secs(pause_secs.max(1)),
     )
     .await?;

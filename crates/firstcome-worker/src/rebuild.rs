@@ -34,20 +34,28 @@ pub struct Report {
     pub installed: bool,
 }
 
-/// Rebuilds one coupon, or every coupon, each paused for at most `pause`.
+/// Rebuilds the coupons `only`, or every coupon when it is empty, each
+/// paused for at most `pause`. Unknown coupons are refused before anything
+/// is touched.
 pub async fn rebuild<C: ConnectionLike + Send>(
     pool: &PgPool,
     redis: &mut C,
     keys: &Keys,
-    only: Option<&CouponId>,
+    only: &[CouponId],
     pause: Duration,
 ) -> anyhow::Result<Vec<Report>> {
-    let coupons = match only {
-        Some(id) => db::coupon(pool, id)
-            .await?
-            .map(|c| vec![c])
-            .ok_or_else(|| anyhow::anyhow!("coupon {id} does not exist"))?,
-        None => db::coupons(pool).await?,
+    let coupons = if only.is_empty() {
+        db::coupons(pool).await?
+    } else {
+        let mut found = Vec::with_capacity(only.len());
+        for id in only {
+            found.push(
+                db::coupon(pool, id)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("coupon {id} does not exist"))?,
+            );
+        }
+        found
     };
     let mut reports = Vec::with_capacity(coupons.len());
     for c in coupons {
