@@ -247,6 +247,17 @@ async fn without_a_broker_acknowledgement_an_issue_request_is_503_with_retry_aft
         !err.to_string().contains("127.0.0.1"),
         "no internal detail leaks: {err}"
     );
+    // It names the request, which was never written: its status says so.
+    let id = err["request_id"].as_str().expect("a 503 names the request");
+    assert_eq!(err["status_url"], format!("/v1/issue-requests/{id}"));
+    let (code, _) = split(
+        http.get(format!("{base}/v1/issue-requests/{id}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(code, 404);
 
     let (code, ready) = split(http.get(format!("{base}/readyz")).send().await.unwrap()).await;
     assert_eq!(code, 503, "{ready}");

@@ -148,7 +148,7 @@ async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_o
     let created = http
         .post(format!("{base}/v1/coupons"))
         .bearer_auth(&env.admin_token)
-        .json(&serde_json::json!({ "coupon_id": coupon, "name": "r", "total_stock": 10 }))
+        .json(&serde_json::json!({ "coupon_id": coupon, "name": "r", "total_stock": 11 }))
         .send()
         .await
         .unwrap();
@@ -160,7 +160,34 @@ async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_o
         .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
         .await;
 
+    // One request decided before Redis goes away.
+    let r = http
+        .post(format!("{base}/v1/coupons/{coupon}/issue"))
+        .json(&serde_json::json!({ "user_id": "early" }))
+        .send()
+        .await
+        .unwrap();
+    let early: serde_json::Value = r.json().await.unwrap();
+    let early = early["request_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while env.decided_count(&[&coupon]).await < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "early request never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     proxy.cut();
+    // Its status still answers, from the Postgres ledger.
+    let looked = http
+        .get(format!("{base}/v1/issue-requests/{early}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(looked.status(), 200);
+    let looked: serde_json::Value = looked.json().await.unwrap();
+    assert_eq!(looked["status"], "issued", "{looked}");
     let mut ids = Vec::new();
     for i in 0..30 {
         let r = http
@@ -180,13 +207,13 @@ async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_o
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
         env.decided_count(&[&coupon]).await,
-        0,
+        1,
         "nothing is decided without Redis"
     );
 
     proxy.restore();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while env.decided_count(&[&coupon]).await < 30 {
+    while env.decided_count(&[&coupon]).await < 31 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "not all decided after Redis came back"
@@ -199,9 +226,11 @@ async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_o
             .fetch_all(&env.pool)
             .await
             .unwrap();
-    let first_ten: Vec<String> = (0..10).map(|i| format!("r{i:02}")).collect();
+    let winners: Vec<String> = std::iter::once("early".to_owned())
+        .chain((0..10).map(|i| format!("r{i:02}")))
+        .collect();
     assert_eq!(
-        issued, first_ten,
+        issued, winners,
         "the first ten in line, sent one after another"
     );
     for id in &ids {

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use firstcome::db::{self, Coupon};
@@ -36,6 +36,23 @@ pub(crate) struct Inner {
     /// created, so a hit needs no expiry; misses are not cached, so a coupon
     /// created through another ingress replica is seen at once.
     pub(crate) coupons: RwLock<HashMap<CouponId, Arc<Coupon>>>,
+    /// Until when `pending` status writes are skipped (Redis failing).
+    pub(crate) pending_skip_until: Mutex<Option<Instant>>,
+}
+
+impl Inner {
+    /// Whether `pending` status writes are being skipped now.
+    pub(crate) fn pending_skipped(&self) -> bool {
+        self.pending_skip_until
+            .lock()
+            .expect("lock")
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Skips `pending` status writes for `period`.
+    pub(crate) fn skip_pending_for(&self, period: Duration) {
+        *self.pending_skip_until.lock().expect("lock") = Some(Instant::now() + period);
+    }
 }
 
 impl AppState {
@@ -89,6 +106,7 @@ impl Application {
                     producer,
                     keys,
                     coupons: RwLock::new(HashMap::new()),
+                    pending_skip_until: Mutex::new(None),
                 }),
             },
         })

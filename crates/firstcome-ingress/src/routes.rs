@@ -27,6 +27,8 @@ pub const MAX_STOCK: i64 = 1_000_000_000;
 pub const MAX_NAME_CHARS: usize = 200;
 /// How long the ingress waits for Redis when recording a pending status.
 const STATUS_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long pending-status writes are skipped after one failed.
+const PENDING_SKIP: Duration = Duration::from_secs(1);
 
 /// The whole API on one router, so tests can serve it on any listener.
 pub fn router(state: AppState) -> Router {
@@ -269,14 +271,22 @@ async fn issue(
     // The record is in the log, so the request will be decided whatever
     // happens next; the pending entry only lets lookups say "pending" rather
     // than 404 until then.
-    let pending = RequestStatus::pending(&request);
-    let ttl = state.inner.cfg.common.status_ttl();
-    let mut redis = state.inner.redis.clone();
-    let write = state::put_pending(&mut redis, &state.inner.keys, &pending, ttl);
-    match tokio::time::timeout(STATUS_WRITE_TIMEOUT, write).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "accepted, but the pending status was not cached"),
-        Err(_) => tracing::warn!("accepted, but caching the pending status timed out"),
+    // After a failed write the next ones are skipped for a while, so a
+    // Redis outage does not cost every request the write's timeout.
+    if !state.inner.pending_skipped() {
+        let pending = RequestStatus::pending(&request);
+        let ttl = state.inner.cfg.common.status_ttl();
+        let mut redis = state.inner.redis.clone();
+        let write = state::put_pending(&mut redis, &state.inner.keys, &pending, ttl);
+        let failed = match tokio::time::timeout(STATUS_WRITE_TIMEOUT, write).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_owned()),
+        };
+        if let Some(error) = failed {
+            tracing::warn!(%error, "accepted, but the pending status was not cached; skipping it for a second");
+            state.inner.skip_pending_for(PENDING_SKIP);
+        }
     }
     let body = json!({
         "request_id": id,
