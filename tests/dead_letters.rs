@@ -90,15 +90,17 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
     accepted.extend(load.await.unwrap());
 
     let unconfirmed = HashSet::from([ghost_id]);
-    let m = firstcome_suite::check_promise_with(
-        &env,
-        &client,
-        &coupons,
-        &accepted,
-        &unconfirmed,
-        Duration::from_secs(120),
-    )
-    .await;
+    let check = || {
+        firstcome_suite::check_promise_with(
+            &env,
+            &client,
+            &coupons,
+            &accepted,
+            &unconfirmed,
+            Duration::from_secs(120),
+        )
+    };
+    let m = check().await;
     eprintln!("before the replay: dead letters by kind {:?}", m.dead);
     for (kind, n) in [
         ("invalid_record", 1),
@@ -153,15 +155,7 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
     env.stop_refusing(ids[0]).await;
     let summary = replay(&env, "fix-1").await;
     assert_eq!(summary["replayed"], 2, "{summary}");
-    let m = firstcome_suite::check_promise_with(
-        &env,
-        &client,
-        &coupons,
-        &accepted,
-        &unconfirmed,
-        Duration::from_secs(120),
-    )
-    .await;
+    let m = check().await;
     let after_first = ledger(&env, &ids).await;
     assert!(
         after_first.values().all(|(s, _)| s != "failed"),
@@ -176,15 +170,7 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
     // Replaying the same letters again changes nothing.
     let summary = replay(&env, "fix-2").await;
     assert_eq!(summary["replayed"], 2, "{summary}");
-    firstcome_suite::check_promise_with(
-        &env,
-        &client,
-        &coupons,
-        &accepted,
-        &unconfirmed,
-        Duration::from_secs(120),
-    )
-    .await;
+    check().await;
     // The second replay's records are read and answered from the decisions.
     let log_len = env.read_request_log().len();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -250,21 +250,10 @@ async fn while_redis_is_unreachable_requests_are_still_accepted_and_decided_in_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds() {
     let env = TestEnv::new().await;
-    let ingress = env.spawn_ingress().await;
-    let client = env.client(&ingress);
-    let coupons: Vec<(String, i64)> = vec![(env.coupon_id("w1"), 30), (env.coupon_id("w2"), 50)];
-    for (id, stock) in &coupons {
-        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
-    }
-    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
-    let mut cfg = env.worker_config();
-    cfg.max_batch = 7;
-    let worker = env.spawn_worker_with(cfg).await;
-    worker
-        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
-        .await;
+    let sale = env.open_sale(&[("w1", 30), ("w2", 50)], 7).await;
+    let (client, coupons, ids) = (&sale.client, &sale.coupons, sale.ids());
 
-    let load = firstcome_suite::spawn_load(&client, &coupons, 400, Duration::from_millis(5), |i| {
+    let load = firstcome_suite::spawn_load(client, coupons, 400, Duration::from_millis(5), |i| {
         format!("w{}", (i * 31) % 120)
     });
     // Once some requests are decided, everything of this test in Redis goes
@@ -291,10 +280,9 @@ async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds
         .unwrap();
 
     let accepted = load.await.unwrap();
-    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+    firstcome_suite::check_promise(&env, client, coupons, &accepted, Duration::from_secs(120))
         .await;
-    worker.stop().await;
-    ingress.stop().await;
+    sale.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,23 +358,12 @@ async fn postgres_stopped_for_15_s_mid_burst_costs_no_request_and_the_promise_ho
     let mut env = TestEnv::new().await;
     let pg = PrivatePostgres::start().await;
     env.use_postgres(pg.url()).await;
-    let ingress = env.spawn_ingress().await;
-    let client = env.client(&ingress);
-    let coupons: Vec<(String, i64)> = vec![(env.coupon_id("s1"), 40), (env.coupon_id("s2"), 60)];
-    for (id, stock) in &coupons {
-        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
-    }
-    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
-    let mut cfg = env.worker_config();
-    cfg.max_batch = 9;
-    let worker = env.spawn_worker_with(cfg).await;
-    worker
-        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
-        .await;
+    let sale = env.open_sale(&[("s1", 40), ("s2", 60)], 9).await;
+    let (client, coupons, ids) = (&sale.client, &sale.coupons, sale.ids());
 
     // Every request must be accepted, Postgres or not (spawn_load insists on 202).
     let load =
-        firstcome_suite::spawn_load(&client, &coupons, 1_200, Duration::from_millis(80), |i| {
+        firstcome_suite::spawn_load(client, coupons, 1_200, Duration::from_millis(80), |i| {
             format!("s{}", (i * 13) % 200)
         });
     env.wait_decided(&ids, 100).await;
@@ -395,8 +372,7 @@ async fn postgres_stopped_for_15_s_mid_burst_costs_no_request_and_the_promise_ho
     pg.start_server().await;
 
     let accepted = load.await.unwrap();
-    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+    firstcome_suite::check_promise(&env, client, coupons, &accepted, Duration::from_secs(120))
         .await;
-    worker.stop().await;
-    ingress.stop().await;
+    sale.close().await;
 }

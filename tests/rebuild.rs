@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use firstcome_suite::TestEnv;
 use firstcome_suite::services::{PrivatePostgres, PrivateRedis};
-use firstcome_suite::{PARTITIONS, TestEnv};
 use serde_json::Value;
 
 async fn rebuild(env: &TestEnv, args: &[&str]) -> (i32, Value, String) {
@@ -22,47 +22,16 @@ async fn rebuild(env: &TestEnv, args: &[&str]) -> (i32, Value, String) {
     )
 }
 
-/// `reconcile` of these coupons: exit code and table.
-async fn reconcile(env: &TestEnv, coupons: &[&str]) -> (i32, String) {
-    let (mut worst, mut text) = (0, String::new());
-    for c in coupons {
-        let out = env
-            .worker_command()
-            .args(["reconcile", "--coupon", c])
-            .output()
-            .await
-            .unwrap();
-        worst = worst.max(out.status.code().unwrap());
-        text.push_str(&String::from_utf8_lossy(&out.stdout));
-    }
-    (worst, text)
-}
-
-fn two_coupons(env: &TestEnv, a: i64, b: i64) -> Vec<(String, i64)> {
-    vec![(env.coupon_id("a"), a), (env.coupon_id("b"), b)]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_rebuild_under_load_restores_every_coupon_and_the_promise_holds() {
     // A Postgres of its own: "every coupon" must mean this test's only.
     let mut env = TestEnv::new().await;
     let pg = PrivatePostgres::start().await;
     env.use_postgres(pg.url()).await;
-    let ingress = env.spawn_ingress().await;
-    let client = env.client(&ingress);
-    let coupons = two_coupons(&env, 40, 70);
-    for (id, stock) in &coupons {
-        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
-    }
-    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
-    let mut cfg = env.worker_config();
-    cfg.max_batch = 9;
-    let worker = env.spawn_worker_with(cfg).await;
-    worker
-        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
-        .await;
+    let sale = env.open_sale(&[("a", 40), ("b", 70)], 9).await;
+    let (client, coupons, ids) = (&sale.client, &sale.coupons, sale.ids());
 
-    let load = firstcome_suite::spawn_load(&client, &coupons, 500, Duration::from_millis(8), |i| {
+    let load = firstcome_suite::spawn_load(client, coupons, 500, Duration::from_millis(8), |i| {
         format!("r{}", (i * 13) % 160)
     });
     // Every coupon, then one, while requests keep being decided.
@@ -86,9 +55,9 @@ async fn redis_rebuild_under_load_restores_every_coupon_and_the_promise_holds() 
     assert!(report[0]["epoch"].as_i64().unwrap() >= 3, "{report}");
 
     let accepted = load.await.unwrap();
-    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+    firstcome_suite::check_promise(&env, client, coupons, &accepted, Duration::from_secs(120))
         .await;
-    let (code, table) = reconcile(&env, &ids).await;
+    let (code, table) = env.reconcile(&ids).await;
     assert_eq!(code, 0, "in sync once quiet:\n{table}");
 
     // An unknown coupon is a clear error that changes nothing.
@@ -98,30 +67,17 @@ async fn redis_rebuild_under_load_restores_every_coupon_and_the_promise_holds() 
         err.contains("coupon no-such-coupon does not exist"),
         "{err}"
     );
-    worker.stop().await;
-    ingress.stop().await;
+    sale.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restored_from_an_older_copy_is_caught_by_the_fence_and_the_promise_holds() {
     let env = TestEnv::new().await;
-    let ingress = env.spawn_ingress().await;
-    let client = env.client(&ingress);
-    let coupons = two_coupons(&env, 60, 90);
-    for (id, stock) in &coupons {
-        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
-    }
-    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
-    let mut cfg = env.worker_config();
-    cfg.max_batch = 7;
-    let worker = env.spawn_worker_with(cfg).await;
-    worker
-        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
-        .await;
-    let load =
-        firstcome_suite::spawn_load(&client, &coupons, 600, Duration::from_millis(30), |i| {
-            format!("o{}", (i * 17) % 200)
-        });
+    let sale = env.open_sale(&[("a", 60), ("b", 90)], 7).await;
+    let (client, coupons, ids) = (&sale.client, &sale.coupons, sale.ids());
+    let load = firstcome_suite::spawn_load(client, coupons, 600, Duration::from_millis(30), |i| {
+        format!("o{}", (i * 17) % 200)
+    });
 
     // A copy of the coupons' state early on, put back later: Redis went back
     // in time (an old snapshot, an AOF that lost its tail, a lagging replica
@@ -159,7 +115,7 @@ async fn a_redis_restored_from_an_older_copy_is_caught_by_the_fence_and_the_prom
     let epochs_then = [env.epoch(ids[0]).await, env.epoch(ids[1]).await];
 
     let accepted = load.await.unwrap();
-    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+    firstcome_suite::check_promise(&env, client, coupons, &accepted, Duration::from_secs(120))
         .await;
     let mut caught = 0;
     for id in &ids {
@@ -172,10 +128,9 @@ async fn a_redis_restored_from_an_older_copy_is_caught_by_the_fence_and_the_prom
         caught > 0,
         "the worker never noticed the rollback (epochs at the rollback {epochs_then:?})"
     );
-    let (code, table) = reconcile(&env, &ids).await;
+    let (code, table) = env.reconcile(&ids).await;
     assert_eq!(code, 0, "in sync once quiet:\n{table}");
-    worker.stop().await;
-    ingress.stop().await;
+    sale.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -183,20 +138,9 @@ async fn a_redis_restarted_empty_mid_stream_is_rebuilt_and_the_promise_holds() {
     let mut env = TestEnv::new().await;
     let mut redis = PrivateRedis::start().await;
     env.use_redis(redis.url());
-    let ingress = env.spawn_ingress().await;
-    let client = env.client(&ingress);
-    let coupons = two_coupons(&env, 50, 80);
-    for (id, stock) in &coupons {
-        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
-    }
-    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
-    let mut cfg = env.worker_config();
-    cfg.max_batch = 7;
-    let worker = env.spawn_worker_with(cfg).await;
-    worker
-        .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
-        .await;
-    let load = firstcome_suite::spawn_load(&client, &coupons, 500, Duration::from_millis(8), |i| {
+    let sale = env.open_sale(&[("a", 50), ("b", 80)], 7).await;
+    let (client, coupons, ids) = (&sale.client, &sale.coupons, sale.ids());
+    let load = firstcome_suite::spawn_load(client, coupons, 500, Duration::from_millis(8), |i| {
         format!("e{}", (i * 7) % 170)
     });
 
@@ -207,10 +151,9 @@ async fn a_redis_restarted_empty_mid_stream_is_rebuilt_and_the_promise_holds() {
     assert_eq!(code, 0, "{err}");
 
     let accepted = load.await.unwrap();
-    firstcome_suite::check_promise(&env, &client, &coupons, &accepted, Duration::from_secs(120))
+    firstcome_suite::check_promise(&env, client, coupons, &accepted, Duration::from_secs(120))
         .await;
-    let (code, table) = reconcile(&env, &ids).await;
+    let (code, table) = env.reconcile(&ids).await;
     assert_eq!(code, 0, "in sync once quiet:\n{table}");
-    worker.stop().await;
-    ingress.stop().await;
+    sale.close().await;
 }

@@ -187,19 +187,8 @@ async fn sigterm_to_both_binaries_under_load_loses_no_202_and_leaves_no_decision
     )
     .await;
     // Redis and Postgres agree on every coupon: nothing decided half-way.
-    for c in &ids {
-        let out = env
-            .worker_command()
-            .args(["reconcile", "--coupon", c])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
+    let (code, table) = env.reconcile(&ids).await;
+    assert_eq!(code, 0, "{table}");
     terminate(&mut worker, "the worker").await;
     terminate(&mut ingress, "the ingress").await;
 }

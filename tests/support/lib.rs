@@ -389,6 +389,23 @@ impl TestEnv {
         }
     }
 
+    /// `firstcome-worker reconcile` of these coupons: the worst exit code
+    /// and the tables.
+    pub async fn reconcile(&self, coupons: &[&str]) -> (i32, String) {
+        let (mut worst, mut text) = (0, String::new());
+        for c in coupons {
+            let out = self
+                .worker_command()
+                .args(["reconcile", "--coupon", c])
+                .output()
+                .await
+                .unwrap();
+            worst = worst.max(out.status.code().unwrap());
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        (worst, text)
+    }
+
     /// The Redis epoch Postgres holds for a coupon (see `firstcome::state`).
     pub async fn epoch(&self, coupon: &str) -> i64 {
         sqlx::query_scalar("SELECT redis_epoch FROM coupon WHERE coupon_id = $1")
@@ -1080,4 +1097,57 @@ pub fn spawn_open_load(
         }
         all
     })
+}
+
+/// An ingress and a worker (batches of `max_batch`, every partition
+/// assigned) over freshly created coupons: how every fault scenario starts.
+pub struct Sale {
+    /// The ingress.
+    pub ingress: Running,
+    /// The worker.
+    pub worker: Running,
+    /// A client of the ingress.
+    pub client: Client,
+    /// Coupon ids and stocks.
+    pub coupons: Vec<(String, i64)>,
+}
+
+impl Sale {
+    /// The coupon ids.
+    pub fn ids(&self) -> Vec<&str> {
+        self.coupons.iter().map(|(c, _)| c.as_str()).collect()
+    }
+
+    /// Stops the worker, then the ingress.
+    pub async fn close(self) {
+        self.worker.stop().await;
+        self.ingress.stop().await;
+    }
+}
+
+impl TestEnv {
+    /// Opens a sale of the coupons `stocks` (name, stock); see [`Sale`].
+    pub async fn open_sale(&self, stocks: &[(&str, i64)], max_batch: usize) -> Sale {
+        let ingress = self.spawn_ingress().await;
+        let client = self.client(&ingress);
+        let coupons: Vec<(String, i64)> = stocks
+            .iter()
+            .map(|(name, stock)| (self.coupon_id(name), *stock))
+            .collect();
+        for (id, stock) in &coupons {
+            assert_eq!(client.create_coupon(id, *stock).await.0, 201);
+        }
+        let mut cfg = self.worker_config();
+        cfg.max_batch = max_batch;
+        let worker = self.spawn_worker_with(cfg).await;
+        worker
+            .wait_assignment("every partition", |a| a.len() == PARTITIONS as usize)
+            .await;
+        Sale {
+            ingress,
+            worker,
+            client,
+            coupons,
+        }
+    }
 }
