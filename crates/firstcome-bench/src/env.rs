@@ -1,0 +1,104 @@
+//! Where a scenario runs: the local stack's services, and names of its own
+//! (topics, consumer group, Redis prefix), so scenarios and runs never see
+//! each other's data.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use firstcome::config::CommonConfig;
+
+/// Partitions of a scenario's request topic (as in the local stack).
+pub const PARTITIONS: i32 = 12;
+
+/// One scenario's slice of the stack.
+#[derive(Debug, Clone)]
+pub struct BenchEnv {
+    /// Postgres.
+    pub database_url: String,
+    /// Redis.
+    pub redis_url: String,
+    /// Bootstrap servers.
+    pub kafka_brokers: String,
+    /// Redis key prefix of this scenario.
+    pub prefix: String,
+    /// Request topic of this scenario.
+    pub request_topic: String,
+    /// Dead-letter topic of this scenario.
+    pub dlq_topic: String,
+    /// Consumer group of this scenario's workers.
+    pub group_id: String,
+    /// Admin token of this scenario's ingress.
+    pub admin_token: String,
+    /// Session timeout for the workers (nisshi joins take half of it).
+    pub session_timeout_ms: u64,
+    /// Short random tag; coupon ids start with it.
+    pub tag: String,
+}
+
+fn var(key: &str) -> anyhow::Result<String> {
+    std::env::var(key).with_context(|| {
+        format!(
+            "{key} is not set: run through `scripts/bench`, which reads the local stack's settings"
+        )
+    })
+}
+
+impl BenchEnv {
+    /// Fresh names on the stack given by `DATABASE_URL`, `REDIS_URL` and
+    /// `KAFKA_BROKERS`, with the topics created.
+    pub async fn new(scenario: &str) -> anyhow::Result<Self> {
+        let tag = format!(
+            "b{}{}",
+            &scenario[..scenario.len().min(4)],
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let env = Self {
+            database_url: var("DATABASE_URL")?,
+            redis_url: var("REDIS_URL")?,
+            kafka_brokers: var("KAFKA_BROKERS")?,
+            prefix: format!("{tag}:"),
+            request_topic: format!("{tag}.requests"),
+            dlq_topic: format!("{tag}.dlq"),
+            group_id: format!("{tag}-workers"),
+            admin_token: format!("bench-token-{tag}"),
+            session_timeout_ms: std::env::var("FIRSTCOME_SESSION_TIMEOUT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10_000),
+            tag,
+        };
+        let common = env.common();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            firstcome::kafka::ensure_topics(
+                &common,
+                &[(&common.request_topic, PARTITIONS), (&common.dlq_topic, 1)],
+                1,
+            ),
+        )
+        .await
+        .context("the broker did not answer in 60 s; is the stack up (`scripts/stack up`)?")??;
+        Ok(env)
+    }
+
+    /// The shared settings the library functions take.
+    pub fn common(&self) -> CommonConfig {
+        CommonConfig {
+            database_url: self.database_url.clone(),
+            redis_url: self.redis_url.clone(),
+            redis_prefix: self.prefix.clone(),
+            kafka_brokers: self.kafka_brokers.clone(),
+            kafka_options: Vec::new(),
+            request_topic: self.request_topic.clone(),
+            dlq_topic: self.dlq_topic.clone(),
+            status_ttl_secs: 3_600,
+            pg_max_connections: 8,
+            log_json: false,
+        }
+    }
+
+    /// A coupon id of this scenario.
+    pub fn coupon(&self, name: &str) -> String {
+        format!("{}-{name}", self.tag)
+    }
+}

@@ -1,0 +1,159 @@
+//! `firstcome-bench`: measures the pipeline and, in the same run on the same
+//! services, the raw limits under it and the design it replaces.
+//!
+//! # Layout
+//! - [`env`]: a scenario's own topics, group and Redis prefix on the stack
+//! - [`procs`]: the binaries under test, as child processes
+//! - [`servers`]: this tool's bare-HTTP and seed-design servers
+//! - [`load`]: open- and closed-model load with HDR histograms
+//! - [`scenarios`]: what is measured
+//! - [`report`]: JSON, Markdown table and SVG chart
+
+mod env;
+mod load;
+mod procs;
+mod report;
+mod scenarios;
+mod servers;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use scenarios::Size;
+
+#[derive(Parser)]
+#[command(
+    name = "firstcome-bench",
+    about = "Benchmarks of firstcome (run it through scripts/bench)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run scenarios and write results.json, results.md and latency.svg.
+    Run {
+        /// Scenarios to run (repeatable); all when absent.
+        #[arg(long = "scenario", value_enum)]
+        scenarios: Vec<Scenario>,
+        /// Seconds-long runs of every scenario, to check the tool works.
+        #[arg(long)]
+        smoke: bool,
+        /// Where to write the results.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
+    /// The bare HTTP handler (used by the raw-http scenario).
+    ServeRawHttp {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// The seed design (used by the seed-baseline scenario).
+    ServeSeed {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    RawHttp,
+    Ingress,
+    RawProduce,
+    RawRedis,
+    RawPg,
+    Drain,
+    FlashSale,
+    SeedBaseline,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_init();
+    match Cli::parse().command {
+        Command::ServeRawHttp { listen } => servers::raw_http(listen).await,
+        Command::ServeSeed { listen } => servers::seed(listen).await,
+        Command::Run {
+            scenarios,
+            smoke,
+            out,
+        } => run(scenarios, smoke, out).await,
+    }
+}
+
+fn tracing_init() {
+    let _ = firstcome::telemetry::init(false);
+}
+
+async fn run(mut which: Vec<Scenario>, smoke: bool, out: PathBuf) -> anyhow::Result<()> {
+    if which.is_empty() {
+        which = Scenario::value_variants().to_vec();
+    }
+    let size = if smoke { Size::SMOKE } else { Size::FULL };
+    let mut r = report::Results {
+        machine: Some(report::Machine::probe()),
+        size: if smoke { "smoke" } else { "full" }.to_owned(),
+        started_at: chrono::Utc::now().to_rfc3339(),
+        ..Default::default()
+    };
+    for s in which {
+        let name = s
+            .to_possible_value()
+            .expect("no skipped variants")
+            .get_name()
+            .to_owned();
+        eprintln!("[bench] {name} …");
+        let started = std::time::Instant::now();
+        let context = || format!("scenario {name}");
+        match s {
+            Scenario::RawHttp => {
+                r.raw_http = Some(scenarios::raw_http(size).await.with_context(context)?)
+            }
+            Scenario::Ingress => {
+                r.ingress = Some(scenarios::ingress(size).await.with_context(context)?)
+            }
+            Scenario::RawProduce => {
+                r.raw_produce = Some(scenarios::raw_produce(size).await.with_context(context)?)
+            }
+            Scenario::RawRedis => {
+                r.raw_redis = Some(scenarios::raw_redis(size).await.with_context(context)?)
+            }
+            Scenario::RawPg => {
+                r.raw_pg = Some(scenarios::raw_pg(size).await.with_context(context)?)
+            }
+            Scenario::Drain => r.drain = Some(scenarios::drain(size).await.with_context(context)?),
+            Scenario::FlashSale => {
+                r.flash_sale = Some(scenarios::flash_sale(size).await.with_context(context)?)
+            }
+            Scenario::SeedBaseline => {
+                r.seed_baseline = Some(scenarios::seed(size).await.with_context(context)?)
+            }
+        }
+        eprintln!(
+            "[bench] {name} done in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    r.judge();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&r)?)?;
+    std::fs::write(out.join("results.md"), r.table())?;
+    std::fs::write(out.join("latency.svg"), r.svg())?;
+    println!("{}", r.table());
+    eprintln!("[bench] results in {}", out.display());
+    // A run that broke the promise is a failed run.
+    if let Some(f) = &r.flash_sale {
+        anyhow::ensure!(
+            f.violations == 0,
+            "the flash sale broke the promise: {} violations",
+            f.violations
+        );
+    }
+    Ok(())
+}

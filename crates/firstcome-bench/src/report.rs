@@ -1,0 +1,384 @@
+//! What a run writes: `results.json` for machines, `results.md` (a table
+//! with the targets) for people, and `latency.svg`, latency against offered
+//! load for the ingress and the bare HTTP handler.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::scenarios::{Drain, FlashSale, HttpCurve, Rate, Seed};
+
+/// The machine a run ran on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPU model.
+    pub cpu: String,
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// Memory, GiB.
+    pub memory_gib: f64,
+    /// Kernel.
+    pub kernel: String,
+}
+
+impl Machine {
+    /// Reads `/proc`.
+    pub fn probe() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("unknown")
+            .trim()
+            .to_owned();
+        let memory_gib = read("/proc/meminfo")
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+        Self {
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            memory_gib: (memory_gib * 10.0).round() / 10.0,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        }
+    }
+}
+
+/// Everything one run measured; a scenario not run is `None`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Results {
+    /// Where it ran.
+    pub machine: Option<Machine>,
+    /// `full` or `smoke`.
+    pub size: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// `raw-http`.
+    pub raw_http: Option<HttpCurve>,
+    /// `ingress`.
+    pub ingress: Option<HttpCurve>,
+    /// `raw-produce`, records/s.
+    pub raw_produce: Option<Rate>,
+    /// `raw-redis`, decisions/s.
+    pub raw_redis: Option<Rate>,
+    /// `raw-pg`, rows/s.
+    pub raw_pg: Option<Rate>,
+    /// `drain`.
+    pub drain: Option<Drain>,
+    /// `flash-sale`.
+    pub flash_sale: Option<FlashSale>,
+    /// `seed-baseline`.
+    pub seed_baseline: Option<Seed>,
+    /// The issue's targets, judged.
+    pub targets: Vec<Target>,
+}
+
+/// One target of issue 4.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is asked.
+    pub goal: String,
+    /// What was measured.
+    pub measured: String,
+    /// Whether it is met; `None` when a scenario it needs did not run.
+    pub met: Option<bool>,
+}
+
+fn target(goal: &str, measured: Option<(String, bool)>) -> Target {
+    match measured {
+        Some((measured, met)) => Target {
+            goal: goal.to_owned(),
+            measured,
+            met: Some(met),
+        },
+        None => Target {
+            goal: goal.to_owned(),
+            measured: "not run".to_owned(),
+            met: None,
+        },
+    }
+}
+
+impl Results {
+    /// Judges the targets from what ran.
+    pub fn judge(&mut self) {
+        let ingress = self
+            .ingress
+            .as_ref()
+            .zip(self.raw_http.as_ref())
+            .map(|(i, r)| {
+                let ratio = i.sustained_per_s / r.sustained_per_s;
+                (
+                    format!(
+                        "{:.0}/s vs raw-http {:.0}/s = {ratio:.2}×",
+                        i.sustained_per_s, r.sustained_per_s
+                    ),
+                    ratio >= 0.6,
+                )
+            });
+        let p99 = self
+            .ingress
+            .as_ref()
+            .and_then(|i| i.at_80_percent.as_ref())
+            .map(|s| {
+                (
+                    format!("{:.1} ms at {:.0}/s", s.latency.p99_ms, s.offered_per_s),
+                    s.latency.p99_ms <= 20.0,
+                )
+            });
+        let drain = self
+            .drain
+            .as_ref()
+            .zip(self.raw_pg.as_ref())
+            .map(|(d, pg)| {
+                let ratio = d.hot.per_s / pg.per_s;
+                (
+                    format!(
+                        "hot coupon {:.0}/s vs raw-pg {:.0} rows/s = {ratio:.2}×",
+                        d.hot.per_s, pg.per_s
+                    ),
+                    ratio >= 0.5,
+                )
+            });
+        let sale = self
+            .flash_sale
+            .as_ref()
+            .zip(self.seed_baseline.as_ref())
+            .map(|(f, s)| {
+                let ratio = f.end_to_end_per_s / s.per_s;
+                (
+                    format!(
+                        "{:.0}/s end to end vs seed {:.0}/s = {ratio:.2}×; violations ours {} / seed {}",
+                        f.end_to_end_per_s, s.per_s, f.violations, s.first_come_violations
+                    ),
+                    ratio >= 10.0 && f.violations == 0,
+                )
+            });
+        let memory = self.flash_sale.as_ref().map(|f| {
+            let i = f.ingress_peak_rss_mib.unwrap_or(f64::NAN);
+            let w = self
+                .drain
+                .as_ref()
+                .and_then(|d| d.worker_peak_rss_mib)
+                .unwrap_or(0.0)
+                .max(f.worker_peak_rss_mib.unwrap_or(f64::NAN));
+            (
+                format!("ingress {i:.0} MiB, worker {w:.0} MiB"),
+                i <= 64.0 && w <= 128.0,
+            )
+        });
+        self.targets = vec![
+            target("ingress sustained ≥ 0.6 × raw-http", ingress),
+            target("ingress p99 ≤ 20 ms at 80 % of sustained", p99),
+            target("drain of a hot coupon ≥ 0.5 × raw-pg", drain),
+            target("flash sale ≥ 10 × seed-baseline, 0 violations ours", sale),
+            target("RSS: ingress ≤ 64 MiB, worker ≤ 128 MiB", memory),
+        ];
+    }
+
+    /// A Markdown report.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        if let Some(m) = &self.machine {
+            let _ = writeln!(
+                out,
+                "Machine: {} × {}, {} GiB, Linux {}. Size: {}. Started {}.\n",
+                m.cpus, m.cpu, m.memory_gib, m.kernel, self.size, self.started_at
+            );
+        }
+        let _ = writeln!(out, "| scenario | result |\n|---|---|");
+        let mut row = |name: &str, text: String| {
+            let _ = writeln!(out, "| {name} | {text} |");
+        };
+        for (name, c) in [("raw-http", &self.raw_http), ("ingress", &self.ingress)] {
+            if let Some(c) = c {
+                let at80 = c.at_80_percent.as_ref().map_or(String::new(), |s| {
+                    format!(
+                        "; at {:.0}/s p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms",
+                        s.offered_per_s, s.latency.p50_ms, s.latency.p99_ms, s.latency.p999_ms
+                    )
+                });
+                row(
+                    name,
+                    format!(
+                        "sustained {:.0} accepted/s{at80}; peak RSS {:.0} MiB",
+                        c.sustained_per_s,
+                        c.peak_rss_mib.unwrap_or(f64::NAN)
+                    ),
+                );
+            }
+        }
+        for (name, r, unit) in [
+            ("raw-produce", &self.raw_produce, "records/s"),
+            ("raw-redis", &self.raw_redis, "decisions/s"),
+            ("raw-pg", &self.raw_pg, "rows/s"),
+        ] {
+            if let Some(r) = r {
+                row(
+                    name,
+                    format!("{:.0} {unit} ({} in {:.2} s)", r.per_s, r.count, r.seconds),
+                );
+            }
+        }
+        if let Some(d) = &self.drain {
+            row(
+                "drain",
+                format!(
+                    "{:.0} records/s overall, hot coupon {:.0}/s ({} records); wall {:.1} s with the group join; accept→decide p50 {:.0} / p99 {:.0} ms; worker RSS {:.0} MiB",
+                    d.all.per_s,
+                    d.hot.per_s,
+                    d.hot.count,
+                    d.wall_seconds,
+                    d.accept_to_decide.p50_ms,
+                    d.accept_to_decide.p99_ms,
+                    d.worker_peak_rss_mib.unwrap_or(f64::NAN)
+                ),
+            );
+        }
+        if let Some(f) = &self.flash_sale {
+            row(
+                "flash-sale",
+                format!(
+                    "{} requests: 202 at {:.0}/s (p50 {:.1} / p99 {:.1} ms); sold out after {:.2} s; every request final after {:.2} s = {:.0}/s end to end; violations {}; statuses {:?}; RSS ingress {:.0} / worker {:.0} MiB",
+                    f.burst.sent,
+                    f.burst.ok_per_s,
+                    f.burst.latency.p50_ms,
+                    f.burst.latency.p99_ms,
+                    f.sold_out_after_s,
+                    f.all_final_after_s,
+                    f.end_to_end_per_s,
+                    f.violations,
+                    sorted(&f.statuses),
+                    f.ingress_peak_rss_mib.unwrap_or(f64::NAN),
+                    f.worker_peak_rss_mib.unwrap_or(f64::NAN)
+                ),
+            );
+        }
+        if let Some(s) = &self.seed_baseline {
+            row(
+                "seed-baseline",
+                format!(
+                    "{} requests answered at {:.0}/s (p50 {:.1} / p99 {:.1} ms, {} errors); first-come violations {}; rows stored {} of {}; statuses {:?}",
+                    s.burst.sent,
+                    s.per_s,
+                    s.burst.latency.p50_ms,
+                    s.burst.latency.p99_ms,
+                    s.burst.errors,
+                    s.first_come_violations,
+                    s.rows_stored,
+                    s.burst.ok,
+                    sorted(&s.statuses)
+                ),
+            );
+        }
+        let _ = writeln!(out, "\n| target | measured | met |\n|---|---|---|");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "–",
+            };
+            let _ = writeln!(out, "| {} | {} | {met} |", t.goal, t.measured);
+        }
+        out
+    }
+
+    /// Latency (p50, p99; log scale) against offered load, as SVG.
+    pub fn svg(&self) -> String {
+        let (w, h, left, bottom, top, right) = (760.0, 420.0, 70.0, 50.0, 30.0, 170.0);
+        let curves: Vec<(&str, &HttpCurve, &str)> = [
+            ("raw-http", &self.raw_http, "#888888"),
+            ("ingress", &self.ingress, "#1f77b4"),
+        ]
+        .into_iter()
+        .filter_map(|(n, c, col)| c.as_ref().map(|c| (n, c, col)))
+        .collect();
+        let max_rate = curves
+            .iter()
+            .flat_map(|(_, c, _)| c.steps.iter().map(|s| s.offered_per_s))
+            .fold(1.0, f64::max);
+        let (lo, hi) = (0.1f64.log10(), 10_000f64.log10());
+        let x = |r: f64| left + (w - left - right) * r / max_rate;
+        let y = |ms: f64| {
+            let v = ms.clamp(0.1, 10_000.0).log10();
+            h - bottom - (h - bottom - top) * (v - lo) / (hi - lo)
+        };
+        let mut s = format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="18" text-anchor="middle" font-size="14">Latency against offered load (open model)</text>
+"#,
+            (w - right + left) / 2.0
+        );
+        for ms in [0.1, 1.0, 10.0, 100.0, 1_000.0, 10_000.0] {
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{ms} ms</text>"##,
+                w - right,
+                left - 6.0,
+                y(ms) + 4.0,
+                y = y(ms)
+            );
+        }
+        let ticks = 5;
+        for i in 0..=ticks {
+            let r = max_rate * i as f64 / ticks as f64;
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{:.0}</text>"#,
+                x(r),
+                h - bottom + 18.0,
+                r
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">offered requests/s</text>"#,
+            (w - right + left) / 2.0,
+            h - 12.0
+        );
+        let mut legend = top + 10.0;
+        for (name, c, color) in &curves {
+            for (q, dash) in [("p50", ""), ("p99", "6,3")] {
+                let points: Vec<String> = c
+                    .steps
+                    .iter()
+                    .map(|st| {
+                        let v = if q == "p50" {
+                            st.latency.p50_ms
+                        } else {
+                            st.latency.p99_ms
+                        };
+                        format!("{:.1},{:.1}", x(st.offered_per_s), y(v))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    r#"<polyline fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}" points="{}"/>"#,
+                    points.join(" ")
+                );
+                let lx = w - right + 12.0;
+                let _ = writeln!(
+                    s,
+                    r#"<line x1="{lx}" x2="{}" y1="{legend}" y2="{legend}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/><text x="{}" y="{}">{name} {q}</text>"#,
+                    lx + 24.0,
+                    lx + 30.0,
+                    legend + 4.0
+                );
+                legend += 18.0;
+            }
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn sorted(m: &std::collections::HashMap<String, u64>) -> Vec<(&String, &u64)> {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,786 @@
+//! The scenarios. Each takes a [`Size`] (full run or smoke) and returns what
+//! it measured; none asserts a speed.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, SubsecRound, Utc};
+use firstcome::db::{self, Decided, TakenOn};
+use firstcome::state::{self, CouponSnapshot, Decision, Keys, Verdict};
+use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
+use futures::StreamExt;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::env::BenchEnv;
+use crate::load::{self, Latency, Outcome, Step};
+use crate::procs;
+
+/// How big a run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Size {
+    /// Seconds per load step.
+    pub step: Duration,
+    /// Arrival rates tried, in order, until saturation.
+    pub rates: &'static [f64],
+    /// Records of the raw producer, drain and rows of raw-pg.
+    pub records: usize,
+    /// Requests of the flash sale and the seed baseline.
+    pub sale_requests: u64,
+    /// Concurrent clients of the flash sale and the seed baseline.
+    pub sale_clients: usize,
+}
+
+impl Size {
+    /// A full run.
+    pub const FULL: Size = Size {
+        step: Duration::from_secs(5),
+        rates: &[
+            1_000.0, 2_000.0, 3_000.0, 4_000.0, 5_000.0, 6_000.0, 8_000.0, 10_000.0, 12_000.0,
+            16_000.0,
+        ],
+        records: 100_000,
+        sale_requests: 30_000,
+        sale_clients: 256,
+    };
+    /// Seconds per scenario, so the tool never rots.
+    pub const SMOKE: Size = Size {
+        step: Duration::from_millis(500),
+        rates: &[200.0],
+        records: 600,
+        sale_requests: 300,
+        sale_clients: 16,
+    };
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::MAX)
+        .build()
+        .expect("an HTTP client")
+}
+
+fn issue(
+    http: &reqwest::Client,
+    base: &str,
+    coupon: &str,
+    user: String,
+) -> impl std::future::Future<Output = Outcome> + Send + use<> {
+    let request = http
+        .post(format!("{base}/v1/coupons/{coupon}/issue"))
+        .json(&json!({ "user_id": user }));
+    async move {
+        match request.send().await {
+            Ok(r) if r.status().is_success() => Outcome::Ok,
+            _ => Outcome::Error,
+        }
+    }
+}
+
+/// An HTTP endpoint driven up to saturation.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpCurve {
+    /// Every step, in order of rate.
+    pub steps: Vec<Step>,
+    /// The highest accepted rate of a step that kept up (≥ 95 % of the
+    /// offered rate answered as wanted, p99 under a second).
+    pub sustained_per_s: f64,
+    /// A step at 80 % of the sustained rate.
+    pub at_80_percent: Option<Step>,
+    /// Peak RSS of the server process, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+fn kept_up(s: &Step) -> bool {
+    s.ok as f64 >= 0.95 * s.sent as f64 && s.latency.p99_ms < 1_000.0
+}
+
+async fn curve(base: &str, coupon: &str, size: Size) -> (Vec<Step>, f64, Option<Step>) {
+    let http = http();
+    let mut steps = Vec::new();
+    let mut sustained: f64 = 0.0;
+    let mut offset = 0u64;
+    for &rate in size.rates {
+        let (h, b, c, off) = (http.clone(), base.to_owned(), coupon.to_owned(), offset);
+        let step = load::open(rate, size.step, move |i| {
+            issue(&h, &b, &c, format!("u{}", off + i))
+        })
+        .await;
+        offset += step.sent;
+        tracing::info!(
+            rate,
+            ok_per_s = step.ok_per_s,
+            p99_ms = step.latency.p99_ms,
+            "step"
+        );
+        let ok = kept_up(&step);
+        if ok {
+            sustained = sustained.max(step.ok_per_s);
+        }
+        steps.push(step);
+        if !ok {
+            break;
+        }
+    }
+    let at_80 = if sustained > 0.0 {
+        let (h, b, c, off) = (http.clone(), base.to_owned(), coupon.to_owned(), offset);
+        Some(
+            load::open(0.8 * sustained, size.step, move |i| {
+                issue(&h, &b, &c, format!("u{}", off + i))
+            })
+            .await,
+        )
+    } else {
+        None
+    };
+    (steps, sustained, at_80)
+}
+
+/// `raw-http`: the bare handler.
+pub async fn raw_http(size: Size) -> anyhow::Result<HttpCurve> {
+    let env = BenchEnv::new("rawhttp").await?;
+    let server = procs::own_server(&env, "serve-raw-http").await?;
+    let base = format!("http://{}", server.addr.expect("it listens"));
+    let (steps, sustained, at_80) = curve(&base, "c", size).await;
+    let peak_rss_mib = server.peak_rss_mib();
+    server.stop().await;
+    Ok(HttpCurve {
+        steps,
+        sustained_per_s: sustained,
+        at_80_percent: at_80,
+        peak_rss_mib,
+    })
+}
+
+async fn create_coupon(
+    http: &reqwest::Client,
+    base: &str,
+    env: &BenchEnv,
+    id: &str,
+    stock: i64,
+) -> anyhow::Result<()> {
+    let r = http
+        .post(format!("{base}/v1/coupons"))
+        .bearer_auth(&env.admin_token)
+        .json(&json!({ "coupon_id": id, "name": id, "total_stock": stock }))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 201, "creating coupon {id}: {}", r.status());
+    Ok(())
+}
+
+/// `ingress`: the real ingress, to the broker.
+pub async fn ingress(size: Size) -> anyhow::Result<HttpCurve> {
+    let env = BenchEnv::new("ingress").await?;
+    let server = procs::ingress(&env).await?;
+    let base = format!("http://{}", server.addr.expect("it listens"));
+    let coupon = env.coupon("hot");
+    create_coupon(&http(), &base, &env, &coupon, 1_000_000).await?;
+    let (steps, sustained, at_80) = curve(&base, &coupon, size).await;
+    let peak_rss_mib = server.peak_rss_mib();
+    server.stop().await;
+    Ok(HttpCurve {
+        steps,
+        sustained_per_s: sustained,
+        at_80_percent: at_80,
+        peak_rss_mib,
+    })
+}
+
+/// A throughput figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rate {
+    /// Units done.
+    pub count: u64,
+    /// Seconds taken.
+    pub seconds: f64,
+    /// Units per second.
+    pub per_s: f64,
+}
+
+impl Rate {
+    fn new(count: u64, since: Instant) -> Self {
+        let seconds = since.elapsed().as_secs_f64();
+        Self {
+            count,
+            seconds,
+            per_s: count as f64 / seconds,
+        }
+    }
+}
+
+fn request(coupon: &CouponId, user: String) -> IssueRequest {
+    IssueRequest {
+        request_id: RequestId::new(),
+        coupon_id: coupon.clone(),
+        user_id: UserId::parse(user).expect("a valid user id"),
+        accepted_at: Utc::now().trunc_subsecs(6),
+    }
+}
+
+fn producer(env: &BenchEnv) -> anyhow::Result<FutureProducer> {
+    // The ingress's settings (`FIRSTCOME_PRODUCE_LINGER_MS` default 2).
+    Ok(firstcome::kafka::producer_config(
+        &env.common(),
+        Duration::from_secs(30),
+        Duration::from_millis(2),
+    )?
+    .create()?)
+}
+
+/// Writes `records` to the request topic with at most 10,000 in flight.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    records: Vec<IssueRequest>,
+) -> anyhow::Result<()> {
+    let mut sends = futures::stream::iter(records.into_iter().map(|r| {
+        let producer = producer.clone();
+        let topic = topic.to_owned();
+        async move {
+            let payload = r.to_json();
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(r.coupon_id.as_str())
+                        .payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::Error::new(e))
+        }
+    }))
+    .buffer_unordered(10_000);
+    while let Some(r) = sends.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// `raw-produce`: the producer alone, the ingress's settings and payloads.
+pub async fn raw_produce(size: Size) -> anyhow::Result<Rate> {
+    let env = BenchEnv::new("rawprod").await?;
+    let coupon = CouponId::parse(env.coupon("hot"))?;
+    let records: Vec<IssueRequest> = (0..size.records)
+        .map(|i| request(&coupon, format!("u{i}")))
+        .collect();
+    let producer = producer(&env)?;
+    let since = Instant::now();
+    produce(&producer, &env.request_topic, records).await?;
+    Ok(Rate::new(size.records as u64, since))
+}
+
+/// Requests per Lua call in `raw-redis` (the worker's default batch).
+const LUA_BATCH: usize = 500;
+
+/// `raw-redis`: the decision script alone, 500 requests a call, 4 calls in
+/// flight, every request a new user (the costliest path: SADD + HSET).
+pub async fn raw_redis(size: Size) -> anyhow::Result<Rate> {
+    let env = BenchEnv::new("rawredis").await?;
+    let client = redis::Client::open(env.redis_url.as_str())?;
+    let conn = client.get_multiplexed_async_connection().await?;
+    let keys = Keys::new(env.prefix.clone())?;
+    let coupon = CouponId::parse(env.coupon("hot"))?;
+    let ck = keys.coupon(&coupon);
+    let snapshot = CouponSnapshot {
+        epoch: 1,
+        seq: 0,
+        total_stock: 1_000_000_000,
+        starts_at: None,
+        ends_at: None,
+        issued_users: vec![],
+        decisions: vec![],
+    };
+    state::install(&mut conn.clone(), &ck, &snapshot).await?;
+    let calls = size.records.div_ceil(LUA_BATCH);
+    let batches: Vec<Vec<IssueRequest>> = (0..calls)
+        .map(|c| {
+            (0..LUA_BATCH)
+                .map(|i| request(&coupon, format!("u{c}x{i}")))
+                .collect()
+        })
+        .collect();
+    let since = Instant::now();
+    let mut done = futures::stream::iter(batches.iter().map(|batch| {
+        let (mut conn, ck) = (conn.clone(), ck.clone());
+        async move {
+            let refs: Vec<&IssueRequest> = batch.iter().collect();
+            match state::decide(&mut conn, &ck, &refs, Utc::now()).await? {
+                Verdict::Decided(d) => Ok(d.decisions.len()),
+                other => anyhow::bail!("unexpected verdict {other:?}"),
+            }
+        }
+    }))
+    .buffer_unordered(4);
+    let mut decided = 0u64;
+    while let Some(n) = done.next().await {
+        decided += n? as u64;
+    }
+    let rate = Rate::new(decided, since);
+    let _: () = redis::cmd("DEL")
+        .arg(&ck.meta)
+        .arg(&ck.stock)
+        .arg(&ck.users)
+        .arg(&ck.decided)
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(rate)
+}
+
+async fn bench_coupon(pool: &sqlx::PgPool, id: &str, stock: i32) -> anyhow::Result<()> {
+    let inserted = db::insert_coupon(
+        pool,
+        &db::Coupon {
+            coupon_id: id.to_owned(),
+            name: id.to_owned(),
+            total_stock: stock,
+            starts_at: None,
+            ends_at: None,
+        },
+    )
+    .await?;
+    anyhow::ensure!(inserted, "coupon {id} exists already");
+    Ok(())
+}
+
+/// `raw-pg`: the worker's statement alone: batches of 500 issued decisions
+/// of one coupon, fenced, one after another (as one partition is stored).
+pub async fn raw_pg(size: Size) -> anyhow::Result<Rate> {
+    let env = BenchEnv::new("rawpg").await?;
+    let pool = env.common().connect_postgres().await?;
+    let coupon = CouponId::parse(env.coupon("hot"))?;
+    bench_coupon(&pool, coupon.as_str(), 2_000_000_000).await?;
+    let requests: Vec<IssueRequest> = (0..size.records)
+        .map(|i| request(&coupon, format!("u{i}")))
+        .collect();
+    let now = Utc::now().trunc_subsecs(6);
+    let since = Instant::now();
+    for (b, chunk) in requests.chunks(LUA_BATCH).enumerate() {
+        let batch: Vec<Decided<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let n = (b * LUA_BATCH + i) as i64;
+                Decided {
+                    request: r,
+                    decision: Decision {
+                        status: Status::Issued,
+                        decided_at: now,
+                    },
+                    partition: 0,
+                    offset: n,
+                    taken_on: Some(TakenOn {
+                        epoch: 0,
+                        seq: Some(n + 1),
+                    }),
+                }
+            })
+            .collect();
+        let refused = db::persist(&pool, &batch).await?;
+        anyhow::ensure!(refused.is_empty(), "the fence refused a raw batch");
+    }
+    Ok(Rate::new(size.records as u64, since))
+}
+
+/// `drain`: a backlog decided and stored by one worker.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drain {
+    /// Every record, from the first ledger row to the last.
+    pub all: Rate,
+    /// The hot coupon's records alone.
+    pub hot: Rate,
+    /// Wall time from starting the worker (group join included).
+    pub wall_seconds: f64,
+    /// Accept→decide latency from the ledger (mostly time in the backlog).
+    pub accept_to_decide: Latency,
+    /// Peak RSS of the worker, MiB.
+    pub worker_peak_rss_mib: Option<f64>,
+}
+
+/// Ledger spans of `coupons`: (count, first decided_at, last decided_at).
+async fn ledger_span(
+    pool: &sqlx::PgPool,
+    coupons: &[String],
+) -> anyhow::Result<(i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+    Ok(sqlx::query_as("SELECT count(*), min(decided_at), max(decided_at) FROM request_ledger WHERE coupon_id = ANY($1)")
+        .bind(coupons)
+        .fetch_one(pool)
+        .await?)
+}
+
+async fn wait_ledger(
+    pool: &sqlx::PgPool,
+    coupons: &[String],
+    n: i64,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (count, _, _) = ledger_span(pool, coupons).await?;
+        if count >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {count} of {n} decided after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn latency_from_ledger(pool: &sqlx::PgPool, coupons: &[String]) -> anyhow::Result<Latency> {
+    let micros: Vec<i64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM decided_at - accepted_at) * 1e6)::bigint FROM request_ledger WHERE coupon_id = ANY($1)",
+    )
+    .bind(coupons)
+    .fetch_all(pool)
+    .await?;
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    for m in micros {
+        h.saturating_record(m.max(1) as u64);
+    }
+    Ok(Latency::of(&h))
+}
+
+/// `drain`: one hot coupon with most of the traffic and a tail of 20.
+pub async fn drain(size: Size) -> anyhow::Result<Drain> {
+    let env = BenchEnv::new("drain").await?;
+    let pool = env.common().connect_postgres().await?;
+    let hot = env.coupon("hot");
+    bench_coupon(&pool, &hot, 1_000).await?;
+    let tail: Vec<String> = (0..20).map(|i| env.coupon(&format!("t{i}"))).collect();
+    for t in &tail {
+        bench_coupon(&pool, t, 50).await?;
+    }
+    let (hot_id, tail_ids): (CouponId, Vec<CouponId>) = (
+        CouponId::parse(hot.clone())?,
+        tail.iter()
+            .map(|t| CouponId::parse(t.clone()))
+            .collect::<Result<_, _>>()?,
+    );
+    let records: Vec<IssueRequest> = (0..size.records)
+        .map(|i| {
+            let coupon = if i % 5 == 4 {
+                &tail_ids[(i / 5) % tail_ids.len()]
+            } else {
+                &hot_id
+            };
+            request(coupon, format!("u{}", (i * 7_919) % 50_000))
+        })
+        .collect();
+    let hot_count = records.iter().filter(|r| r.coupon_id == hot_id).count() as i64;
+    produce(&producer(&env)?, &env.request_topic, records).await?;
+
+    let started = Instant::now();
+    let worker = procs::worker(&env)?;
+    let mut all: Vec<String> = tail.clone();
+    all.push(hot.clone());
+    // Decision times are per batch, too coarse for a rate: time the ledger
+    // filling up instead, from its first row to its last.
+    let (mut first_row, mut hot_done) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let done = loop {
+        let (count, _, _) = ledger_span(&pool, &all).await?;
+        let now = Instant::now();
+        if count > 0 && first_row.is_none() {
+            first_row = Some(now);
+        }
+        if hot_done.is_none() {
+            let (h, _, _) = ledger_span(&pool, std::slice::from_ref(&hot)).await?;
+            if h >= hot_count {
+                hot_done = Some(now);
+            }
+        }
+        if count >= size.records as i64 && hot_done.is_some() {
+            break now;
+        }
+        anyhow::ensure!(
+            now < deadline,
+            "only {count} of {} decided after 10 min",
+            size.records
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let worker_peak_rss_mib = worker.peak_rss_mib();
+    worker.stop().await;
+    let first = first_row.expect("rows were seen");
+    let rate = |count: i64, end: Instant| {
+        let seconds = (end - first).as_secs_f64().max(1e-3);
+        Rate {
+            count: count as u64,
+            seconds,
+            per_s: count as f64 / seconds,
+        }
+    };
+    Ok(Drain {
+        all: rate(size.records as i64, done),
+        hot: rate(hot_count, hot_done.expect("the hot coupon was done")),
+        wall_seconds,
+        accept_to_decide: latency_from_ledger(&pool, &all).await?,
+        worker_peak_rss_mib,
+    })
+}
+
+/// The coupons of a sale: (name, stock).
+const SALE: [(&str, i64); 3] = [("a", 100), ("b", 300), ("c", 600)];
+
+/// The user of the sale's request `i`: half as many users as requests, so
+/// many press twice.
+fn sale_user(i: u64, requests: u64) -> String {
+    format!("u{}", (i * 7_919) % (requests / 2).max(1))
+}
+
+/// `flash-sale`: the whole path.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlashSale {
+    /// The burst at the ingress (202s).
+    pub burst: Step,
+    /// Requests per second until every request was final.
+    pub end_to_end_per_s: f64,
+    /// From the first request until the last unit was issued, seconds.
+    pub sold_out_after_s: f64,
+    /// From the first request until every request was decided, seconds.
+    pub all_final_after_s: f64,
+    /// Decisions that differ from the log order (must be 0).
+    pub violations: u64,
+    /// Requests decided, by status.
+    pub statuses: HashMap<String, u64>,
+    /// Peak RSS of the ingress, MiB.
+    pub ingress_peak_rss_mib: Option<f64>,
+    /// Peak RSS of the worker, MiB.
+    pub worker_peak_rss_mib: Option<f64>,
+}
+
+/// `flash-sale`: many users, three coupons, stock far below demand, all at once.
+pub async fn flash_sale(size: Size) -> anyhow::Result<FlashSale> {
+    let env = BenchEnv::new("sale").await?;
+    let pool = env.common().connect_postgres().await?;
+    let ingress = procs::ingress(&env).await?;
+    let worker = procs::worker(&env)?;
+    let base = format!("http://{}", ingress.addr.expect("it listens"));
+    let http = http();
+    // Warm up: one request decided means the worker has joined its group.
+    let warm = env.coupon("warmup");
+    create_coupon(&http, &base, &env, &warm, 1).await?;
+    let r: serde_json::Value = http
+        .post(format!("{base}/v1/coupons/{warm}/issue"))
+        .json(&json!({"user_id": "w"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let warm_id = r["request_id"]
+        .as_str()
+        .context("warm-up request id")?
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s: serde_json::Value = http
+            .get(format!("{base}/v1/issue-requests/{warm_id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if s["status"] == "issued" {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the worker never decided the warm-up request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let coupons: Vec<(String, i64)> = SALE.iter().map(|(n, s)| (env.coupon(n), *s)).collect();
+    for (id, stock) in &coupons {
+        create_coupon(&http, &base, &env, id, *stock).await?;
+    }
+    let ids: Vec<String> = coupons.iter().map(|(c, _)| c.clone()).collect();
+    let n = size.sale_requests;
+    let t0 = Utc::now();
+    let (h, b, cs) = (http.clone(), base.clone(), ids.clone());
+    let burst = load::closed(size.sale_clients, n, move |i| {
+        issue(&h, &b, &cs[(i % 3) as usize], sale_user(i, n))
+    })
+    .await;
+    anyhow::ensure!(
+        burst.errors == 0,
+        "{} requests of the burst failed",
+        burst.errors
+    );
+    wait_ledger(&pool, &ids, n as i64, Duration::from_secs(600)).await?;
+    let (_, _, last) = ledger_span(&pool, &ids).await?;
+    let sold_out: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT max(decided_at) FROM request_ledger WHERE coupon_id = ANY($1) AND status = 'issued'")
+            .bind(&ids)
+            .fetch_one(&pool)
+            .await?;
+    let secs = |t: Option<DateTime<Utc>>| {
+        t.map_or(f64::NAN, |t| {
+            (t - t0).num_microseconds().unwrap_or(0) as f64 / 1e6
+        })
+    };
+    let all_final_after_s = secs(last);
+    let (violations, statuses) = check_promise(&env, &pool, &coupons).await?;
+    let (ingress_peak_rss_mib, worker_peak_rss_mib) =
+        (ingress.peak_rss_mib(), worker.peak_rss_mib());
+    worker.stop().await;
+    ingress.stop().await;
+    Ok(FlashSale {
+        burst,
+        end_to_end_per_s: n as f64 / all_final_after_s,
+        sold_out_after_s: secs(sold_out),
+        all_final_after_s,
+        violations,
+        statuses,
+        ingress_peak_rss_mib,
+        worker_peak_rss_mib,
+    })
+}
+
+/// Replays the request log per coupon and counts the ledger statuses that
+/// differ from what the log order implies (issued while stock lasts for each
+/// new user, duplicate for a holder, sold out after), and holders twice.
+async fn check_promise(
+    env: &BenchEnv,
+    pool: &sqlx::PgPool,
+    coupons: &[(String, i64)],
+) -> anyhow::Result<(u64, HashMap<String, u64>)> {
+    let common = env.common();
+    let log = tokio::task::spawn_blocking(move || {
+        firstcome::kafka::read_topic(&common, &common.request_topic, Duration::from_secs(120))
+    })
+    .await??;
+    let stock: HashMap<&str, i64> = coupons.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+    let mut holders: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut expected: HashMap<RequestId, &'static str> = HashMap::new();
+    for m in &log {
+        use rdkafka::message::Message;
+        let Some(r) = m.payload().and_then(|p| IssueRequest::from_json(p).ok()) else {
+            continue;
+        };
+        let Some(&s) = stock.get(r.coupon_id.as_str()) else {
+            continue;
+        };
+        let users = holders.entry(r.coupon_id.to_string()).or_default();
+        let want = if users.contains(r.user_id.as_str()) {
+            "duplicate"
+        } else if (users.len() as i64) < s {
+            users.insert(r.user_id.to_string());
+            "issued"
+        } else {
+            "sold_out"
+        };
+        expected.insert(r.request_id, want);
+    }
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+    let rows: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT request_id, status FROM request_ledger WHERE coupon_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
+    let mut statuses: HashMap<String, u64> = HashMap::new();
+    let mut violations = 0u64;
+    for (id, status) in &rows {
+        *statuses.entry(status.clone()).or_default() += 1;
+        if expected.get(&RequestId::from(*id)).copied() != Some(status.as_str()) {
+            violations += 1;
+        }
+    }
+    violations += expected.len().abs_diff(rows.len()) as u64;
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM user_coupon WHERE coupon_id = ANY($1) GROUP BY coupon_id, user_id HAVING count(*) > 1) t",
+    )
+    .bind(&ids)
+    .fetch_one(pool)
+    .await?;
+    Ok((violations + twice as u64, statuses))
+}
+
+/// `seed-baseline`: the report's design behind the same burst.
+#[derive(Debug, Clone, Serialize)]
+pub struct Seed {
+    /// The burst, answered directly.
+    pub burst: Step,
+    /// Requests answered per second.
+    pub per_s: f64,
+    /// Later requests issued while an earlier one was told sold out, counted
+    /// as sold-out requests that arrived before some issued one.
+    pub first_come_violations: u64,
+    /// Rows its asynchronous writes stored (of `burst.ok` answered).
+    pub rows_stored: u64,
+    /// Answers by status.
+    pub statuses: HashMap<String, u64>,
+}
+
+/// `seed-baseline`.
+pub async fn seed(size: Size) -> anyhow::Result<Seed> {
+    let env = BenchEnv::new("seed").await?;
+    let pool = env.common().connect_postgres().await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_seed_issue (coupon_id text NOT NULL, user_id text NOT NULL,
+                                                      arrival bigint NOT NULL, status text NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let mut redis = redis::Client::open(env.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let coupons: Vec<(String, i64)> = SALE.iter().map(|(n, s)| (env.coupon(n), *s)).collect();
+    for (id, stock) in &coupons {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}seed:{id}:stock", env.prefix))
+            .arg(stock)
+            .query_async(&mut redis)
+            .await?;
+    }
+    let server = procs::own_server(&env, "serve-seed").await?;
+    let base = format!("http://{}", server.addr.expect("it listens"));
+    let ids: Vec<String> = coupons.iter().map(|(c, _)| c.clone()).collect();
+    let n = size.sale_requests;
+    let (h, b, cs) = (http(), base.clone(), ids.clone());
+    let burst = load::closed(size.sale_clients, n, move |i| {
+        issue(&h, &b, &cs[(i % 3) as usize], sale_user(i, n))
+    })
+    .await;
+    let per_s = burst.ok as f64 / burst.seconds;
+    // Its writes are asynchronous: give them a moment to land.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows_stored = loop {
+        let rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM bench_seed_issue WHERE coupon_id = ANY($1)")
+                .bind(&ids)
+                .fetch_one(&pool)
+                .await?;
+        if rows as u64 >= burst.ok || Instant::now() > deadline {
+            break rows as u64;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    server.stop().await;
+    let violations: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM bench_seed_issue s WHERE s.coupon_id = ANY($1) AND s.status = 'sold_out'
+           AND s.arrival < (SELECT max(arrival) FROM bench_seed_issue w
+                            WHERE w.coupon_id = s.coupon_id AND w.status = 'issued')",
+    )
+    .bind(&ids)
+    .fetch_one(&pool)
+    .await?;
+    let statuses: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, count(*) FROM bench_seed_issue WHERE coupon_id = ANY($1) GROUP BY status",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await?;
+    Ok(Seed {
+        burst,
+        per_s,
+        first_come_violations: violations as u64,
+        rows_stored,
+        statuses: statuses.into_iter().map(|(s, c)| (s, c as u64)).collect(),
+    })
+}
