@@ -467,6 +467,12 @@ pub fn ingress_binary() -> PathBuf {
         .clone()
 }
 
+/// The benchmark tool, built once per test process.
+pub fn bench_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| build_binary("firstcome-bench")).clone()
+}
+
 fn build_binary(name: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let status = std::process::Command::new(env!("CARGO"))

@@ -46,6 +46,12 @@ enum Command {
         /// Where to write the results.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+        /// Records of raw-produce, raw-pg and drain (default 100,000; smoke 600).
+        #[arg(long)]
+        records: Option<usize>,
+        /// Requests of flash-sale and seed-baseline (default 30,000; smoke 300).
+        #[arg(long)]
+        sale_requests: Option<u64>,
     },
     /// The bare HTTP handler (used by the raw-http scenario).
     ServeRawHttp {
@@ -66,6 +72,7 @@ enum Scenario {
     RawHttp,
     Ingress,
     RawProduce,
+    RawConsume,
     RawRedis,
     RawPg,
     Drain,
@@ -83,7 +90,14 @@ async fn main() -> anyhow::Result<()> {
             scenarios,
             smoke,
             out,
-        } => run(scenarios, smoke, out).await,
+            records,
+            sale_requests,
+        } => {
+            let mut size = if smoke { Size::SMOKE } else { Size::FULL };
+            size.records = records.unwrap_or(size.records);
+            size.sale_requests = sale_requests.unwrap_or(size.sale_requests);
+            run(scenarios, size, smoke, out).await
+        }
     }
 }
 
@@ -91,11 +105,15 @@ fn tracing_init() {
     let _ = firstcome::telemetry::init(false);
 }
 
-async fn run(mut which: Vec<Scenario>, smoke: bool, out: PathBuf) -> anyhow::Result<()> {
+async fn run(
+    mut which: Vec<Scenario>,
+    size: Size,
+    smoke: bool,
+    out: PathBuf,
+) -> anyhow::Result<()> {
     if which.is_empty() {
         which = Scenario::value_variants().to_vec();
     }
-    let size = if smoke { Size::SMOKE } else { Size::FULL };
     let mut r = report::Results {
         machine: Some(report::Machine::probe()),
         size: if smoke { "smoke" } else { "full" }.to_owned(),
@@ -120,6 +138,9 @@ async fn run(mut which: Vec<Scenario>, smoke: bool, out: PathBuf) -> anyhow::Res
             }
             Scenario::RawProduce => {
                 r.raw_produce = Some(scenarios::raw_produce(size).await.with_context(context)?)
+            }
+            Scenario::RawConsume => {
+                r.raw_consume = Some(scenarios::raw_consume(size).await.with_context(context)?)
             }
             Scenario::RawRedis => {
                 r.raw_redis = Some(scenarios::raw_redis(size).await.with_context(context)?)

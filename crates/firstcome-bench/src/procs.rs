@@ -91,6 +91,16 @@ pub async fn serve(mut cmd: Command, addr: SocketAddr, what: &str) -> anyhow::Re
     })
 }
 
+/// Settings of the binaries that the bench's own environment may override.
+const PASSED_ON: [&str; 6] = [
+    "FIRSTCOME_MAX_BATCH",
+    "FIRSTCOME_PARTITION_BUFFER",
+    "FIRSTCOME_COMMIT_INTERVAL_MS",
+    "FIRSTCOME_PRODUCE_LINGER_MS",
+    "FIRSTCOME_PG_MAX_CONNECTIONS",
+    "FIRSTCOME_KAFKA_OPTIONS",
+];
+
 /// A command for one of our binaries with the bench's settings.
 pub fn command(env: &BenchEnv, binary: &str) -> anyhow::Result<Command> {
     let mut cmd = Command::new(sibling(binary)?);
@@ -109,6 +119,13 @@ pub fn command(env: &BenchEnv, binary: &str) -> anyhow::Result<Command> {
             "FIRSTCOME_SESSION_TIMEOUT_MS",
             env.session_timeout_ms.to_string(),
         );
+    // Tuning knobs given to the bench reach the binaries (e.g.
+    // `FIRSTCOME_MAX_BATCH=1000 scripts/bench --scenario drain`).
+    for (k, v) in std::env::vars() {
+        if PASSED_ON.contains(&k.as_str()) {
+            cmd.env(k, v);
+        }
+    }
     Ok(cmd)
 }
 

@@ -63,6 +63,8 @@ pub struct Results {
     pub ingress: Option<HttpCurve>,
     /// `raw-produce`, records/s.
     pub raw_produce: Option<Rate>,
+    /// `raw-consume`, records/s.
+    pub raw_consume: Option<Rate>,
     /// `raw-redis`, decisions/s.
     pub raw_redis: Option<Rate>,
     /// `raw-pg`, rows/s.
@@ -214,6 +216,7 @@ impl Results {
         }
         for (name, r, unit) in [
             ("raw-produce", &self.raw_produce, "records/s"),
+            ("raw-consume", &self.raw_consume, "records/s"),
             ("raw-redis", &self.raw_redis, "decisions/s"),
             ("raw-pg", &self.raw_pg, "rows/s"),
         ] {

@@ -38,8 +38,8 @@ impl Size {
     pub const FULL: Size = Size {
         step: Duration::from_secs(5),
         rates: &[
-            1_000.0, 2_000.0, 3_000.0, 4_000.0, 5_000.0, 6_000.0, 8_000.0, 10_000.0, 12_000.0,
-            16_000.0,
+            1_000.0, 2_000.0, 4_000.0, 8_000.0, 12_000.0, 16_000.0, 20_000.0, 24_000.0, 28_000.0,
+            32_000.0, 40_000.0,
         ],
         records: 100_000,
         sale_requests: 30_000,
@@ -101,7 +101,14 @@ async fn curve(base: &str, coupon: &str, size: Size) -> (Vec<Step>, f64, Option<
     let http = http();
     let mut steps = Vec::new();
     let mut sustained: f64 = 0.0;
+    // Warm-up, not reported: connections, the producer's metadata, caches.
+    let (h, b, c) = (http.clone(), base.to_owned(), coupon.to_owned());
+    let warm = load::open(size.rates[0].min(500.0), size.step, move |i| {
+        issue(&h, &b, &c, format!("w{i}"))
+    })
+    .await;
     let mut offset = 0u64;
+    tracing::info!(p99_ms = warm.latency.p99_ms, "warm-up");
     for &rate in size.rates {
         let (h, b, c, off) = (http.clone(), base.to_owned(), coupon.to_owned(), offset);
         let step = load::open(rate, size.step, move |i| {
@@ -271,6 +278,40 @@ pub async fn raw_produce(size: Size) -> anyhow::Result<Rate> {
     let since = Instant::now();
     produce(&producer, &env.request_topic, records).await?;
     Ok(Rate::new(size.records as u64, since))
+}
+
+/// `raw-consume`: a plain consumer reading a backlog of `records` from
+/// every partition, doing nothing with them: the broker's fetch ceiling,
+/// which bounds the drain.
+pub async fn raw_consume(size: Size) -> anyhow::Result<Rate> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let env = BenchEnv::new("rawcons").await?;
+    let coupons: Vec<CouponId> = (0..crate::env::PARTITIONS * 2)
+        .map(|i| CouponId::parse(env.coupon(&format!("c{i}"))))
+        .collect::<Result<_, _>>()?;
+    let records: Vec<IssueRequest> = (0..size.records)
+        .map(|i| request(&coupons[i % coupons.len()], format!("u{i}")))
+        .collect();
+    produce(&producer(&env)?, &env.request_topic, records).await?;
+    let consumer: StreamConsumer = firstcome::kafka::client_config(&env.common())?
+        .set("group.id", &env.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..crate::env::PARTITIONS {
+        tpl.add_partition_offset(&env.request_topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let since = Instant::now();
+    let mut read = 0u64;
+    while read < size.records as u64 {
+        tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .context("no record for 60 s")??;
+        read += 1;
+    }
+    Ok(Rate::new(read, since))
 }
 
 /// Requests per Lua call in `raw-redis` (the worker's default batch).

@@ -26,6 +26,7 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{self, Rec, Shared};
@@ -300,15 +301,35 @@ async fn partition_loop(
     tracing::debug!(partition, "partition task started");
     let max = shared.cfg.max_batch;
     let mut batch = Vec::with_capacity(max);
+    // Up to two batches in flight, ordered by their gates (see
+    // `pipeline::Gate`): the next one decides while this one is stored.
+    let mut running: futures::stream::FuturesOrdered<_> = futures::stream::FuturesOrdered::new();
+    let mut handoff = None;
     loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            n = rx.recv_many(&mut batch, max) => if n == 0 { break },
-        }
-        let recs = std::mem::replace(&mut batch, Vec::with_capacity(max));
-        if pipeline::process(&shared, recs, &cancel).await.is_err() {
-            break;
+            Some(r) = running.next(), if !running.is_empty() => {
+                let r: Result<(), pipeline::Aborted> = r;
+                if r.is_err() {
+                    break;
+                }
+            }
+            n = rx.recv_many(&mut batch, max), if running.len() < 2 => {
+                if n == 0 {
+                    // Sender gone: finish what is in hand.
+                    while let Some(r) = running.next().await {
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let recs = std::mem::replace(&mut batch, Vec::with_capacity(max));
+                let (gate, next) = pipeline::Gate::after(handoff.take());
+                handoff = Some(next);
+                running.push_back(pipeline::process(&shared, recs, &cancel, gate));
+            }
         }
     }
     tracing::debug!(partition, "partition task stopped");

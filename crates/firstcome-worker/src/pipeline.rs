@@ -33,6 +33,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
@@ -213,7 +214,14 @@ pub async fn process(
     shared: &Shared,
     recs: Vec<Rec>,
     cancel: &CancellationToken,
+    gate: Gate,
 ) -> Result<(), Aborted> {
+    let Gate {
+        prev_decided,
+        prev_done,
+        decided: decided_signal,
+        done: done_signal,
+    } = gate;
     // 1. Parse.
     let mut requests: Vec<(usize, IssueRequest)> = Vec::with_capacity(recs.len());
     let mut dead: Vec<(usize, DeadLetter)> = Vec::new();
@@ -238,6 +246,10 @@ pub async fn process(
     let mut decided: Vec<Decided<'_>> = Vec::with_capacity(requests.len());
     let mut todo: Vec<usize> = (0..groups.len()).collect();
     let mut given_up = std::collections::HashSet::new();
+    // The previous batch of the partition decides first…
+    wait(prev_decided, cancel).await?;
+    let mut prev_done = Some(prev_done);
+    let mut decided_signal = Some(decided_signal);
     loop {
         let outcomes = retry(shared, "decide", cancel, || {
             decide_groups(shared, &groups, &todo, &requests, now)
@@ -267,6 +279,16 @@ pub async fn process(
                         .map(|&j| (requests[j].0, DeadLetter::unknown_coupon(coupon.as_str()))),
                 ),
             }
+        }
+
+        if let Some(signal) = decided_signal.take() {
+            let _ = signal.send(());
+        }
+        // …and is stored first. If it changed a coupon's state meanwhile
+        // (a rebuild), the fence refuses what this batch decided on the old
+        // state, and it is decided again below.
+        if let Some(prev) = prev_done.take() {
+            wait(prev, cancel).await?;
         }
 
         // 3. Persist. Coupons decided on a stale state, and coupons with a
@@ -339,7 +361,65 @@ pub async fn process(
         // again and gets the same decisions back.
         tracing::info!(error = %e, "offset not stored, partition no longer assigned");
     }
+    let _ = done_signal.send(());
     Ok(())
+}
+
+/// Orders two overlapping batches of one partition: a batch decides only
+/// once the batch before it has decided, and stores (persists, publishes,
+/// moves the offset) only once the batch before it is done. So decisions
+/// still follow the log, and the next batch's Lua call overlaps the previous
+/// batch's Postgres write.
+pub struct Gate {
+    prev_decided: Option<oneshot::Receiver<()>>,
+    prev_done: Option<oneshot::Receiver<()>>,
+    decided: oneshot::Sender<()>,
+    done: oneshot::Sender<()>,
+}
+
+/// What a batch hands the next one: signals of its progress.
+pub struct Handoff {
+    decided: oneshot::Receiver<()>,
+    done: oneshot::Receiver<()>,
+}
+
+impl Gate {
+    /// The gate of a batch that follows `prev` (`None`: nothing in flight).
+    pub fn after(prev: Option<Handoff>) -> (Self, Handoff) {
+        let (decided, decided_rx) = oneshot::channel();
+        let (done, done_rx) = oneshot::channel();
+        let (prev_decided, prev_done) = match prev {
+            Some(h) => (Some(h.decided), Some(h.done)),
+            None => (None, None),
+        };
+        (
+            Self {
+                prev_decided,
+                prev_done,
+                decided,
+                done,
+            },
+            Handoff {
+                decided: decided_rx,
+                done: done_rx,
+            },
+        )
+    }
+}
+
+/// Waits for the previous batch's signal; if it was given up (revoked,
+/// stopping), so is this one: nothing may be stored past it.
+async fn wait(
+    signal: Option<oneshot::Receiver<()>>,
+    cancel: &CancellationToken,
+) -> Result<(), Aborted> {
+    let Some(signal) = signal else {
+        return Ok(());
+    };
+    tokio::select! {
+        () = cancel.cancelled() => Err(Aborted),
+        r = signal => r.map_err(|_| Aborted),
+    }
 }
 
 /// Persists one round of decisions. A batch Postgres refuses for good is
