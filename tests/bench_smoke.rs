@@ -27,7 +27,11 @@ async fn every_benchmark_scenario_runs_and_reports() {
     for curve in ["raw_http", "ingress"] {
         let steps = results[curve]["steps"].as_array().unwrap();
         assert!(!steps.is_empty(), "{curve}");
-        assert!(steps[0]["ok"].as_u64().unwrap() > 0, "{curve}: {}", steps[0]);
+        assert!(
+            steps[0]["ok"].as_u64().unwrap() > 0,
+            "{curve}: {}",
+            steps[0]
+        );
     }
     for rate in ["raw_produce", "raw_redis", "raw_pg"] {
         assert!(results[rate]["count"].as_u64().unwrap() >= 600, "{rate}");

@@ -470,7 +470,9 @@ pub fn ingress_binary() -> PathBuf {
 /// The benchmark tool, built once per test process.
 pub fn bench_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| build_binary("firstcome-bench")).clone()
+    BUILT
+        .get_or_init(|| build_binary("firstcome-bench"))
+        .clone()
 }
 
 fn build_binary(name: &str) -> PathBuf {

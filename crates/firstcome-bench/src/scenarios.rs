@@ -39,7 +39,7 @@ impl Size {
         step: Duration::from_secs(5),
         rates: &[
             1_000.0, 2_000.0, 4_000.0, 8_000.0, 12_000.0, 16_000.0, 20_000.0, 24_000.0, 28_000.0,
-            32_000.0, 40_000.0,
+            32_000.0, 40_000.0, 50_000.0, 60_000.0,
         ],
         records: 100_000,
         sale_requests: 30_000,
@@ -89,15 +89,17 @@ pub struct HttpCurve {
     pub sustained_per_s: f64,
     /// A step at 80 % of the sustained rate.
     pub at_80_percent: Option<Step>,
-    /// Peak RSS of the server process, MiB.
+    /// Peak RSS of the server process during the step at 80 %, MiB.
     pub peak_rss_mib: Option<f64>,
+    /// Peak RSS up to and through the overload step, MiB.
+    pub overload_peak_rss_mib: Option<f64>,
 }
 
 fn kept_up(s: &Step) -> bool {
     s.ok as f64 >= 0.95 * s.sent as f64 && s.latency.p99_ms < 1_000.0
 }
 
-async fn curve(base: &str, coupon: &str, size: Size) -> (Vec<Step>, f64, Option<Step>) {
+async fn curve(base: &str, coupon: &str, size: Size, server: &procs::Proc) -> HttpCurve {
     let http = http();
     let mut steps = Vec::new();
     let mut sustained: f64 = 0.0;
@@ -131,6 +133,11 @@ async fn curve(base: &str, coupon: &str, size: Size) -> (Vec<Step>, f64, Option<
             break;
         }
     }
+    // After the overload step: let the server drain, and measure memory
+    // from here on, under sustained load only.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let overload_peak_rss_mib = server.peak_rss_mib();
+    server.reset_peak_rss();
     let at_80 = if sustained > 0.0 {
         let (h, b, c, off) = (http.clone(), base.to_owned(), coupon.to_owned(), offset);
         Some(
@@ -142,7 +149,13 @@ async fn curve(base: &str, coupon: &str, size: Size) -> (Vec<Step>, f64, Option<
     } else {
         None
     };
-    (steps, sustained, at_80)
+    HttpCurve {
+        steps,
+        sustained_per_s: sustained,
+        at_80_percent: at_80,
+        peak_rss_mib: server.peak_rss_mib(),
+        overload_peak_rss_mib,
+    }
 }
 
 /// `raw-http`: the bare handler.
@@ -150,15 +163,9 @@ pub async fn raw_http(size: Size) -> anyhow::Result<HttpCurve> {
     let env = BenchEnv::new("rawhttp").await?;
     let server = procs::own_server(&env, "serve-raw-http").await?;
     let base = format!("http://{}", server.addr.expect("it listens"));
-    let (steps, sustained, at_80) = curve(&base, "c", size).await;
-    let peak_rss_mib = server.peak_rss_mib();
+    let measured = curve(&base, "c", size, &server).await;
     server.stop().await;
-    Ok(HttpCurve {
-        steps,
-        sustained_per_s: sustained,
-        at_80_percent: at_80,
-        peak_rss_mib,
-    })
+    Ok(measured)
 }
 
 async fn create_coupon(
@@ -185,15 +192,9 @@ pub async fn ingress(size: Size) -> anyhow::Result<HttpCurve> {
     let base = format!("http://{}", server.addr.expect("it listens"));
     let coupon = env.coupon("hot");
     create_coupon(&http(), &base, &env, &coupon, 1_000_000).await?;
-    let (steps, sustained, at_80) = curve(&base, &coupon, size).await;
-    let peak_rss_mib = server.peak_rss_mib();
+    let measured = curve(&base, &coupon, size, &server).await;
     server.stop().await;
-    Ok(HttpCurve {
-        steps,
-        sustained_per_s: sustained,
-        at_80_percent: at_80,
-        peak_rss_mib,
-    })
+    Ok(measured)
 }
 
 /// A throughput figure.
