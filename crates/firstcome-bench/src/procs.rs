@@ -52,13 +52,6 @@ impl Proc {
         Some(kb / 1024.0)
     }
 
-    /// Restarts the peak-RSS count (`echo 5 > /proc/PID/clear_refs`).
-    pub fn reset_peak_rss(&self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-        }
-    }
-
     /// SIGTERM, then waits (SIGKILL after 15 s).
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {

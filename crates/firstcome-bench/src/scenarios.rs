@@ -89,7 +89,8 @@ pub struct HttpCurve {
     pub sustained_per_s: f64,
     /// A step at 80 % of the sustained rate.
     pub at_80_percent: Option<Step>,
-    /// Peak RSS of the server process during the step at 80 %, MiB.
+    /// Peak RSS of a fresh server process through warm-up and the step at
+    /// 80 %, MiB.
     pub peak_rss_mib: Option<f64>,
     /// Peak RSS up to and through the overload step, MiB.
     pub overload_peak_rss_mib: Option<f64>,
@@ -99,20 +100,33 @@ fn kept_up(s: &Step) -> bool {
     s.ok as f64 >= 0.95 * s.sent as f64 && s.latency.p99_ms < 1_000.0
 }
 
-async fn curve(base: &str, coupon: &str, size: Size, server: &procs::Proc) -> HttpCurve {
-    let http = http();
-    let mut steps = Vec::new();
-    let mut sustained: f64 = 0.0;
-    // Warm-up, not reported: connections, the producer's metadata, caches.
+/// Warm-up load, not reported: connections, the producer's metadata, caches.
+async fn warm_up(http: &reqwest::Client, base: &str, coupon: &str, size: Size) {
     let (h, b, c) = (http.clone(), base.to_owned(), coupon.to_owned());
     let warm = load::open(size.rates[0].min(500.0), size.step, move |i| {
         issue(&h, &b, &c, format!("w{i}"))
     })
     .await;
-    let mut offset = 0u64;
     tracing::info!(p99_ms = warm.latency.p99_ms, "warm-up");
+}
+
+/// Steps up to saturation on the server `start` gives, then the step at
+/// 80 % of the sustained rate on a fresh one (an overloaded process keeps
+/// its queues and memory for a while, which is not what 80 % looks like).
+async fn curve<F, Fut>(coupon: &str, size: Size, start: F) -> anyhow::Result<HttpCurve>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<procs::Proc>>,
+{
+    let http = http();
+    let server = start().await?;
+    let base = format!("http://{}", server.addr.expect("it listens"));
+    warm_up(&http, &base, coupon, size).await;
+    let mut steps = Vec::new();
+    let mut sustained: f64 = 0.0;
+    let mut offset = 0u64;
     for &rate in size.rates {
-        let (h, b, c, off) = (http.clone(), base.to_owned(), coupon.to_owned(), offset);
+        let (h, b, c, off) = (http.clone(), base.clone(), coupon.to_owned(), offset);
         let step = load::open(rate, size.step, move |i| {
             issue(&h, &b, &c, format!("u{}", off + i))
         })
@@ -133,39 +147,40 @@ async fn curve(base: &str, coupon: &str, size: Size, server: &procs::Proc) -> Ht
             break;
         }
     }
-    // After the overload step: let the server drain, and measure memory
-    // from here on, under sustained load only.
-    tokio::time::sleep(Duration::from_secs(5)).await;
     let overload_peak_rss_mib = server.peak_rss_mib();
-    server.reset_peak_rss();
-    let at_80 = if sustained > 0.0 {
-        let (h, b, c, off) = (http.clone(), base.to_owned(), coupon.to_owned(), offset);
-        Some(
-            load::open(0.8 * sustained, size.step, move |i| {
-                issue(&h, &b, &c, format!("u{}", off + i))
-            })
-            .await,
-        )
-    } else {
-        None
-    };
-    HttpCurve {
+    server.stop().await;
+    if sustained == 0.0 {
+        return Ok(HttpCurve {
+            steps,
+            sustained_per_s: 0.0,
+            at_80_percent: None,
+            peak_rss_mib: None,
+            overload_peak_rss_mib,
+        });
+    }
+    let server = start().await?;
+    let base = format!("http://{}", server.addr.expect("it listens"));
+    warm_up(&http, &base, coupon, size).await;
+    let (h, b, c, off) = (http.clone(), base.clone(), coupon.to_owned(), offset);
+    let at_80 = load::open(0.8 * sustained, size.step, move |i| {
+        issue(&h, &b, &c, format!("v{}", off + i))
+    })
+    .await;
+    let peak_rss_mib = server.peak_rss_mib();
+    server.stop().await;
+    Ok(HttpCurve {
         steps,
         sustained_per_s: sustained,
-        at_80_percent: at_80,
-        peak_rss_mib: server.peak_rss_mib(),
+        at_80_percent: Some(at_80),
+        peak_rss_mib,
         overload_peak_rss_mib,
-    }
+    })
 }
 
 /// `raw-http`: the bare handler.
 pub async fn raw_http(size: Size) -> anyhow::Result<HttpCurve> {
     let env = BenchEnv::new("rawhttp").await?;
-    let server = procs::own_server(&env, "serve-raw-http").await?;
-    let base = format!("http://{}", server.addr.expect("it listens"));
-    let measured = curve(&base, "c", size, &server).await;
-    server.stop().await;
-    Ok(measured)
+    curve("c", size, || procs::own_server(&env, "serve-raw-http")).await
 }
 
 async fn create_coupon(
@@ -188,13 +203,10 @@ async fn create_coupon(
 /// `ingress`: the real ingress, to the broker.
 pub async fn ingress(size: Size) -> anyhow::Result<HttpCurve> {
     let env = BenchEnv::new("ingress").await?;
-    let server = procs::ingress(&env).await?;
-    let base = format!("http://{}", server.addr.expect("it listens"));
     let coupon = env.coupon("hot");
-    create_coupon(&http(), &base, &env, &coupon, 1_000_000).await?;
-    let measured = curve(&base, &coupon, size, &server).await;
-    server.stop().await;
-    Ok(measured)
+    let pool = env.common().connect_postgres().await?;
+    bench_coupon(&pool, &coupon, 1_000_000).await?;
+    curve(&coupon, size, || procs::ingress(&env)).await
 }
 
 /// A throughput figure.
