@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn tracing_init() {
-    let _ = firstcome::telemetry::init(false);
+    firstcome::telemetry::init(false);
 }
 
 async fn run(
