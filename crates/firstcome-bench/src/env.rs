@@ -2,6 +2,7 @@
 //! (topics, consumer group, Redis prefix), so scenarios and runs never see
 //! each other's data.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -67,6 +68,7 @@ impl BenchEnv {
                 .unwrap_or(10_000),
             tag,
         };
+        USED.lock().expect("lock").push(env.tag.clone());
         let common = env.common();
         tokio::time::timeout(
             Duration::from_secs(60),
@@ -101,4 +103,72 @@ impl BenchEnv {
     pub fn coupon(&self, name: &str) -> String {
         format!("{}-{name}", self.tag)
     }
+}
+
+/// Tags of the scenarios run so far in this process, for [`clean_up`].
+static USED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Deletes what the scenarios of this run left in Redis and Postgres (their
+/// keys and coupons), so the local stack does not grow run after run (a Redis
+/// of millions of keys takes its time to load). Topics go with the bench's
+/// broker.
+pub async fn clean_up() -> anyhow::Result<()> {
+    let tags = std::mem::take(&mut *USED.lock().expect("lock"));
+    if tags.is_empty() {
+        return Ok(());
+    }
+    let redis = redis::Client::open(var("REDIS_URL")?)?;
+    let mut conn = redis.get_multiplexed_async_connection().await?;
+    let mut deleted = 0usize;
+    for tag in &tags {
+        let keys: Vec<String> = {
+            let mut iter: redis::AsyncIter<String> =
+                redis::AsyncCommands::scan_match(&mut conn, format!("{tag}:*")).await?;
+            let mut keys = Vec::new();
+            while let Some(k) = futures::StreamExt::next(&mut iter).await {
+                keys.push(k?);
+            }
+            keys
+        };
+        for chunk in keys.chunks(1_000) {
+            deleted += redis::cmd("UNLINK")
+                .arg(chunk)
+                .query_async::<usize>(&mut conn)
+                .await?;
+        }
+    }
+    let pool = sqlx::PgPool::connect(&var("DATABASE_URL")?).await?;
+    let mut rows = 0u64;
+    for sql in [
+        "DELETE FROM request_ledger x USING unnest($1::text[]) t \
+         WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
+        "DELETE FROM user_coupon x USING unnest($1::text[]) t \
+         WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
+        "DELETE FROM coupon x USING unnest($1::text[]) t \
+         WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
+    ] {
+        rows += sqlx::query(sql)
+            .bind(&tags)
+            .execute(&pool)
+            .await?
+            .rows_affected();
+    }
+    if sqlx::query_scalar::<_, bool>("SELECT to_regclass('bench_seed_issue') IS NOT NULL")
+        .fetch_one(&pool)
+        .await?
+    {
+        sqlx::query(
+            "DELETE FROM bench_seed_issue x USING unnest($1::text[]) t \
+             WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
+        )
+        .bind(&tags)
+        .execute(&pool)
+        .await?;
+    }
+    tracing::info!(
+        deleted,
+        rows,
+        "cleaned up the run's Redis keys and Postgres rows"
+    );
+    Ok(())
 }

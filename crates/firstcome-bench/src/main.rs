@@ -129,33 +129,44 @@ async fn run(
         eprintln!("[bench] {name} …");
         let started = std::time::Instant::now();
         let context = || format!("scenario {name}");
-        match s {
-            Scenario::RawHttp => {
-                r.raw_http = Some(scenarios::raw_http(size).await.with_context(context)?)
+        let outcome: anyhow::Result<()> = async {
+            match s {
+                Scenario::RawHttp => {
+                    r.raw_http = Some(scenarios::raw_http(size).await.with_context(context)?)
+                }
+                Scenario::Ingress => {
+                    r.ingress = Some(scenarios::ingress(size).await.with_context(context)?)
+                }
+                Scenario::RawProduce => {
+                    r.raw_produce = Some(scenarios::raw_produce(size).await.with_context(context)?)
+                }
+                Scenario::RawConsume => {
+                    r.raw_consume = Some(scenarios::raw_consume(size).await.with_context(context)?)
+                }
+                Scenario::RawRedis => {
+                    r.raw_redis = Some(scenarios::raw_redis(size).await.with_context(context)?)
+                }
+                Scenario::RawPg => {
+                    r.raw_pg = Some(scenarios::raw_pg(size).await.with_context(context)?)
+                }
+                Scenario::Drain => {
+                    r.drain = Some(scenarios::drain(size).await.with_context(context)?)
+                }
+                Scenario::FlashSale => {
+                    r.flash_sale = Some(scenarios::flash_sale(size).await.with_context(context)?)
+                }
+                Scenario::SeedBaseline => {
+                    r.seed_baseline = Some(scenarios::seed(size).await.with_context(context)?)
+                }
             }
-            Scenario::Ingress => {
-                r.ingress = Some(scenarios::ingress(size).await.with_context(context)?)
-            }
-            Scenario::RawProduce => {
-                r.raw_produce = Some(scenarios::raw_produce(size).await.with_context(context)?)
-            }
-            Scenario::RawConsume => {
-                r.raw_consume = Some(scenarios::raw_consume(size).await.with_context(context)?)
-            }
-            Scenario::RawRedis => {
-                r.raw_redis = Some(scenarios::raw_redis(size).await.with_context(context)?)
-            }
-            Scenario::RawPg => {
-                r.raw_pg = Some(scenarios::raw_pg(size).await.with_context(context)?)
-            }
-            Scenario::Drain => r.drain = Some(scenarios::drain(size).await.with_context(context)?),
-            Scenario::FlashSale => {
-                r.flash_sale = Some(scenarios::flash_sale(size).await.with_context(context)?)
-            }
-            Scenario::SeedBaseline => {
-                r.seed_baseline = Some(scenarios::seed(size).await.with_context(context)?)
-            }
+            Ok(())
         }
+        .await;
+        // Whatever happened, the run's data goes.
+        if let Err(e) = env::clean_up().await {
+            eprintln!("[bench] cleaning up after {name}: {e:#}");
+        }
+        outcome?;
         eprintln!(
             "[bench] {name} done in {:.1} s",
             started.elapsed().as_secs_f64()

@@ -49,9 +49,16 @@ impl Inner {
             .is_some_and(|until| Instant::now() < until)
     }
 
-    /// Skips `pending` status writes for `period`.
-    pub(crate) fn skip_pending_for(&self, period: Duration) {
-        *self.pending_skip_until.lock().expect("lock") = Some(Instant::now() + period);
+    /// Skips `pending` status writes for `period`; false when another
+    /// failure already started a skip (writes in flight fail together).
+    pub(crate) fn skip_pending_for(&self, period: Duration) -> bool {
+        let mut until = self.pending_skip_until.lock().expect("lock");
+        let now = Instant::now();
+        let started = until.is_none_or(|u| u <= now);
+        if started {
+            *until = Some(now + period);
+        }
+        started
     }
 }
 

@@ -283,9 +283,10 @@ async fn issue(
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("timed out".to_owned()),
         };
-        if let Some(error) = failed {
+        if let Some(error) = failed
+            && state.inner.skip_pending_for(PENDING_SKIP)
+        {
             tracing::warn!(%error, "accepted, but the pending status was not cached; skipping it for a second");
-            state.inner.skip_pending_for(PENDING_SKIP);
         }
     }
     let body = json!({
