@@ -52,6 +52,19 @@ impl Proc {
         Some(kb / 1024.0)
     }
 
+    /// CPU time used so far (user + system), seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
+        // Fields after the command name, which is in parentheses and may
+        // hold spaces: utime and stime are the 12th and 13th of them.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: f64 = fields.next()?.parse().ok()?;
+        let stime: f64 = fields.next()?.parse().ok()?;
+        // Clock ticks of 1/100 s (USER_HZ on Linux).
+        Some((utime + stime) / 100.0)
+    }
+
     /// SIGTERM, then waits (SIGKILL after 15 s).
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {

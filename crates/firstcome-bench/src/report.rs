@@ -213,8 +213,9 @@ impl Results {
                 row(
                     name,
                     format!(
-                        "sustained {:.0} accepted/s{at80}; RSS {:.0} MiB at 80 %, {:.0} MiB through overload",
+                        "sustained {:.0} accepted/s{at80}; {:.0} µs CPU per request at 80 %; RSS {:.0} MiB at 80 %, {:.0} MiB through overload",
                         c.sustained_per_s,
+                        c.cpu_us_per_request.unwrap_or(f64::NAN),
                         c.peak_rss_mib.unwrap_or(f64::NAN),
                         c.overload_peak_rss_mib.unwrap_or(f64::NAN)
                     ),

@@ -94,6 +94,10 @@ pub struct HttpCurve {
     pub peak_rss_mib: Option<f64>,
     /// Peak RSS up to and through the overload step, MiB.
     pub overload_peak_rss_mib: Option<f64>,
+    /// CPU time of the server process per answered request in the step at
+    /// 80 %, microseconds: what one request costs, whatever else shares the
+    /// machine.
+    pub cpu_us_per_request: Option<f64>,
 }
 
 fn kept_up(s: &Step) -> bool {
@@ -156,16 +160,22 @@ where
             at_80_percent: None,
             peak_rss_mib: None,
             overload_peak_rss_mib,
+            cpu_us_per_request: None,
         });
     }
     let server = start().await?;
     let base = format!("http://{}", server.addr.expect("it listens"));
     warm_up(&http, &base, coupon, size).await;
     let (h, b, c, off) = (http.clone(), base.clone(), coupon.to_owned(), offset);
+    let cpu_before = server.cpu_seconds();
     let at_80 = load::open(0.8 * sustained, size.step, move |i| {
         issue(&h, &b, &c, format!("v{}", off + i))
     })
     .await;
+    let cpu_us_per_request = match (cpu_before, server.cpu_seconds()) {
+        (Some(a), Some(b)) if at_80.ok > 0 => Some((b - a) * 1e6 / at_80.ok as f64),
+        _ => None,
+    };
     let peak_rss_mib = server.peak_rss_mib();
     server.stop().await;
     Ok(HttpCurve {
@@ -174,6 +184,7 @@ where
         at_80_percent: Some(at_80),
         peak_rss_mib,
         overload_peak_rss_mib,
+        cpu_us_per_request,
     })
 }
 
