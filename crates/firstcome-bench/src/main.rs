@@ -141,7 +141,9 @@ async fn run(
                     r.raw_produce = Some(scenarios::raw_produce(size).await.with_context(context)?)
                 }
                 Scenario::RawConsume => {
-                    r.raw_consume = Some(scenarios::raw_consume(size).await.with_context(context)?)
+                    let (spread, one) = scenarios::raw_consume(size).await.with_context(context)?;
+                    r.raw_consume = Some(spread);
+                    r.raw_consume_one_partition = Some(one);
                 }
                 Scenario::RawRedis => {
                     r.raw_redis = Some(scenarios::raw_redis(size).await.with_context(context)?)

@@ -304,13 +304,21 @@ pub async fn raw_produce(size: Size) -> anyhow::Result<Rate> {
     Ok(Rate::new(size.records as u64, since))
 }
 
-/// `raw-consume`: a plain consumer reading a backlog of `records` from
-/// every partition, doing nothing with them: the broker's fetch ceiling,
-/// which bounds the drain.
-pub async fn raw_consume(size: Size) -> anyhow::Result<Rate> {
+/// `raw-consume`: a plain consumer reading a backlog, once spread over every
+/// partition and once all in one partition (one hot coupon, the drain's
+/// case): the broker's fetch ceilings.
+pub async fn raw_consume(size: Size) -> anyhow::Result<(Rate, Rate)> {
+    let spread = consume_backlog("rawcons", crate::env::PARTITIONS as usize * 2, size).await?;
+    let one = consume_backlog("rawhot", 1, size).await?;
+    Ok((spread, one))
+}
+
+/// Produces `size.records` requests over `coupons` coupons of a fresh topic,
+/// then times a consumer reading them all.
+async fn consume_backlog(name: &str, coupons: usize, size: Size) -> anyhow::Result<Rate> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    let env = BenchEnv::new("rawcons").await?;
-    let coupons: Vec<CouponId> = (0..crate::env::PARTITIONS * 2)
+    let env = BenchEnv::new(name).await?;
+    let coupons: Vec<CouponId> = (0..coupons)
         .map(|i| CouponId::parse(env.coupon(&format!("c{i}"))))
         .collect::<Result<_, _>>()?;
     let records: Vec<IssueRequest> = (0..size.records)
