@@ -75,7 +75,16 @@ impl Worker {
                 "heartbeat.interval.ms",
                 (cfg.session_timeout_ms / 3).to_string(),
             )
-            .set("fetch.wait.max.ms", "100");
+            .set("fetch.wait.max.ms", "100")
+            // librdkafka prefetches up to this much per partition, and a
+            // pause (a full partition buffer) throws the prefetched records
+            // away, to be fetched again on resume. At the default 64 MiB the
+            // broker served a hot partition several times over: the drain of
+            // one hot coupon went from about 11,000 to 18,000-22,000
+            // records/s at 2 MiB. It must stay above a partition's fetch size
+            // (`max.partition.fetch.bytes`, 1 MiB), or fetching stalls (512
+            // KiB: 5,000/s). docs/benchmarks.md, "Tuning, measured".
+            .set("queued.max.messages.kbytes", "2048");
         for (k, v) in cfg.common.kafka_options()? {
             consumer_cfg.set(k, v);
         }
