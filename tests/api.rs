@@ -272,3 +272,145 @@ async fn without_a_broker_acknowledgement_an_issue_request_is_503_with_retry_aft
         .unwrap();
     assert!(env.read_request_log().is_empty(), "nothing reached the log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_are_not_json_or_too_large_are_refused_and_every_answer_carries_security_headers()
+ {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("hard");
+    assert_eq!(client.create_coupon(&coupon, 10).await.0, 201);
+    let http = reqwest::Client::new();
+    let addr = ingress.addr.expect("an ingress listens");
+    let issue_url = format!("http://{addr}/v1/coupons/{coupon}/issue");
+
+    // Not declared JSON: 415.
+    let r = http
+        .post(&issue_url)
+        .header("content-type", "text/plain")
+        .body(r#"{"user_id":"ann"}"#)
+        .send()
+        .await
+        .unwrap();
+    let (code, err) = split(r).await;
+    assert_error(code, &err, 415, "unsupported_media_type");
+
+    // Over the body limit (16 KiB by default): 413.
+    let big = json!({ "user_id": "x".repeat(20_000) });
+    let (code, err) = split(http.post(&issue_url).json(&big).send().await.unwrap()).await;
+    assert_error(code, &err, 413, "payload_too_large");
+
+    // Unknown fields: 422.
+    let (code, err) = split(
+        http.post(&issue_url)
+            .json(&json!({ "user_id": "ann", "priority": 1 }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(code, &err, 422, "invalid_request");
+
+    // A method the route does not have: 405 in the error shape.
+    let (code, err) = split(http.delete(&issue_url).send().await.unwrap()).await;
+    assert_error(code, &err, 405, "method_not_allowed");
+
+    // Nothing above reached the log.
+    assert!(env.read_request_log().is_empty(), "nothing reached the log");
+
+    // Success, client errors and health all carry the headers.
+    let ok = http
+        .post(&issue_url)
+        .json(&json!({ "user_id": "ann" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 202);
+    let missing = http
+        .get(format!("http://{addr}/v1/nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let health = http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    for r in [&ok, &missing, &health] {
+        let h = r.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{h:?}");
+        assert_eq!(h["cache-control"], "no-store", "{h:?}");
+        assert_eq!(h["x-frame-options"], "DENY", "{h:?}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{h:?}");
+        assert!(h.contains_key("content-security-policy"), "{h:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_in_flight_limit_requests_are_503_overloaded_at_once_and_health_still_answers() {
+    let env = TestEnv::new().await;
+    let good = env.spawn_ingress().await;
+    let coupon = env.coupon_id("shed");
+    assert_eq!(env.client(&good).create_coupon(&coupon, 10).await.0, 201);
+    good.stop().await;
+
+    // One request at a time, and a broker that never answers: the first
+    // request holds the only slot until its produce timeout.
+    let mut cfg = env.ingress_config();
+    cfg.common.kafka_brokers = "127.0.0.1:1".into();
+    cfg.produce_timeout_ms = 3_000;
+    cfg.max_in_flight = 1;
+    let app = firstcome_ingress::Application::build(cfg).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let http = reqwest::Client::new();
+    let issue = |user: &'static str| {
+        let (http, url) = (http.clone(), format!("{base}/v1/coupons/{coupon}/issue"));
+        async move {
+            split(
+                http.post(url)
+                    .json(&json!({ "user_id": user }))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let first = tokio::spawn(issue("first"));
+    // Wait until the first request holds the slot: a second one is shed.
+    let mut shed = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (code, body) = issue("second").await;
+        if body["error"]["code"] == "overloaded" {
+            shed = Some((code, body));
+            break;
+        }
+    }
+    let (code, body) = shed.expect("a second request in flight is shed");
+    assert_error(code, &body, 503, "overloaded");
+    assert!(
+        body.get("request_id").is_none(),
+        "nothing was written: {body}"
+    );
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "health is not counted");
+
+    // The first one ends as it would have (no acknowledgement), and frees
+    // the slot.
+    let (code, body) = first.await.unwrap();
+    assert_error(code, &body, 503, "unavailable");
+    let (code, body) = issue("third").await;
+    assert_error(code, &body, 503, "unavailable");
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -237,6 +237,8 @@ impl TestEnv {
             linger_ms: 2,
             request_timeout_ms: 15_000,
             shutdown_timeout_ms: 5_000,
+            max_in_flight: 4_096,
+            max_body_bytes: 16 * 1024,
         }
     }
 

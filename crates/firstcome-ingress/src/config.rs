@@ -43,6 +43,16 @@ pub struct IngressConfig {
     /// Longest a graceful shutdown waits for in-flight requests.
     #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
+
+    /// Most API requests served at once; past it the ingress answers `503
+    /// overloaded` with `Retry-After` at once instead of queueing (memory
+    /// stays bounded under overload). Health endpoints are not counted.
+    #[arg(long, env = "FIRSTCOME_MAX_IN_FLIGHT", default_value_t = 4_096)]
+    pub max_in_flight: usize,
+
+    /// Largest request body, in bytes; larger ones are answered `413`.
+    #[arg(long, env = "FIRSTCOME_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    pub max_body_bytes: usize,
 }
 
 impl std::fmt::Debug for IngressConfig {
@@ -53,6 +63,8 @@ impl std::fmt::Debug for IngressConfig {
             .field("listen", &self.listen)
             .field("produce_timeout_ms", &self.produce_timeout_ms)
             .field("linger_ms", &self.linger_ms)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_body_bytes", &self.max_body_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -71,6 +83,18 @@ impl IngressConfig {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
                 message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
+            });
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_MAX_IN_FLIGHT",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.max_body_bytes < 256 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_MAX_BODY_BYTES",
+                message: "must be at least 256".into(),
             });
         }
         Ok(())
@@ -108,7 +132,9 @@ mod tests {
     #[test]
     fn a_valid_configuration_passes_and_bad_values_name_their_key() {
         assert!(parse(&[]).validate().is_ok());
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 7] = [
+            (&["--max-in-flight", "0"], "FIRSTCOME_MAX_IN_FLIGHT"),
+            (&["--max-body-bytes", "10"], "FIRSTCOME_MAX_BODY_BYTES"),
             (&["--admin-token", "short"], "FIRSTCOME_ADMIN_TOKEN"),
             (&["--redis-prefix", "a{b"], "FIRSTCOME_REDIS_PREFIX"),
             (&["--kafka-options", "nonsense"], "FIRSTCOME_KAFKA_OPTIONS"),

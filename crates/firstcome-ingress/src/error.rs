@@ -29,6 +29,18 @@ pub enum ApiError {
     /// 404: no such route.
     #[error("no such endpoint")]
     NotFound,
+    /// 405: the route exists, the method does not.
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    /// 413: the body is over the configured limit.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// 415: the body is not declared `application/json`.
+    #[error("expected a body with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 503: too many requests in flight; answered at once, nothing was done.
+    #[error("the service is overloaded, retry later")]
+    Overloaded,
     /// 503: a dependency did not answer in time; retry after the given seconds.
     #[error("the service is temporarily unavailable, retry later")]
     Unavailable {
@@ -53,6 +65,12 @@ impl ApiError {
             ApiError::CouponNotFound(_) => (StatusCode::NOT_FOUND, "coupon_not_found"),
             ApiError::RequestNotFound(_) => (StatusCode::NOT_FOUND, "request_not_found"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -91,7 +109,11 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        ApiError::InvalidRequest(r.body_text())
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+            _ => ApiError::InvalidRequest(r.body_text()),
+        }
     }
 }
 
@@ -117,13 +139,17 @@ impl IntoResponse for ApiError {
             body["status_url"] = json!(format!("/v1/issue-requests/{id}"));
         }
         let mut response = (status, axum::Json(body)).into_response();
-        if let ApiError::Unavailable {
-            retry_after_secs, ..
-        } = self
-        {
+        let retry_after = match self {
+            ApiError::Unavailable {
+                retry_after_secs, ..
+            } => Some(retry_after_secs),
+            ApiError::Overloaded => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -1,11 +1,13 @@
 //! The HTTP API (see the README for the contract). Ids are validated here, at
 //! the edge; bad input is answered `422` before anything is touched.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,6 +18,7 @@ use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
 use rdkafka::producer::FutureRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::app::AppState;
@@ -32,21 +35,64 @@ const PENDING_SKIP: Duration = Duration::from_secs(1);
 
 /// The whole API on one router, so tests can serve it on any listener.
 pub fn router(state: AppState) -> Router {
-    let timeout = Duration::from_millis(state.inner.cfg.request_timeout_ms);
-    Router::new()
+    let cfg = &state.inner.cfg;
+    let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let api = Router::new()
         .route("/v1/coupons", post(create_coupon))
         .route("/v1/coupons/{coupon_id}", get(get_coupon))
         .route("/v1/coupons/{coupon_id}/issue", post(issue))
         .route("/v1/issue-requests/{request_id}", get(get_request))
         .route("/v1/users/{user_id}/coupons", get(user_coupons))
+        .route_layer(middleware::from_fn_with_state(in_flight, shed_load));
+    Router::new()
+        .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
+        .layer(middleware::from_fn(security_headers))
         .with_state(state)
+}
+
+/// Answers `503 overloaded` at once when `FIRSTCOME_MAX_IN_FLIGHT` requests
+/// are being served, rather than queueing without bound.
+async fn shed_load(
+    State(in_flight): State<Arc<Semaphore>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match in_flight.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => ApiError::Overloaded.into_response(),
+    }
+}
+
+/// Headers an API gateway expects of a JSON API: nothing is cached, sniffed,
+/// framed or referred.
+async fn security_headers(request: axum::extract::Request, next: Next) -> Response {
+    use axum::http::HeaderValue;
+    use axum::http::header;
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// A JSON body whose rejections answer in our error shape.
