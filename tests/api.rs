@@ -414,3 +414,80 @@ async fn past_the_in_flight_limit_requests_are_503_overloaded_at_once_and_health
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_sold_out_or_outside_its_window_a_coupon_answers_409_and_appends_nothing() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.ingress_config();
+    cfg.sold_out_check_ms = 100;
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let worker = env.spawn_worker().await;
+    let client = env.client(&ingress);
+
+    // Closed windows: answered at once, never appended.
+    let ended = env.coupon_id("ended");
+    let later = env.coupon_id("later");
+    for (id, starts, ends) in [
+        (&ended, "2020-01-01T00:00:00Z", "2020-02-01T00:00:00Z"),
+        (&later, "2099-01-01T00:00:00Z", "2099-02-01T00:00:00Z"),
+    ] {
+        let body = json!({ "coupon_id": id, "name": "window", "total_stock": 5,
+                           "starts_at": starts, "ends_at": ends });
+        assert_eq!(client.create_coupon_with(body).await.0, 201);
+        let (code, err) = client.issue(id, "ann").await;
+        assert_error(code, &err, 409, "not_open");
+    }
+
+    // Stock 2: the first two users win through the log. Until the worker
+    // has decided them, requests still go to the log.
+    let coupon = env.coupon_id("short");
+    assert_eq!(client.create_coupon(&coupon, 2).await.0, 201);
+    let mut ids = Vec::new();
+    for user in ["ann", "bob", "cat"] {
+        let (code, body) = client.issue(&coupon, user).await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    for (id, want) in ids.iter().zip(["issued", "issued", "sold_out"]) {
+        let status = client.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(status["status"], want, "{status}");
+    }
+    let appended = env.read_request_log().len();
+    assert_eq!(appended, 3, "only the short coupon's three requests");
+
+    // Now the stock is zero in Redis: once the ingress has looked again,
+    // requests are answered 409 sold_out and the log does not grow.
+    let mut answered = None;
+    for _ in 0..100 {
+        let (code, body) = client.issue(&coupon, "dan").await;
+        if code == 409 {
+            answered = Some((code, body));
+            break;
+        }
+        assert_eq!(code, 202, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, err) = answered.expect("the sold-out coupon is short-circuited");
+    assert_error(code, &err, 409, "sold_out");
+    assert!(err.get("request_id").is_none(), "{err}");
+    let before = env.read_request_log().len();
+    for user in ["eve", "fay", "ann"] {
+        let (code, err) = client.issue(&coupon, user).await;
+        assert_error(code, &err, 409, "sold_out");
+    }
+    assert_eq!(
+        env.read_request_log().len(),
+        before,
+        "nothing more appended"
+    );
+
+    // What was appended is decided as always, and the winners are the first
+    // two users of the log.
+    env.wait_decided(&[coupon.as_str()], before as i64).await;
+    let (code, coupon_view) = client.get(&format!("/v1/coupons/{coupon}")).await;
+    assert_eq!(code, 200);
+    assert_eq!(coupon_view["issued_count"], 2, "{coupon_view}");
+    assert_eq!(coupon_view["remaining_stock"], 0, "{coupon_view}");
+    worker.stop().await;
+    ingress.stop().await;
+}

@@ -239,6 +239,9 @@ impl TestEnv {
             shutdown_timeout_ms: 5_000,
             max_in_flight: 4_096,
             max_body_bytes: 16 * 1024,
+            // Off: most tests check what the log decides for requests past
+            // the stock; `api.rs` tests the short-circuit.
+            sold_out_check_ms: 0,
         }
     }
 
@@ -329,7 +332,9 @@ impl TestEnv {
     pub fn ingress_command(&self, listen: SocketAddr) -> tokio::process::Command {
         let mut cmd = self.command(ingress_binary());
         cmd.env("FIRSTCOME_LISTEN", listen.to_string())
-            .env("FIRSTCOME_ADMIN_TOKEN", &self.admin_token);
+            .env("FIRSTCOME_ADMIN_TOKEN", &self.admin_token)
+            // As in `ingress_config`.
+            .env("FIRSTCOME_SOLD_OUT_CHECK_MS", "0");
         cmd
     }
 

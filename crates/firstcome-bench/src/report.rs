@@ -271,11 +271,12 @@ impl Results {
             row(
                 "flash-sale",
                 format!(
-                    "{} requests: 202 at {:.0}/s (p50 {:.1} / p99 {:.1} ms); sold out after {:.2} s; every request final after {:.2} s = {:.0}/s end to end; violations {}; statuses {:?}; RSS ingress {:.0} / worker {:.0} MiB",
+                    "{} requests: answered (202 or 409) at {:.0}/s (p50 {:.1} / p99 {:.1} ms), {} of them 409 sold_out by the short-circuit; sold out after {:.2} s; every request final after {:.2} s = {:.0}/s end to end; violations {}; statuses {:?}; RSS ingress {:.0} / worker {:.0} MiB",
                     f.burst.sent,
                     f.burst.ok_per_s,
                     f.burst.latency.p50_ms,
                     f.burst.latency.p99_ms,
+                    f.short_circuited,
                     f.sold_out_after_s,
                     f.all_final_after_s,
                     f.end_to_end_per_s,

@@ -2,6 +2,8 @@
 //! it measured; none asserts a speed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -610,8 +612,11 @@ fn sale_user(i: u64, requests: u64) -> String {
 /// `flash-sale`: the whole path.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlashSale {
-    /// The burst at the ingress (202s).
+    /// The burst at the ingress (202s and 409s).
     pub burst: Step,
+    /// Requests answered `409 sold_out` at once by the ingress's
+    /// short-circuit, never appended.
+    pub short_circuited: u64,
     /// Requests per second until every request was final.
     pub end_to_end_per_s: f64,
     /// From the first request until the last unit was issued, seconds.
@@ -676,17 +681,39 @@ pub async fn flash_sale(size: Size) -> anyhow::Result<FlashSale> {
     let n = size.sale_requests;
     let t0 = Utc::now();
     let (h, b, cs) = (http.clone(), base.clone(), ids.clone());
+    let short = Arc::new(AtomicU64::new(0));
+    let counted = short.clone();
     let burst = load::closed(size.sale_clients, n, move |i| {
-        issue(&h, &b, &cs[(i % 3) as usize], sale_user(i, n))
+        let request = h
+            .post(format!("{b}/v1/coupons/{}/issue", cs[(i % 3) as usize]))
+            .json(&json!({ "user_id": sale_user(i, n) }));
+        let counted = counted.clone();
+        async move {
+            match request.send().await.map(|r| r.status().as_u16()) {
+                Ok(202) => Outcome::Ok,
+                // Final at once: sold out, never appended.
+                Ok(409) => {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Ok
+                }
+                _ => Outcome::Error,
+            }
+        }
     })
     .await;
+    let burst_end = t0 + chrono::Duration::microseconds((burst.seconds * 1e6) as i64);
     anyhow::ensure!(
         burst.errors == 0,
         "{} requests of the burst failed",
         burst.errors
     );
-    wait_ledger(&pool, &ids, n as i64, Duration::from_secs(600)).await?;
+    let short_circuited = short.load(Ordering::Relaxed);
+    let appended = n - short_circuited;
+    wait_ledger(&pool, &ids, appended as i64, Duration::from_secs(600)).await?;
     let (_, _, last) = ledger_span(&pool, &ids).await?;
+    // Every request is final once the last appended one is decided and the
+    // last 409 was answered.
+    let last = last.map(|l| l.max(burst_end));
     let sold_out: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT max(decided_at) FROM request_ledger WHERE coupon_id = ANY($1) AND status = 'issued'")
             .bind(&ids)
@@ -705,6 +732,7 @@ pub async fn flash_sale(size: Size) -> anyhow::Result<FlashSale> {
     ingress.stop().await;
     Ok(FlashSale {
         burst,
+        short_circuited,
         end_to_end_per_s: n as f64 / all_final_after_s,
         sold_out_after_s: secs(sold_out),
         all_final_after_s,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use firstcome::db::{self, Coupon};
 use firstcome::kafka::HealingProducer;
-use firstcome::state::Keys;
+use firstcome::state::{self, Keys};
 use firstcome::{CouponId, kafka};
 use rdkafka::producer::Producer;
 use redis::aio::ConnectionManager;
@@ -18,6 +18,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngressConfig;
+
+/// How long the sold-out check waits for Redis before letting the request
+/// through to the log.
+const STOCK_READ_TIMEOUT: Duration = Duration::from_millis(100);
 use crate::routes;
 
 /// What every handler shares. Cheap to clone.
@@ -38,6 +42,9 @@ pub(crate) struct Inner {
     pub(crate) coupons: RwLock<HashMap<CouponId, Arc<Coupon>>>,
     /// Until when `pending` status writes are skipped (Redis failing).
     pub(crate) pending_skip_until: Mutex<Option<Instant>>,
+    /// Per coupon: when its stock was last read from Redis, and whether it
+    /// was zero then.
+    pub(crate) stock_seen: Mutex<HashMap<CouponId, (Instant, bool)>>,
 }
 
 impl Inner {
@@ -63,6 +70,37 @@ impl Inner {
 }
 
 impl AppState {
+    /// Whether the worker has sold the coupon out, as Redis said at most
+    /// `FIRSTCOME_SOLD_OUT_CHECK_MS` ago. Anything but a clear "stock is
+    /// zero" (no state yet, Redis slow or down) answers false: the request
+    /// then goes to the log, which decides it as always.
+    pub(crate) async fn sold_out(&self, id: &CouponId) -> bool {
+        let fresh_for = Duration::from_millis(self.inner.cfg.sold_out_check_ms);
+        if fresh_for.is_zero() {
+            return false;
+        }
+        if let Some((at, sold_out)) = self.inner.stock_seen.lock().expect("lock").get(id)
+            && at.elapsed() < fresh_for
+        {
+            return *sold_out;
+        }
+        let keys = self.inner.keys.coupon(id);
+        let mut redis = self.inner.redis.clone();
+        let read = tokio::time::timeout(STOCK_READ_TIMEOUT, state::counters(&mut redis, &keys));
+        let sold_out = match read.await {
+            Ok(Ok(Some(c))) => c.remaining <= 0,
+            Ok(Ok(None)) => false,
+            // Not cached: the next request asks again.
+            Ok(Err(_)) | Err(_) => return false,
+        };
+        self.inner
+            .stock_seen
+            .lock()
+            .expect("lock")
+            .insert(id.clone(), (Instant::now(), sold_out));
+        sold_out
+    }
+
     /// Looks a coupon up, from memory when it was seen before.
     pub(crate) async fn coupon(&self, id: &CouponId) -> Result<Option<Arc<Coupon>>, sqlx::Error> {
         if let Some(c) = self.inner.coupons.read().expect("lock").get(id) {
@@ -114,6 +152,7 @@ impl Application {
                     keys,
                     coupons: RwLock::new(HashMap::new()),
                     pending_skip_until: Mutex::new(None),
+                    stock_seen: Mutex::new(HashMap::new()),
                 }),
             },
         })

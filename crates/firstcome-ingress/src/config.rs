@@ -50,6 +50,13 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_MAX_IN_FLIGHT", default_value_t = 4_096)]
     pub max_in_flight: usize,
 
+    /// How long the ingress trusts its last look at a coupon's stock in
+    /// Redis. While the worker has the stock at zero, issue requests are
+    /// answered `409 sold_out` without touching the log (they would all be
+    /// decided `sold_out`); 0 turns the short-circuit off.
+    #[arg(long, env = "FIRSTCOME_SOLD_OUT_CHECK_MS", default_value_t = 250)]
+    pub sold_out_check_ms: u64,
+
     /// Largest request body, in bytes; larger ones are answered `413`.
     #[arg(long, env = "FIRSTCOME_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     pub max_body_bytes: usize,
@@ -65,6 +72,7 @@ impl std::fmt::Debug for IngressConfig {
             .field("linger_ms", &self.linger_ms)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("sold_out_check_ms", &self.sold_out_check_ms)
             .finish_non_exhaustive()
     }
 }

@@ -23,6 +23,12 @@ pub enum ApiError {
     /// 404: no such coupon.
     #[error("coupon {0} does not exist")]
     CouponNotFound(String),
+    /// 409: the coupon is sold out; nothing was appended.
+    #[error("coupon {0} is sold out")]
+    SoldOut(String),
+    /// 409: the coupon's window is closed now; nothing was appended.
+    #[error("coupon {0} is not open now")]
+    NotOpen(String),
     /// 404: no such issue request.
     #[error("issue request {0} does not exist")]
     RequestNotFound(String),
@@ -63,6 +69,8 @@ impl ApiError {
             ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::CouponExists(_) => (StatusCode::CONFLICT, "coupon_exists"),
             ApiError::CouponNotFound(_) => (StatusCode::NOT_FOUND, "coupon_not_found"),
+            ApiError::SoldOut(_) => (StatusCode::CONFLICT, "sold_out"),
+            ApiError::NotOpen(_) => (StatusCode::CONFLICT, "not_open"),
             ApiError::RequestNotFound(_) => (StatusCode::NOT_FOUND, "request_not_found"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),

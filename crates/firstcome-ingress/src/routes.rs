@@ -264,7 +264,17 @@ async fn issue(
 ) -> Result<Response, ApiError> {
     let coupon_id = parse(CouponId::parse(coupon_id))?;
     let user_id = parse(UserId::parse(body.user_id))?;
+    // Microseconds: what Postgres and the Lua script keep.
+    let accepted_at = Utc::now().trunc_subsecs(6);
     match state.coupon(&coupon_id).await {
+        // Outside the coupon's window the request would be decided
+        // `not_open`, so it is answered now and never appended.
+        Ok(Some(c)) if c.starts_at.is_some_and(|s| accepted_at < s) => {
+            return Err(ApiError::NotOpen(coupon_id.to_string()));
+        }
+        Ok(Some(c)) if c.ends_at.is_some_and(|e| accepted_at > e) => {
+            return Err(ApiError::NotOpen(coupon_id.to_string()));
+        }
         Ok(Some(_)) => {}
         Ok(None) => return Err(ApiError::CouponNotFound(coupon_id.to_string())),
         // Postgres is down and this replica has not seen the coupon yet: a
@@ -280,12 +290,17 @@ async fn issue(
             }
         }
     }
+    // Stock only goes down in log order, so once the worker has it at zero
+    // every request appended later is decided `sold_out`: answering that
+    // now changes no decision and spares the log (docs/design.md).
+    if state.sold_out(&coupon_id).await {
+        return Err(ApiError::SoldOut(coupon_id.to_string()));
+    }
     let request = IssueRequest {
         request_id: RequestId::new(),
         coupon_id,
         user_id,
-        // Microseconds: what Postgres and the Lua script keep.
-        accepted_at: Utc::now().trunc_subsecs(6),
+        accepted_at,
     };
     tracing::Span::current().record("request_id", tracing::field::display(request.request_id));
     let payload = request.to_json();
