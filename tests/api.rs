@@ -491,3 +491,93 @@ async fn once_sold_out_or_outside_its_window_a_coupon_answers_409_and_appends_no
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_gives_the_same_request_back_and_appends_it_once() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("idem");
+    let other = env.coupon_id("idem2");
+    assert_eq!(client.create_coupon(&coupon, 5).await.0, 201);
+    assert_eq!(client.create_coupon(&other, 5).await.0, 201);
+    let issue = |coupon: &str, user: &str, key: &str| {
+        client
+            .http
+            .post(format!("{}/v1/coupons/{coupon}/issue", client.base))
+            .header("idempotency-key", key)
+            .json(&json!({ "user_id": user }))
+            .send()
+    };
+
+    let (code, first) = split(issue(&coupon, "ann", "k-1").await.unwrap()).await;
+    assert_eq!(code, 202, "{first}");
+    let (code, again) = split(issue(&coupon, "ann", "k-1").await.unwrap()).await;
+    assert_eq!(code, 202, "{again}");
+    assert_eq!(again["request_id"], first["request_id"]);
+    assert_eq!(
+        env.read_request_log().len(),
+        1,
+        "the retry appended nothing"
+    );
+
+    // The same key for another user: refused, nothing appended.
+    let (code, err) = split(issue(&coupon, "bob", "k-1").await.unwrap()).await;
+    assert_error(code, &err, 422, "idempotency_key_reused");
+    // Malformed keys.
+    for bad in ["", &"k".repeat(129)] {
+        let (code, err) = split(issue(&coupon, "ann", bad).await.unwrap()).await;
+        assert_error(code, &err, 422, "invalid_request");
+    }
+    // A key belongs to one coupon.
+    let (code, elsewhere) = split(issue(&other, "ann", "k-1").await.unwrap()).await;
+    assert_eq!(code, 202, "{elsewhere}");
+    assert_ne!(elsewhere["request_id"], first["request_id"]);
+    assert_eq!(env.read_request_log().len(), 2);
+
+    // An attempt the broker never acknowledged (503), retried with its key
+    // through a healthy ingress: the same request, appended then.
+    let mut cfg = env.ingress_config();
+    cfg.common.kafka_brokers = "127.0.0.1:1".into();
+    cfg.produce_timeout_ms = 1_000;
+    let app = firstcome_ingress::Application::build(cfg).await.unwrap();
+    let dead = format!("http://{}", app.local_addr());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let (code, err) = split(
+        client
+            .http
+            .post(format!("{dead}/v1/coupons/{coupon}/issue"))
+            .header("idempotency-key", "k-2")
+            .json(&json!({ "user_id": "cat" }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(code, &err, 503, "unavailable");
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    let (code, retried) = split(issue(&coupon, "cat", "k-2").await.unwrap()).await;
+    assert_eq!(code, 202, "{retried}");
+    assert_eq!(retried["request_id"], err["request_id"], "the same request");
+    let (code, _) = split(issue(&coupon, "cat", "k-2").await.unwrap()).await;
+    assert_eq!(code, 202);
+    let log = env.read_request_log();
+    let id = retried["request_id"].as_str().unwrap();
+    let copies = log
+        .iter()
+        .filter(|r| {
+            let v: Value = serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap();
+            v["request_id"] == id
+        })
+        .count();
+    assert_eq!(copies, 1, "appended once");
+
+    // Decided like any other request.
+    let worker = env.spawn_worker().await;
+    let status = client.wait_final(id, Duration::from_secs(60)).await;
+    assert_eq!(status["status"], "issued", "{status}");
+    worker.stop().await;
+    ingress.stop().await;
+}

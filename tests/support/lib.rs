@@ -242,6 +242,7 @@ impl TestEnv {
             // Off: most tests check what the log decides for requests past
             // the stock; `api.rs` tests the short-circuit.
             sold_out_check_ms: 0,
+            idempotency_ttl_secs: 3_600,
         }
     }
 

@@ -57,6 +57,10 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_SOLD_OUT_CHECK_MS", default_value_t = 250)]
     pub sold_out_check_ms: u64,
 
+    /// How long an `Idempotency-Key` is remembered (in Redis).
+    #[arg(long, env = "FIRSTCOME_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
+
     /// Largest request body, in bytes; larger ones are answered `413`.
     #[arg(long, env = "FIRSTCOME_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     pub max_body_bytes: usize,
@@ -73,6 +77,7 @@ impl std::fmt::Debug for IngressConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("sold_out_check_ms", &self.sold_out_check_ms)
+            .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +96,12 @@ impl IngressConfig {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
                 message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
+            });
+        }
+        if self.idempotency_ttl_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_IDEMPOTENCY_TTL_SECS",
+                message: "must be at least 1".into(),
             });
         }
         if self.max_in_flight == 0 {

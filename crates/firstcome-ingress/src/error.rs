@@ -17,6 +17,9 @@ pub enum ApiError {
     /// 422: the request is malformed; nothing was changed.
     #[error("{0}")]
     InvalidRequest(String),
+    /// 422: the `Idempotency-Key` was used for a different request.
+    #[error("this Idempotency-Key was used for a different request")]
+    IdempotencyKeyReused,
     /// 409: a coupon with this id exists already.
     #[error("coupon {0} already exists")]
     CouponExists(String),
@@ -67,6 +70,9 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ApiError::IdempotencyKeyReused => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
             ApiError::CouponExists(_) => (StatusCode::CONFLICT, "coupon_exists"),
             ApiError::CouponNotFound(_) => (StatusCode::NOT_FOUND, "coupon_not_found"),
             ApiError::SoldOut(_) => (StatusCode::CONFLICT, "sold_out"),

@@ -8,10 +8,12 @@
 //! - [`app`]: connecting, serving, graceful shutdown
 //! - [`routes`]: the handlers of the public API
 //! - [`error`]: the one error type and its JSON shape
+//! - [`idempotency`]: `Idempotency-Key` on issue requests
 
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod routes;
 
 pub use app::Application;

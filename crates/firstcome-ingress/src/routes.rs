@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, State};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +23,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::idempotency::{self, Prior};
 
 /// Largest `total_stock` a coupon may have.
 pub const MAX_STOCK: i64 = 1_000_000_000;
@@ -260,10 +261,56 @@ struct IssueBody {
 async fn issue(
     State(state): State<AppState>,
     Path(coupon_id): Path<String>,
+    headers: HeaderMap,
     Body(body): Body<IssueBody>,
 ) -> Result<Response, ApiError> {
     let coupon_id = parse(CouponId::parse(coupon_id))?;
     let user_id = parse(UserId::parse(body.user_id))?;
+    let slot = idempotency::key(&headers)?.map(|key| {
+        let ttl = Duration::from_secs(state.inner.cfg.idempotency_ttl_secs);
+        idempotency::Slot::new(&state.inner.cfg.common.redis_prefix, &coupon_id, &key, ttl)
+    });
+    let mut redis = state.inner.redis.clone();
+    let prior = match &slot {
+        Some(slot) => slot.prior(&mut redis, &coupon_id, &user_id).await?,
+        None => Prior::None,
+    };
+    let request = match prior {
+        Prior::Confirmed(id) => return Ok(accepted(id)),
+        Prior::Unconfirmed(request) => request,
+        Prior::None => {
+            let request = admit(&state, coupon_id, user_id).await?;
+            match &slot {
+                Some(slot) if !slot.claim(&mut redis, &request).await? => {
+                    // Another request with this key got there first.
+                    match slot
+                        .prior(&mut redis, &request.coupon_id, &request.user_id)
+                        .await?
+                    {
+                        Prior::Confirmed(id) => return Ok(accepted(id)),
+                        Prior::Unconfirmed(first) => first,
+                        Prior::None => request,
+                    }
+                }
+                _ => request,
+            }
+        }
+    };
+    tracing::Span::current().record("request_id", tracing::field::display(request.request_id));
+    append(&state, &request).await?;
+    if let Some(slot) = &slot {
+        slot.confirm(&mut redis, &request).await;
+    }
+    Ok(accepted(request.request_id))
+}
+
+/// The checks before a new request is appended (the coupon exists, its
+/// window is open, it is not sold out), and the request.
+async fn admit(
+    state: &AppState,
+    coupon_id: CouponId,
+    user_id: UserId,
+) -> Result<IssueRequest, ApiError> {
     // Microseconds: what Postgres and the Lua script keep.
     let accepted_at = Utc::now().trunc_subsecs(6);
     match state.coupon(&coupon_id).await {
@@ -296,13 +343,27 @@ async fn issue(
     if state.sold_out(&coupon_id).await {
         return Err(ApiError::SoldOut(coupon_id.to_string()));
     }
-    let request = IssueRequest {
+    Ok(IssueRequest {
         request_id: RequestId::new(),
         coupon_id,
         user_id,
         accepted_at,
-    };
-    tracing::Span::current().record("request_id", tracing::field::display(request.request_id));
+    })
+}
+
+/// The `202` answer.
+fn accepted(id: RequestId) -> Response {
+    let body = json!({
+        "request_id": id,
+        "status": Status::Pending,
+        "status_url": format!("/v1/issue-requests/{id}"),
+    });
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// Appends the request and waits for the broker's acknowledgement, then
+/// records its `pending` status.
+async fn append(state: &AppState, request: &IssueRequest) -> Result<(), ApiError> {
     let payload = request.to_json();
     let record = FutureRecord::to(&state.inner.cfg.common.request_topic)
         .key(request.coupon_id.as_str())
@@ -335,7 +396,7 @@ async fn issue(
     // After a failed write the next ones are skipped for a while, so a
     // Redis outage does not cost every request the write's timeout.
     if !state.inner.pending_skipped() {
-        let pending = RequestStatus::pending(&request);
+        let pending = RequestStatus::pending(request);
         let ttl = state.inner.cfg.common.status_ttl();
         let mut redis = state.inner.redis.clone();
         let write = state::put_pending(&mut redis, &state.inner.keys, &pending, ttl);
@@ -350,12 +411,7 @@ async fn issue(
             tracing::warn!(%error, "accepted, but the pending status was not cached; skipping it for a second");
         }
     }
-    let body = json!({
-        "request_id": id,
-        "status": Status::Pending,
-        "status_url": format!("/v1/issue-requests/{id}"),
-    });
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    Ok(())
 }
 
 #[tracing::instrument(skip(state))]

@@ -1,0 +1,171 @@
+//! `Idempotency-Key` on `POST /v1/coupons/{id}/issue`: a client that lost an
+//! answer (a timeout, a 503) sends the same request with the same key and
+//! gets the same `request_id`, never a second request.
+//!
+//! A key belongs to one coupon and is kept in Redis for
+//! `FIRSTCOME_IDEMPOTENCY_TTL_SECS`, with the request it stands for and
+//! whether the broker acknowledged it. A retry of a confirmed request is
+//! answered from there and appends nothing. A retry of an unconfirmed one
+//! appends the *same* record again: if the first copy did reach the log, the
+//! worker gives the second its first answer back (decisions are per
+//! `request_id`), so nothing is decided twice either way.
+
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
+use firstcome::{CouponId, IssueRequest, RequestId, UserId};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// The header.
+pub const HEADER: &str = "idempotency-key";
+/// Longest key, in bytes.
+pub const MAX_KEY_LEN: usize = 128;
+/// How long a key operation may wait for Redis.
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What a key stands for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    request_id: RequestId,
+    user_id: UserId,
+    accepted_at: DateTime<Utc>,
+    confirmed: bool,
+}
+
+/// What an earlier use of the key says about this request.
+pub enum Prior {
+    /// The key is new (nothing stored yet).
+    None,
+    /// The broker acknowledged this request earlier: answer it again.
+    Confirmed(RequestId),
+    /// Sent before without an acknowledgement: append it again, as it was.
+    Unconfirmed(IssueRequest),
+}
+
+/// The key of the request, if it carries one; `422` if it is malformed.
+pub fn key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(HEADER) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| {
+            !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "Idempotency-Key must be 1-{MAX_KEY_LEN} visible ASCII characters"
+            ))
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// One key of one coupon, in Redis.
+pub struct Slot {
+    redis_key: String,
+    ttl: Duration,
+}
+
+impl Slot {
+    /// The slot of `key` for `coupon`.
+    pub fn new(prefix: &str, coupon: &CouponId, key: &str, ttl: Duration) -> Self {
+        Self {
+            redis_key: format!("{prefix}idem:{{{coupon}}}:{key}"),
+            ttl,
+        }
+    }
+
+    /// What an earlier use says, for a request by `user`; `422` if the key
+    /// was used for another user.
+    pub async fn prior(
+        &self,
+        redis: &mut ConnectionManager,
+        coupon: &CouponId,
+        user: &UserId,
+    ) -> Result<Prior, ApiError> {
+        let stored: Option<String> =
+            with_timeout(redis::cmd("GET").arg(&self.redis_key).query_async(redis)).await?;
+        let Some(stored) = stored else {
+            return Ok(Prior::None);
+        };
+        let entry: Entry = serde_json::from_str(&stored)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("idempotency entry: {e}")))?;
+        if &entry.user_id != user {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        Ok(if entry.confirmed {
+            Prior::Confirmed(entry.request_id)
+        } else {
+            Prior::Unconfirmed(IssueRequest {
+                request_id: entry.request_id,
+                coupon_id: coupon.clone(),
+                user_id: entry.user_id,
+                accepted_at: entry.accepted_at,
+            })
+        })
+    }
+
+    /// Stores the key for `request` unless another request stored it first
+    /// (false: look again with [`Slot::prior`]).
+    pub async fn claim(
+        &self,
+        redis: &mut ConnectionManager,
+        request: &IssueRequest,
+    ) -> Result<bool, ApiError> {
+        let set: Option<String> = with_timeout(
+            redis::cmd("SET")
+                .arg(&self.redis_key)
+                .arg(entry_json(request, false))
+                .arg("NX")
+                .arg("EX")
+                .arg(self.ttl.as_secs().max(1))
+                .query_async(redis),
+        )
+        .await?;
+        Ok(set.is_some())
+    }
+
+    /// Marks the request acknowledged. Best effort: if it fails, a retry
+    /// appends the same record again, which decides nothing twice.
+    pub async fn confirm(&self, redis: &mut ConnectionManager, request: &IssueRequest) {
+        let done: Result<Option<String>, ApiError> = with_timeout(
+            redis::cmd("SET")
+                .arg(&self.redis_key)
+                .arg(entry_json(request, true))
+                .arg("XX")
+                .arg("KEEPTTL")
+                .query_async(redis),
+        )
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "idempotency key not marked confirmed");
+        }
+    }
+}
+
+fn entry_json(request: &IssueRequest, confirmed: bool) -> String {
+    serde_json::to_string(&Entry {
+        request_id: request.request_id,
+        user_id: request.user_id.clone(),
+        accepted_at: request.accepted_at,
+        confirmed,
+    })
+    .expect("an entry always serializes")
+}
+
+/// Redis within [`TIMEOUT`]; failing that, `503`: without its key store the
+/// ingress cannot keep the key's promise, and the client may retry.
+async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, ApiError> {
+    match tokio::time::timeout(TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ApiError::unavailable(format!(
+            "redis (idempotency key): {e}"
+        ))),
+        Err(_) => Err(ApiError::unavailable("redis (idempotency key): timed out")),
+    }
+}
