@@ -358,14 +358,8 @@ async fn past_the_in_flight_limit_requests_are_503_overloaded_at_once_and_health
 
     // One request at a time, and a broker that never answers: the first
     // request holds the only slot until its produce timeout.
-    let mut cfg = env.ingress_config();
-    cfg.common.kafka_brokers = "127.0.0.1:1".into();
-    cfg.produce_timeout_ms = 3_000;
-    cfg.max_in_flight = 1;
-    let app = firstcome_ingress::Application::build(cfg).await.unwrap();
-    let base = format!("http://{}", app.local_addr());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let shedding = env.spawn_ingress_without_broker(3_000, 1).await;
+    let base = format!("http://{}", shedding.addr.expect("it listens"));
     let http = reqwest::Client::new();
     let issue = |user: &'static str| {
         let (http, url) = (http.clone(), format!("{base}/v1/coupons/{coupon}/issue"));
@@ -406,13 +400,7 @@ async fn past_the_in_flight_limit_requests_are_503_overloaded_at_once_and_health
     assert_error(code, &body, 503, "unavailable");
     let (code, body) = issue("third").await;
     assert_error(code, &body, 503, "unavailable");
-
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(30), handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    shedding.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,13 +525,8 @@ async fn an_idempotency_key_gives_the_same_request_back_and_appends_it_once() {
 
     // An attempt the broker never acknowledged (503), retried with its key
     // through a healthy ingress: the same request, appended then.
-    let mut cfg = env.ingress_config();
-    cfg.common.kafka_brokers = "127.0.0.1:1".into();
-    cfg.produce_timeout_ms = 1_000;
-    let app = firstcome_ingress::Application::build(cfg).await.unwrap();
-    let dead = format!("http://{}", app.local_addr());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let unacknowledged = env.spawn_ingress_without_broker(1_000, 4_096).await;
+    let dead = format!("http://{}", unacknowledged.addr.expect("it listens"));
     let (code, err) = split(
         client
             .http
@@ -556,8 +539,7 @@ async fn an_idempotency_key_gives_the_same_request_back_and_appends_it_once() {
     )
     .await;
     assert_error(code, &err, 503, "unavailable");
-    stop.cancel();
-    handle.await.unwrap().unwrap();
+    unacknowledged.stop().await;
     let (code, retried) = split(issue(&coupon, "cat", "k-2").await.unwrap()).await;
     assert_eq!(code, 202, "{retried}");
     assert_eq!(retried["request_id"], err["request_id"], "the same request");

@@ -282,6 +282,21 @@ impl TestEnv {
         }
     }
 
+    /// Starts an ingress whose broker address has nothing listening: no
+    /// request is ever acknowledged, each holds its slot for
+    /// `produce_timeout_ms` and is answered 503.
+    pub async fn spawn_ingress_without_broker(
+        &self,
+        produce_timeout_ms: u64,
+        max_in_flight: usize,
+    ) -> Running {
+        let mut cfg = self.ingress_config();
+        cfg.common.kafka_brokers = "127.0.0.1:1".into();
+        cfg.produce_timeout_ms = produce_timeout_ms;
+        cfg.max_in_flight = max_in_flight;
+        self.spawn_ingress_with(cfg).await
+    }
+
     /// Starts a worker in this process.
     pub async fn spawn_worker(&self) -> Running {
         self.spawn_worker_with(self.worker_config()).await
