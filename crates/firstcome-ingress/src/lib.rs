@@ -9,11 +9,13 @@
 //! - [`routes`]: the handlers of the public API
 //! - [`error`]: the one error type and its JSON shape
 //! - [`idempotency`]: `Idempotency-Key` on issue requests
+//! - [`openapi`]: the OpenAPI document, generated from the handlers
 
 pub mod app;
 pub mod config;
 pub mod error;
 pub mod idempotency;
+pub mod openapi;
 pub mod routes;
 
 pub use app::Application;

@@ -24,6 +24,8 @@ use tower_http::timeout::TimeoutLayer;
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::idempotency::{self, Prior};
+use crate::openapi::{ErrorBody, HealthView, ReadyView, RequestStatusView};
+use utoipa::ToSchema;
 
 /// Largest `total_stock` a coupon may have.
 pub const MAX_STOCK: i64 = 1_000_000_000;
@@ -50,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
@@ -97,7 +100,7 @@ async fn security_headers(request: axum::extract::Request, next: Next) -> Respon
 }
 
 /// A JSON body whose rejections answer in our error shape.
-struct Body<T>(T);
+pub(crate) struct Body<T>(T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
@@ -109,7 +112,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
 }
 
 /// Proof that the request carried the admin bearer token.
-struct Admin;
+pub(crate) struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
@@ -142,24 +145,51 @@ fn parse<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, ApiError> {
     r.map_err(|e| ApiError::InvalidRequest(e.to_string()))
 }
 
-#[derive(Deserialize)]
+/// A new coupon.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateCoupon {
+pub(crate) struct CreateCoupon {
+    /// Chosen by the admin; never reused.
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "summer")]
     coupon_id: String,
+    /// Display name, 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200, example = "Summer sale")]
     name: String,
+    /// Units to hand out.
+    #[schema(minimum = 0, maximum = 1_000_000_000, example = 100)]
+    #[serde(deserialize_with = "json_integer")]
     total_stock: i64,
+    /// Requests accepted before this are `not_open`.
     #[serde(default)]
     starts_at: Option<DateTime<Utc>>,
+    /// Requests accepted after this are `not_open`.
     #[serde(default)]
     ends_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Serialize)]
-struct CouponView {
+/// A JSON integer, also when written with a zero fraction (`100.0` is the
+/// integer 100 to JSON Schema, and clients that only have doubles send it
+/// so); any other fraction is an error.
+fn json_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(i) = n.as_i64() {
+        return Ok(i);
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        _ => Err(serde::de::Error::custom(format!("{n} is not an integer"))),
+    }
+}
+
+/// A coupon and its live counters.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CouponView {
     coupon_id: String,
     name: String,
     total_stock: i32,
+    /// Units left (Redis; Postgres when Redis is unavailable).
     remaining_stock: i64,
+    /// Users holding it.
     issued_count: i64,
     starts_at: Option<DateTime<Utc>>,
     ends_at: Option<DateTime<Utc>>,
@@ -179,8 +209,22 @@ impl CouponView {
     }
 }
 
+#[utoipa::path(
+    post, path = "/v1/coupons", tag = "admin",
+    request_body = CreateCoupon,
+    security(("admin_token" = [])),
+    responses(
+        (status = 201, description = "Created", body = CouponView),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 409, description = "`coupon_exists`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`; nothing changed", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(coupon_id))]
-async fn create_coupon(
+pub(crate) async fn create_coupon(
     _admin: Admin,
     State(state): State<AppState>,
     Body(body): Body<CreateCoupon>,
@@ -224,8 +268,18 @@ async fn create_coupon(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/v1/coupons/{coupon_id}", tag = "coupons",
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The coupon", body = CouponView),
+        (status = 404, description = "`coupon_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_coupon(
+pub(crate) async fn get_coupon(
     State(state): State<AppState>,
     Path(coupon_id): Path<String>,
 ) -> Result<Json<CouponView>, ApiError> {
@@ -251,14 +305,47 @@ async fn get_coupon(
     Ok(Json(CouponView::new(&coupon, remaining, issued)))
 }
 
-#[derive(Deserialize)]
+/// Who asks.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct IssueBody {
+pub(crate) struct IssueBody {
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "alice")]
     user_id: String,
 }
 
+/// The `202` answer: the request is in the log.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct AcceptedView {
+    #[schema(value_type = String, format = Uuid)]
+    request_id: RequestId,
+    /// Always `pending`.
+    #[schema(value_type = String, example = "pending")]
+    status: Status,
+    /// Where to follow it.
+    #[schema(example = "/v1/issue-requests/0193c6a0-0000-7000-8000-000000000000")]
+    status_url: String,
+}
+
+#[utoipa::path(
+    post, path = "/v1/coupons/{coupon_id}/issue", tag = "issue",
+    params(
+        ("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+         description = "1-128 visible ASCII characters; a retry with the same key and user gets the same request back"),
+    ),
+    request_body = IssueBody,
+    responses(
+        (status = 202, description = "In the log; it will be decided", body = AcceptedView),
+        (status = 404, description = "`coupon_not_found`", body = ErrorBody),
+        (status = 409, description = "`sold_out` or `not_open`, answered at once; nothing appended", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_request` or `idempotency_key_reused`; nothing appended", body = ErrorBody),
+        (status = 503, description = "`unavailable` (names the request, which may still be decided) or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip(state, body), fields(request_id))]
-async fn issue(
+pub(crate) async fn issue(
     State(state): State<AppState>,
     Path(coupon_id): Path<String>,
     headers: HeaderMap,
@@ -353,11 +440,11 @@ async fn admit(
 
 /// The `202` answer.
 fn accepted(id: RequestId) -> Response {
-    let body = json!({
-        "request_id": id,
-        "status": Status::Pending,
-        "status_url": format!("/v1/issue-requests/{id}"),
-    });
+    let body = AcceptedView {
+        request_id: id,
+        status: Status::Pending,
+        status_url: format!("/v1/issue-requests/{id}"),
+    };
     (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
@@ -414,8 +501,18 @@ async fn append(state: &AppState, request: &IssueRequest) -> Result<(), ApiError
     Ok(())
 }
 
+#[utoipa::path(
+    get, path = "/v1/issue-requests/{request_id}", tag = "issue",
+    params(("request_id" = String, Path, format = Uuid)),
+    responses(
+        (status = 200, description = "Where the request stands", body = RequestStatusView),
+        (status = 404, description = "`request_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_request(
+pub(crate) async fn get_request(
     State(state): State<AppState>,
     Path(request_id): Path<String>,
 ) -> Result<Json<RequestStatus>, ApiError> {
@@ -440,15 +537,25 @@ async fn get_request(
     }))
 }
 
-#[derive(Serialize)]
-struct HeldCouponView {
+/// A coupon a user holds.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct HeldCouponView {
     coupon_id: String,
     request_id: uuid::Uuid,
     issued_at: DateTime<Utc>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/users/{user_id}/coupons", tag = "coupons",
+    params(("user_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The coupons the user holds", body = Vec<HeldCouponView>),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn user_coupons(
+pub(crate) async fn user_coupons(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
 ) -> Result<Json<Vec<HeldCouponView>>, ApiError> {
@@ -465,12 +572,23 @@ async fn user_coupons(
     ))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
+#[utoipa::path(
+    get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process runs", body = HealthView))
+)]
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// Ready when the broker, Redis and Postgres all answer within a second.
-async fn readyz(State(state): State<AppState>) -> Response {
+#[utoipa::path(
+    get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Every dependency answers", body = ReadyView),
+        (status = 503, description = "Some dependency does not", body = ReadyView),
+    )
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     const LIMIT: Duration = Duration::from_secs(1);
     let inner = &state.inner;
     let pg = async {
@@ -531,6 +649,19 @@ async fn readyz(State(state): State<AppState>) -> Response {
     };
     let word = if ready { "ready" } else { "not_ready" };
     (status, Json(json!({ "status": word, "checks": detail }))).into_response()
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "health",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json"))
+)]
+pub(crate) async fn openapi_json() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document(),
+    )
+        .into_response()
 }
 
 /// Runs a readiness probe, failing it when it takes longer than `limit`.
