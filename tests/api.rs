@@ -563,3 +563,60 @@ async fn an_idempotency_key_gives_the_same_request_back_and_appends_it_once() {
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_lookup_with_wait_ms_answers_once_the_request_is_decided() {
+    let env = TestEnv::new().await;
+    // Waits far longer than this test lets them run: only a wake-up can end
+    // the long poll below in time.
+    let mut cfg = env.ingress_config();
+    cfg.request_timeout_ms = 300_000;
+    cfg.max_wait_ms = 200_000;
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("wait");
+    assert_eq!(client.create_coupon(&coupon, 1).await.0, 201);
+    let (code, first) = client.issue(&coupon, "ann").await;
+    assert_eq!(code, 202, "{first}");
+    let id = first["request_id"].as_str().unwrap().to_owned();
+
+    // No worker yet: the wait runs out and the answer is the plain one.
+    let (code, status) = client
+        .get(&format!("/v1/issue-requests/{id}?wait_ms=300"))
+        .await;
+    assert_eq!(
+        (code, &status["status"]),
+        (200, &json!("pending")),
+        "{status}"
+    );
+
+    // Bad waits are refused.
+    for bad in ["wait_ms=200001", "wait_ms=soon", "wait_ms=-1", "wait=5"] {
+        let (code, err) = client.get(&format!("/v1/issue-requests/{id}?{bad}")).await;
+        assert_error(code, &err, 422, "invalid_request");
+    }
+
+    // A long poll in progress is woken by the worker's decision.
+    let waiting = {
+        let client = env.client(&ingress);
+        let path = format!("/v1/issue-requests/{id}?wait_ms=200000");
+        tokio::spawn(async move { client.get(&path).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let worker = env.spawn_worker().await;
+    let (code, status) = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the decision wakes the long poll")
+        .unwrap();
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["status"], "issued", "{status}");
+    assert!(status["decided_at"].is_string(), "{status}");
+
+    // A final status answers at once, wait or not.
+    let (code, again) = client
+        .get(&format!("/v1/issue-requests/{id}?wait_ms=5000"))
+        .await;
+    assert_eq!((code, again), (200, status));
+    worker.stop().await;
+    ingress.stop().await;
+}

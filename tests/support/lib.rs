@@ -243,6 +243,7 @@ impl TestEnv {
             // the stock; `api.rs` tests the short-circuit.
             sold_out_check_ms: 0,
             idempotency_ttl_secs: 3_600,
+            max_wait_ms: 10_000,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngressConfig;
+use crate::waiters::{self, Waiters};
 
 /// How long the sold-out check waits for Redis before letting the request
 /// through to the log.
@@ -45,6 +46,10 @@ pub(crate) struct Inner {
     /// Per coupon: when its stock was last read from Redis, and whether it
     /// was zero then.
     pub(crate) stock_seen: Mutex<HashMap<CouponId, (Instant, bool)>>,
+    /// Long polls waiting for decisions.
+    pub(crate) waiters: Arc<Waiters>,
+    /// For the decisions subscription.
+    redis_client: redis::Client,
 }
 
 impl Inner {
@@ -141,6 +146,8 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         let keys = cfg.common.keys()?;
+        let redis_client =
+            redis::Client::open(cfg.common.redis_url.as_str()).context("REDIS_URL")?;
         Ok(Self {
             listener,
             state: AppState {
@@ -153,6 +160,8 @@ impl Application {
                     coupons: RwLock::new(HashMap::new()),
                     pending_skip_until: Mutex::new(None),
                     stock_seen: Mutex::new(HashMap::new()),
+                    waiters: Arc::new(Waiters::default()),
+                    redis_client,
                 }),
             },
         })
@@ -174,6 +183,14 @@ impl Application {
         let grace = Duration::from_millis(cfg.shutdown_timeout_ms);
         tracing::info!(addr = %listener.local_addr()?, "ingress listening");
         let app = routes::router(state.clone());
+        // Long polls follow the worker's decisions; on shutdown they are
+        // woken and answer what they know.
+        let listening = tokio::spawn(waiters::listen(
+            state.inner.redis_client.clone(),
+            state.inner.keys.decided_channel(),
+            state.inner.waiters.clone(),
+            shutdown.clone(),
+        ));
         let stopping = shutdown.clone();
         let serve = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stopping.cancelled().await });
@@ -183,6 +200,8 @@ impl Application {
                 tracing::warn!("shutdown timeout reached with requests still in flight");
             }
         }
+        shutdown.cancel();
+        let _ = listening.await;
         let producer = state.inner.producer.producer();
         tokio::task::spawn_blocking(move || producer.flush(grace))
             .await?

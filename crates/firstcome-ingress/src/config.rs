@@ -57,6 +57,10 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_SOLD_OUT_CHECK_MS", default_value_t = 250)]
     pub sold_out_check_ms: u64,
 
+    /// Longest `wait_ms` a status lookup may ask for (long poll).
+    #[arg(long, env = "FIRSTCOME_MAX_WAIT_MS", default_value_t = 10_000)]
+    pub max_wait_ms: u64,
+
     /// How long an `Idempotency-Key` is remembered (in Redis).
     #[arg(long, env = "FIRSTCOME_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
@@ -78,6 +82,7 @@ impl std::fmt::Debug for IngressConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("sold_out_check_ms", &self.sold_out_check_ms)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
+            .field("max_wait_ms", &self.max_wait_ms)
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +101,12 @@ impl IngressConfig {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
                 message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
+            });
+        }
+        if self.max_wait_ms >= self.request_timeout_ms {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_MAX_WAIT_MS",
+                message: "must be below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
             });
         }
         if self.idempotency_ttl_secs == 0 {

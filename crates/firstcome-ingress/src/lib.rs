@@ -10,6 +10,7 @@
 //! - [`error`]: the one error type and its JSON shape
 //! - [`idempotency`]: `Idempotency-Key` on issue requests
 //! - [`openapi`]: the OpenAPI document, generated from the handlers
+//! - [`waiters`]: long polls woken by the worker's decisions
 
 pub mod app;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod idempotency;
 pub mod openapi;
 pub mod routes;
+pub mod waiters;
 
 pub use app::Application;
 pub use config::IngressConfig;

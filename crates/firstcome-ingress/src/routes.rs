@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -501,9 +502,20 @@ async fn append(state: &AppState, request: &IssueRequest) -> Result<(), ApiError
     Ok(())
 }
 
+/// `?wait_ms=N`: hold the lookup until the request is final or `N` ms pass.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WaitQuery {
+    /// Milliseconds to wait for a final status (at most the configured
+    /// maximum, 10,000 by default); absent or 0 answers at once.
+    #[param(minimum = 0, maximum = 10_000)]
+    wait_ms: Option<u64>,
+}
+
 #[utoipa::path(
     get, path = "/v1/issue-requests/{request_id}", tag = "issue",
-    params(("request_id" = String, Path, format = Uuid)),
+    params(("request_id" = String, Path, format = Uuid), WaitQuery),
     responses(
         (status = 200, description = "Where the request stands", body = RequestStatusView),
         (status = 404, description = "`request_not_found`", body = ErrorBody),
@@ -515,11 +527,41 @@ async fn append(state: &AppState, request: &IssueRequest) -> Result<(), ApiError
 pub(crate) async fn get_request(
     State(state): State<AppState>,
     Path(request_id): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<RequestStatus>, ApiError> {
     let id = parse(RequestId::parse(&request_id))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let max = state.inner.cfg.max_wait_ms;
+    let wait = match query.wait_ms {
+        Some(ms) if ms > max => {
+            return Err(ApiError::InvalidRequest(format!(
+                "wait_ms must be at most {max}"
+            )));
+        }
+        Some(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+        _ => None,
+    };
+    let Some(wait) = wait else {
+        return lookup(&state, id).await.map(Json);
+    };
+    // Registered before the first look, so a decision in between wakes it.
+    let waiter = state.inner.waiters.register(id);
+    match lookup(&state, id).await {
+        Ok(s) if s.status != Status::Pending => return Ok(Json(s)),
+        // Pending, or not (yet) known: a request whose 503 hid a write, or
+        // whose pending entry was skipped, may still be decided.
+        Ok(_) | Err(ApiError::RequestNotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    waiter.wait(wait).await;
+    lookup(&state, id).await.map(Json)
+}
+
+/// A request's status: the cache, else the ledger.
+async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiError> {
     let cached = state::get_status(&mut state.inner.redis.clone(), &state.inner.keys, id).await;
     match cached {
-        Ok(Some(s)) => return Ok(Json(s)),
+        Ok(Some(s)) => return Ok(s),
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "redis status unavailable, reading the ledger"),
     }
@@ -527,14 +569,14 @@ pub(crate) async fn get_request(
         .await?
         .ok_or_else(|| ApiError::RequestNotFound(id.to_string()))?;
     let corrupt = |e: String| ApiError::Internal(anyhow::anyhow!("ledger row {id}: {e}"));
-    Ok(Json(RequestStatus {
+    Ok(RequestStatus {
         request_id: id,
         coupon_id: CouponId::parse(row.coupon_id).map_err(|e| corrupt(e.to_string()))?,
         user_id: UserId::parse(row.user_id).map_err(|e| corrupt(e.to_string()))?,
         status: row.status.parse().map_err(|e| corrupt(format!("{e}")))?,
         accepted_at: row.accepted_at,
         decided_at: Some(row.decided_at),
-    }))
+    })
 }
 
 /// A coupon a user holds.

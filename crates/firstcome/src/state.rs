@@ -96,6 +96,12 @@ impl Keys {
     pub fn request(&self, request: RequestId) -> String {
         format!("{}req:{{{request}}}", self.prefix)
     }
+
+    /// The channel on which the worker publishes the ids of each stored
+    /// batch (space-separated), for the ingress's long polls.
+    pub fn decided_channel(&self) -> String {
+        format!("{}decided", self.prefix)
+    }
 }
 
 /// The keys of one coupon (see the module docs).
@@ -506,11 +512,18 @@ pub async fn put_statuses<C: ConnectionLike + Send>(
         return Ok(());
     }
     let mut pipe = redis::pipe();
+    let mut ids = String::with_capacity(statuses.len() * 37);
     for s in statuses {
         let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
         pipe.set_ex(keys.request(s.request_id), json, ttl.as_secs().max(1))
             .ignore();
+        if !ids.is_empty() {
+            ids.push(' ');
+        }
+        ids.push_str(&s.request_id.to_string());
     }
+    // After the statuses, so a woken long poll reads the final one.
+    pipe.publish(keys.decided_channel(), ids).ignore();
     pipe.exec_async(conn).await?;
     Ok(())
 }
