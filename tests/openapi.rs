@@ -101,6 +101,9 @@ async fn schemathesis_finds_nothing_wrong_with_any_operation() {
             .arg(root().join("tests/fuzz/schemathesis.toml"))
             .args(["run", &format!("http://{addr}/openapi.json")])
             .args(["--checks", "all", "--no-color"])
+            // A long poll lasts up to its wait_ms (10 s at most) by design;
+            // schemathesis's default limit is 10 s. 20 s only catches a hang.
+            .args(["--request-timeout", "20", "--max-response-time", "20"])
             .args(["-H", &format!("Authorization: Bearer {}", env.admin_token)])
             .output(),
     )
