@@ -620,3 +620,43 @@ async fn a_status_lookup_with_wait_ms_answers_once_the_request_is_decided() {
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_limit_is_429_with_retry_after_and_others_are_not() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.ingress_config();
+    cfg.rate_limit_per_sec = 1;
+    cfg.rate_limit_burst = 2;
+    // Behind a proxy: the client is the header's first address.
+    cfg.client_ip_header = Some("x-forwarded-for".into());
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let client = env.client(&ingress);
+    let get = |from: &'static str| {
+        client
+            .http
+            .get(format!("{}/v1/users/nobody/coupons", client.base))
+            .header("x-forwarded-for", from)
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(get("10.1.1.1, 10.9.9.9").await.unwrap().status(), 200);
+    }
+    let limited = get("10.1.1.1").await.unwrap();
+    assert_eq!(
+        limited.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let (code, err) = split(limited).await;
+    assert_error(code, &err, 429, "rate_limited");
+    // Another client, and the probes, are not limited.
+    assert_eq!(get("10.2.2.2").await.unwrap().status(), 200);
+    let health = client
+        .http
+        .get(format!("{}/healthz", client.base))
+        .header("x-forwarded-for", "10.1.1.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    ingress.stop().await;
+}

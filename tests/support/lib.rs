@@ -244,6 +244,9 @@ impl TestEnv {
             sold_out_check_ms: 0,
             idempotency_ttl_secs: 3_600,
             max_wait_ms: 10_000,
+            rate_limit_per_sec: 0,
+            rate_limit_burst: 20,
+            client_ip_header: None,
         }
     }
 

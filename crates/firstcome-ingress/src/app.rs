@@ -192,8 +192,11 @@ impl Application {
             shutdown.clone(),
         ));
         let stopping = shutdown.clone();
-        let serve = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stopping.cancelled().await });
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stopping.cancelled().await });
         tokio::select! {
             r = serve => r.context("serving HTTP")?,
             () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {

@@ -65,6 +65,20 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
 
+    /// Per-client rate limit on the API, requests per second; 0 (the
+    /// default) turns it off. Past it: `429 rate_limited` with `Retry-After`.
+    #[arg(long, env = "FIRSTCOME_RATE_LIMIT_PER_SEC", default_value_t = 0)]
+    pub rate_limit_per_sec: u32,
+
+    /// Requests a client may send at once before the rate applies.
+    #[arg(long, env = "FIRSTCOME_RATE_LIMIT_BURST", default_value_t = 20)]
+    pub rate_limit_burst: u32,
+
+    /// Header naming the client's address (its first entry), set by the
+    /// proxy in front (e.g. `x-forwarded-for`); unset: the TCP peer.
+    #[arg(long, env = "FIRSTCOME_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
+
     /// Largest request body, in bytes; larger ones are answered `413`.
     #[arg(long, env = "FIRSTCOME_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     pub max_body_bytes: usize,
@@ -83,6 +97,9 @@ impl std::fmt::Debug for IngressConfig {
             .field("sold_out_check_ms", &self.sold_out_check_ms)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .field("max_wait_ms", &self.max_wait_ms)
+            .field("rate_limit_per_sec", &self.rate_limit_per_sec)
+            .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("client_ip_header", &self.client_ip_header)
             .finish_non_exhaustive()
     }
 }
@@ -101,6 +118,14 @@ impl IngressConfig {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
                 message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
+            });
+        }
+        if let Some(h) = &self.client_ip_header
+            && axum::http::HeaderName::try_from(h.as_str()).is_err()
+        {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_CLIENT_IP_HEADER",
+                message: "must be a header name".into(),
             });
         }
         if self.max_wait_ms >= self.request_timeout_ms {

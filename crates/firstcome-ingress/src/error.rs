@@ -47,6 +47,12 @@ pub enum ApiError {
     /// 415: the body is not declared `application/json`.
     #[error("expected a body with Content-Type: application/json")]
     UnsupportedMediaType,
+    /// 429: this client is over its rate limit; nothing was done.
+    #[error("too many requests from this client, retry later")]
+    RateLimited {
+        /// Seconds for `Retry-After`.
+        retry_after_secs: u32,
+    },
     /// 503: too many requests in flight; answered at once, nothing was done.
     #[error("the service is overloaded, retry later")]
     Overloaded,
@@ -85,6 +91,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -158,6 +165,7 @@ impl IntoResponse for ApiError {
                 retry_after_secs, ..
             } => Some(retry_after_secs),
             ApiError::Overloaded => Some(1),
+            ApiError::RateLimited { retry_after_secs } => Some(retry_after_secs),
             _ => None,
         };
         if let Some(secs) = retry_after {

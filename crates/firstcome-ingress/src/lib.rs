@@ -11,12 +11,14 @@
 //! - [`idempotency`]: `Idempotency-Key` on issue requests
 //! - [`openapi`]: the OpenAPI document, generated from the handlers
 //! - [`waiters`]: long polls woken by the worker's decisions
+//! - [`ratelimit`]: the per-client rate limit
 
 pub mod app;
 pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod openapi;
+pub mod ratelimit;
 pub mod routes;
 pub mod waiters;
 

@@ -115,6 +115,8 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// 503: too many requests in flight; nothing was done.
     Overloaded,
+    /// 429: over the per-client rate limit; nothing was done.
+    RateLimited,
     /// 503: a dependency did not answer in time.
     Unavailable,
     /// 500: a bug; logged.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +26,7 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use crate::idempotency::{self, Prior};
 use crate::openapi::{ErrorBody, HealthView, ReadyView, RequestStatusView};
+use crate::ratelimit::{self, RateLimit};
 use utoipa::ToSchema;
 
 /// Largest `total_stock` a coupon may have.
@@ -42,13 +43,24 @@ pub fn router(state: AppState) -> Router {
     let cfg = &state.inner.cfg;
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
-    let api = Router::new()
+    let rate_limit = RateLimit::new(
+        cfg.rate_limit_per_sec,
+        cfg.rate_limit_burst,
+        cfg.client_ip_header
+            .as_deref()
+            .map(|h| HeaderName::try_from(h).expect("validated with the configuration")),
+    );
+    let mut api = Router::new()
         .route("/v1/coupons", post(create_coupon))
         .route("/v1/coupons/{coupon_id}", get(get_coupon))
         .route("/v1/coupons/{coupon_id}/issue", post(issue))
         .route("/v1/issue-requests/{request_id}", get(get_request))
         .route("/v1/users/{user_id}/coupons", get(user_coupons))
         .route_layer(middleware::from_fn_with_state(in_flight, shed_load));
+    // Checked before the in-flight bound: a client over its rate takes no slot.
+    if let Some(limit) = rate_limit {
+        api = api.route_layer(middleware::from_fn_with_state(limit, ratelimit::limit));
+    }
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
@@ -62,6 +74,7 @@ pub fn router(state: AppState) -> Router {
             timeout,
         ))
         .layer(middleware::from_fn(security_headers))
+        .layer(middleware::from_fn(access_log))
         .with_state(state)
 }
 
@@ -76,6 +89,24 @@ async fn shed_load(
         Ok(_permit) => next.run(request).await,
         Err(_) => ApiError::Overloaded.into_response(),
     }
+}
+
+/// One structured line per request (target `access`): method, path, status
+/// and duration; never headers or bodies, so no token or secret can reach
+/// it. `RUST_LOG=access=off` silences it.
+async fn access_log(request: axum::extract::Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    tracing::info!(
+        target: "access",
+        %method,
+        path,
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1e3,
+    );
+    response
 }
 
 /// Headers an API gateway expects of a JSON API: nothing is cached, sniffed,
@@ -221,6 +252,7 @@ impl CouponView {
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_request`; nothing changed", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
 )]
@@ -276,6 +308,7 @@ pub(crate) async fn create_coupon(
         (status = 200, description = "The coupon", body = CouponView),
         (status = 404, description = "`coupon_not_found`", body = ErrorBody),
         (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
 )]
@@ -342,6 +375,7 @@ pub(crate) struct AcceptedView {
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_request` or `idempotency_key_reused`; nothing appended", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` (names the request, which may still be decided) or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
 )]
@@ -520,6 +554,7 @@ pub(crate) struct WaitQuery {
         (status = 200, description = "Where the request stands", body = RequestStatusView),
         (status = 404, description = "`request_not_found`", body = ErrorBody),
         (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
 )]
@@ -593,6 +628,7 @@ pub(crate) struct HeldCouponView {
     responses(
         (status = 200, description = "The coupons the user holds", body = Vec<HeldCouponView>),
         (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
 )]
