@@ -643,7 +643,10 @@ async fn a_client_over_its_rate_limit_is_429_with_retry_after_and_others_are_not
     }
     let limited = get("10.1.1.1").await.unwrap();
     assert_eq!(
-        limited.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        limited
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
         Some("1")
     );
     let (code, err) = split(limited).await;

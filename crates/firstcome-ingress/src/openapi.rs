@@ -31,7 +31,7 @@ use crate::routes;
         routes::readyz,
         routes::openapi_json,
     ),
-    components(schemas(ErrorBody, ErrorDetail, ErrorCode, StatusView, RequestStatusView)),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, RequestStatusView)),
     modifiers(&AdminToken),
     tags(
         (name = "issue", description = "Asking for a coupon and following the request"),
@@ -123,24 +123,6 @@ pub enum ErrorCode {
     Internal,
 }
 
-/// Where an issue request stands.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StatusView {
-    /// In the log, not decided yet.
-    Pending,
-    /// The user holds the coupon.
-    Issued,
-    /// The user already held it when this request came.
-    Duplicate,
-    /// The stock was gone.
-    SoldOut,
-    /// Outside the coupon's window.
-    NotOpen,
-    /// It could not be processed (see the operator's dead letters).
-    Failed,
-}
-
 /// A status lookup.
 #[derive(Serialize, ToSchema)]
 #[schema(as = RequestStatus)]
@@ -153,7 +135,7 @@ pub struct RequestStatusView {
     /// Its user.
     pub user_id: String,
     /// Where it stands.
-    pub status: StatusView,
+    pub status: firstcome::Status,
     /// When the ingress accepted it.
     pub accepted_at: DateTime<Utc>,
     /// When the worker decided it; null while pending.
