@@ -233,6 +233,7 @@ impl TestEnv {
             common: self.common.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_token: self.admin_token.clone(),
+            admin_tokens: Vec::new(),
             produce_timeout_ms: 5_000,
             linger_ms: 2,
             request_timeout_ms: 15_000,

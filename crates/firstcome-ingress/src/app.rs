@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::IngressConfig;
 use crate::waiters::{self, Waiters};
 
+/// How long a replica trusts its copy of a coupon's definition.
+const COUPON_CACHE: Duration = Duration::from_secs(1);
+
 /// How long the sold-out check waits for Redis before letting the request
 /// through to the log.
 const STOCK_READ_TIMEOUT: Duration = Duration::from_millis(100);
@@ -37,15 +40,17 @@ pub(crate) struct Inner {
     pub(crate) redis: ConnectionManager,
     pub(crate) producer: HealingProducer,
     pub(crate) keys: Keys,
-    /// Coupons seen in Postgres. A coupon's definition never changes once
-    /// created, so a hit needs no expiry; misses are not cached, so a coupon
-    /// created through another ingress replica is seen at once.
-    pub(crate) coupons: RwLock<HashMap<CouponId, Arc<Coupon>>>,
+    /// Coupons seen in Postgres, each kept for [`COUPON_CACHE`] (an admin
+    /// may close, reopen or restock a coupon through another replica);
+    /// misses are not cached, so a coupon created elsewhere is seen at once.
+    pub(crate) coupons: RwLock<HashMap<CouponId, (Instant, Arc<Coupon>)>>,
     /// Until when `pending` status writes are skipped (Redis failing).
     pub(crate) pending_skip_until: Mutex<Option<Instant>>,
     /// Per coupon: when its stock was last read from Redis, and whether it
     /// was zero then.
     pub(crate) stock_seen: Mutex<HashMap<CouponId, (Instant, bool)>>,
+    /// Admin tokens by id.
+    pub(crate) admin_tokens: Vec<(String, String)>,
     /// Long polls waiting for decisions.
     pub(crate) waiters: Arc<Waiters>,
     /// For the decisions subscription.
@@ -108,7 +113,9 @@ impl AppState {
 
     /// Looks a coupon up, from memory when it was seen before.
     pub(crate) async fn coupon(&self, id: &CouponId) -> Result<Option<Arc<Coupon>>, sqlx::Error> {
-        if let Some(c) = self.inner.coupons.read().expect("lock").get(id) {
+        if let Some((at, c)) = self.inner.coupons.read().expect("lock").get(id)
+            && at.elapsed() < COUPON_CACHE
+        {
             return Ok(Some(c.clone()));
         }
         let Some(c) = db::coupon(&self.inner.pool, id).await? else {
@@ -119,8 +126,14 @@ impl AppState {
             .coupons
             .write()
             .expect("lock")
-            .insert(id.clone(), c.clone());
+            .insert(id.clone(), (Instant::now(), c.clone()));
         Ok(Some(c))
+    }
+
+    /// Drops what this replica remembers of a coupon (after an admin change).
+    pub(crate) fn forget(&self, id: &CouponId) {
+        self.inner.coupons.write().expect("lock").remove(id);
+        self.inner.stock_seen.lock().expect("lock").remove(id);
     }
 }
 
@@ -146,6 +159,7 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         let keys = cfg.common.keys()?;
+        let admin_tokens = cfg.admin_tokens()?;
         let redis_client =
             redis::Client::open(cfg.common.redis_url.as_str()).context("REDIS_URL")?;
         Ok(Self {
@@ -161,6 +175,7 @@ impl Application {
                     pending_skip_until: Mutex::new(None),
                     stock_seen: Mutex::new(HashMap::new()),
                     waiters: Arc::new(Waiters::default()),
+                    admin_tokens,
                     redis_client,
                 }),
             },

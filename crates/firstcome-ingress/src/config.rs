@@ -26,6 +26,17 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: String,
 
+    /// More admin tokens, `id=token` separated by commas (for rotation and
+    /// for telling admins apart in the audit table, which records the id;
+    /// `FIRSTCOME_ADMIN_TOKEN`'s id is `admin`).
+    #[arg(
+        long,
+        env = "FIRSTCOME_ADMIN_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_tokens: Vec<String>,
+
     /// How long a request waits for the broker's acknowledgement before the
     /// client gets `503 unavailable`.
     #[arg(long, env = "FIRSTCOME_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
@@ -114,6 +125,7 @@ impl IngressConfig {
                 message: "must be at least 16 characters".into(),
             });
         }
+        self.admin_tokens()?;
         if self.produce_timeout_ms == 0 || self.request_timeout_ms <= self.produce_timeout_ms {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
@@ -155,6 +167,36 @@ impl IngressConfig {
         Ok(())
     }
 
+    /// Every admin token with its id, `FIRSTCOME_ADMIN_TOKEN` first as `admin`.
+    pub fn admin_tokens(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let invalid = |message: &str| ConfigError::Invalid {
+            key: "FIRSTCOME_ADMIN_TOKENS",
+            message: message.into(),
+        };
+        let mut tokens = vec![("admin".to_owned(), self.admin_token.clone())];
+        for entry in &self.admin_tokens {
+            let (id, token) = entry
+                .split_once('=')
+                .ok_or_else(|| invalid("entries are id=token"))?;
+            let id_ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !id_ok {
+                return Err(invalid("ids are 1-64 characters of [A-Za-z0-9_-]"));
+            }
+            if token.len() < 16 {
+                return Err(invalid("tokens must be at least 16 characters"));
+            }
+            if tokens.iter().any(|(i, _)| i == id) {
+                return Err(invalid("ids must differ"));
+            }
+            tokens.push((id.to_owned(), token.to_owned()));
+        }
+        Ok(tokens)
+    }
+
     /// The produce timeout.
     pub fn produce_timeout(&self) -> Duration {
         Duration::from_millis(self.produce_timeout_ms)
@@ -187,7 +229,12 @@ mod tests {
     #[test]
     fn a_valid_configuration_passes_and_bad_values_name_their_key() {
         assert!(parse(&[]).validate().is_ok());
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 9] = [
+            (&["--admin-tokens", "ci"], "FIRSTCOME_ADMIN_TOKENS"),
+            (
+                &["--admin-tokens", "c i=long-enough-token-1"],
+                "FIRSTCOME_ADMIN_TOKENS",
+            ),
             (&["--max-in-flight", "0"], "FIRSTCOME_MAX_IN_FLIGHT"),
             (&["--max-body-bytes", "10"], "FIRSTCOME_MAX_BODY_BYTES"),
             (&["--admin-token", "short"], "FIRSTCOME_ADMIN_TOKEN"),

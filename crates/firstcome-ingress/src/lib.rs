@@ -4,6 +4,7 @@
 //! and the log order is the first-come order.
 //!
 //! # Layout
+//! - [`admin`]: the admin operations and their audit
 //! - [`config`]: flags and environment variables
 //! - [`app`]: connecting, serving, graceful shutdown
 //! - [`routes`]: the handlers of the public API
@@ -13,6 +14,7 @@
 //! - [`waiters`]: long polls woken by the worker's decisions
 //! - [`ratelimit`]: the per-client rate limit
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod error;

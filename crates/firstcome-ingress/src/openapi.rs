@@ -9,7 +9,7 @@ use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::routes;
+use crate::{admin, routes};
 
 /// The document.
 #[derive(OpenApi)]
@@ -30,6 +30,11 @@ use crate::routes;
         routes::healthz,
         routes::readyz,
         routes::openapi_json,
+        admin::list_coupons,
+        admin::get_counters,
+        admin::add_stock,
+        admin::close,
+        admin::reopen,
     ),
     components(schemas(ErrorBody, ErrorDetail, ErrorCode, RequestStatusView)),
     modifiers(&AdminToken),

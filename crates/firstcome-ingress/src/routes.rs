@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::admin;
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::idempotency::{self, Prior};
@@ -56,6 +57,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/coupons/{coupon_id}/issue", post(issue))
         .route("/v1/issue-requests/{request_id}", get(get_request))
         .route("/v1/users/{user_id}/coupons", get(user_coupons))
+        .route("/v1/admin/coupons", get(admin::list_coupons))
+        .route(
+            "/v1/admin/coupons/{coupon_id}/counters",
+            get(admin::get_counters),
+        )
+        .route(
+            "/v1/admin/coupons/{coupon_id}/stock",
+            post(admin::add_stock),
+        )
+        .route("/v1/admin/coupons/{coupon_id}/close", post(admin::close))
+        .route("/v1/admin/coupons/{coupon_id}/reopen", post(admin::reopen))
         .route_layer(middleware::from_fn_with_state(in_flight, shed_load));
     // Checked before the in-flight bound: a client over its rate takes no slot.
     if let Some(limit) = rate_limit {
@@ -132,7 +144,7 @@ async fn security_headers(request: axum::extract::Request, next: Next) -> Respon
 }
 
 /// A JSON body whose rejections answer in our error shape.
-pub(crate) struct Body<T>(T);
+pub(crate) struct Body<T>(pub(crate) T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
@@ -143,8 +155,9 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     }
 }
 
-/// Proof that the request carried the admin bearer token.
-pub(crate) struct Admin;
+/// Proof that the request carried an admin bearer token, and which one (its
+/// id, for the audit table).
+pub(crate) struct Admin(pub(crate) String);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
@@ -156,11 +169,14 @@ impl FromRequestParts<AppState> for Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(ApiError::Unauthorized)?;
-        if constant_time_eq(given.as_bytes(), state.inner.cfg.admin_token.as_bytes()) {
-            Ok(Admin)
-        } else {
-            Err(ApiError::Unauthorized)
+        // Every token is compared, whichever matches.
+        let mut found = None;
+        for (id, token) in &state.inner.admin_tokens {
+            if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                found = Some(id.clone());
+            }
         }
+        found.map(Admin).ok_or(ApiError::Unauthorized)
     }
 }
 
@@ -173,7 +189,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn parse<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, ApiError> {
+pub(crate) fn parse<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, ApiError> {
     r.map_err(|e| ApiError::InvalidRequest(e.to_string()))
 }
 
@@ -258,7 +274,7 @@ impl CouponView {
 )]
 #[tracing::instrument(skip_all, fields(coupon_id))]
 pub(crate) async fn create_coupon(
-    _admin: Admin,
+    admin: Admin,
     State(state): State<AppState>,
     Body(body): Body<CreateCoupon>,
 ) -> Result<Response, ApiError> {
@@ -294,6 +310,7 @@ pub(crate) async fn create_coupon(
     if !db::insert_coupon(&state.inner.pool, &coupon).await? {
         return Err(ApiError::CouponExists(id.to_string()));
     }
+    admin::audit_created(&state, &admin, &id, coupon.total_stock).await?;
     // The worker builds the coupon's Redis state from Postgres on its first
     // request (see `firstcome::rebuild`).
     tracing::info!(total_stock = coupon.total_stock, "coupon created");

@@ -9,7 +9,8 @@
 
 use std::time::Duration;
 
-use firstcome::state::{self, Keys};
+use anyhow::Context;
+use firstcome::state::Keys;
 use firstcome::{CouponId, db};
 use redis::aio::ConnectionLike;
 use serde::Serialize;
@@ -60,20 +61,10 @@ pub async fn rebuild<C: ConnectionLike + Send>(
     let mut reports = Vec::with_capacity(coupons.len());
     for c in coupons {
         let id = CouponId::parse(c.coupon_id.clone())?;
-        let ck = keys.coupon(&id);
-        state::pause(redis, &ck, pause).await?;
-        let built = match firstcome::rebuild::coupon(pool, redis, keys, &id).await {
-            Ok(Some(built)) => built,
-            Ok(None) => anyhow::bail!("coupon {id} vanished from postgres"),
-            Err(e) => {
-                // Best effort: the pause lapses by itself anyway.
-                let _ = state::resume(redis, &ck).await;
-                return Err(anyhow::Error::new(e).context(format!("rebuilding coupon {id}")));
-            }
-        };
-        if !built.installed {
-            state::resume(redis, &ck).await?;
-        }
+        let built = firstcome::rebuild::coupon_paused(pool, redis, keys, &id, pause)
+            .await
+            .with_context(|| format!("rebuilding coupon {id}"))?
+            .ok_or_else(|| anyhow::anyhow!("coupon {id} vanished from postgres"))?;
         tracing::info!(coupon = %id, epoch = built.epoch, issued = built.issued, "coupon rebuilt");
         let total = i64::from(c.total_stock);
         reports.push(Report {

@@ -351,3 +351,85 @@ pub async fn user_coupons(pool: &PgPool, user: &UserId) -> Result<Vec<HeldCoupon
     .fetch_all(pool)
     .await
 }
+
+/// A page of coupons by id, after `after` (exclusive).
+pub async fn coupons_page(
+    pool: &PgPool,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Coupon>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT coupon_id, name, total_stock, starts_at, ends_at FROM coupon
+         WHERE $1::text IS NULL OR coupon_id > $1 ORDER BY coupon_id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Adds `units` to the coupon's stock, at most up to `max`; the new total,
+/// `None` when the coupon does not exist or the total would pass `max`.
+pub async fn add_stock(
+    pool: &PgPool,
+    id: &CouponId,
+    units: i64,
+    max: i64,
+) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE coupon SET total_stock = total_stock + $2
+         WHERE coupon_id = $1 AND total_stock + $2 <= $3 RETURNING total_stock",
+    )
+    .bind(id.as_str())
+    .bind(units)
+    .bind(max)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Sets the end of the coupon's window; false when it does not exist.
+pub async fn set_ends_at(
+    pool: &PgPool,
+    id: &CouponId,
+    ends_at: Option<DateTime<Utc>>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE coupon SET ends_at = $2 WHERE coupon_id = $1")
+        .bind(id.as_str())
+        .bind(ends_at)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Decided requests of the coupon, by status.
+pub async fn decided_counts(
+    pool: &PgPool,
+    id: &CouponId,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT status, count(*) FROM request_ledger WHERE coupon_id = $1 GROUP BY status",
+    )
+    .bind(id.as_str())
+    .fetch_all(pool)
+    .await
+}
+
+/// Records an admin action.
+pub async fn audit(
+    pool: &PgPool,
+    token_id: &str,
+    action: &str,
+    coupon: Option<&str>,
+    detail: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO admin_audit (token_id, action, coupon_id, detail) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(token_id)
+    .bind(action)
+    .bind(coupon)
+    .bind(detail)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -57,3 +57,31 @@ pub async fn coupon<C: ConnectionLike + Send>(
         installed,
     }))
 }
+
+/// [`coupon`] with deciding paused on the coupon meanwhile (workers hold its
+/// partition and retry; the install lifts the pause, which also lapses by
+/// itself after `pause`): how a rebuild runs while workers are live, for
+/// `redis rebuild` and for admin changes to a coupon. Anything decided on
+/// the old state is refused by Postgres and decided again on the new one.
+pub async fn coupon_paused<C: ConnectionLike + Send>(
+    pool: &PgPool,
+    conn: &mut C,
+    keys: &Keys,
+    id: &CouponId,
+    pause: std::time::Duration,
+) -> Result<Option<Rebuilt>, RebuildError> {
+    let ck = keys.coupon(id);
+    state::pause(conn, &ck, pause).await?;
+    let built = match coupon(pool, conn, keys, id).await {
+        Ok(built) => built,
+        Err(e) => {
+            // Best effort: the pause lapses by itself anyway.
+            let _ = state::resume(conn, &ck).await;
+            return Err(e);
+        }
+    };
+    if !built.is_some_and(|b| b.installed) {
+        state::resume(conn, &ck).await?;
+    }
+    Ok(built)
+}

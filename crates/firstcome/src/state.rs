@@ -88,6 +88,7 @@ impl Keys {
             users: format!("{base}:users"),
             decided: format!("{base}:decided"),
             paused: format!("{base}:paused"),
+            accepted: format!("{base}:accepted"),
             base,
         }
     }
@@ -118,6 +119,9 @@ pub struct CouponKeys {
     pub decided: String,
     /// Present while a rebuild works on the coupon; nothing is decided then.
     pub paused: String,
+    /// Requests the ingress saw acknowledged (for the admin counters; not
+    /// part of the decision state).
+    pub accepted: String,
 }
 
 impl CouponKeys {
@@ -488,12 +492,15 @@ pub async fn put_pending<C: ConnectionLike + Send>(
     ttl: Duration,
 ) -> Result<bool, StateError> {
     let json = serde_json::to_string(status).expect("a RequestStatus always serializes");
-    let written: Option<String> = redis::cmd("SET")
+    // The count of accepted requests rides along (same round trip).
+    let (written, _): (Option<String>, i64) = redis::pipe()
+        .cmd("SET")
         .arg(keys.request(status.request_id))
         .arg(json)
         .arg("NX")
         .arg("EX")
         .arg(ttl.as_secs().max(1))
+        .incr(keys.coupon(&status.coupon_id).accepted, 1)
         .query_async(conn)
         .await?;
     Ok(written.is_some())

@@ -1,0 +1,370 @@
+//! Admin operations, behind an admin token and written to `admin_audit`.
+//!
+//! A change to a coupon (close, reopen, more stock) is made in Postgres and
+//! then reaches the deciding through a rebuild of the coupon's Redis state
+//! under a new epoch, with deciding paused meanwhile. The fence makes that
+//! exact in log order: whatever was decided on the old state but not yet
+//! stored is refused by Postgres and decided again on the new one, so the
+//! change applies from the first request of the log not yet stored (see
+//! docs/design.md, "Admin changes").
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use chrono::{DateTime, SubsecRound, Utc};
+use firstcome::{CouponId, db};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::openapi::ErrorBody;
+use crate::routes::{Admin, Body, MAX_STOCK, parse};
+
+/// Longest a change may keep a coupon's deciding paused.
+const REBUILD_PAUSE: Duration = Duration::from_secs(10);
+/// Largest page.
+const MAX_PAGE: i64 = 500;
+
+/// A coupon as listed.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CouponSummary {
+    coupon_id: String,
+    name: String,
+    total_stock: i32,
+    starts_at: Option<DateTime<Utc>>,
+    ends_at: Option<DateTime<Utc>>,
+}
+
+/// A page of coupons.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CouponPage {
+    coupons: Vec<CouponSummary>,
+    /// Pass as `after` for the next page; null on the last one.
+    next_after: Option<String>,
+}
+
+/// Paging.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PageQuery {
+    /// Coupons per page, 1-500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<i64>,
+    /// The last coupon id of the previous page.
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    after: Option<String>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/admin/coupons", tag = "admin",
+    params(PageQuery),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "A page of coupons, by id", body = CouponPage),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_coupons(
+    _admin: Admin,
+    State(state): State<AppState>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<CouponPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::InvalidRequest(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        )));
+    }
+    let after = q.after.map(CouponId::parse).transpose();
+    let after = parse(after)?;
+    let page =
+        db::coupons_page(&state.inner.pool, after.as_ref().map(|a| a.as_str()), limit).await?;
+    let next_after = (page.len() as i64 == limit)
+        .then(|| page.last().map(|c| c.coupon_id.clone()))
+        .flatten();
+    Ok(Json(CouponPage {
+        coupons: page
+            .into_iter()
+            .map(|c| CouponSummary {
+                coupon_id: c.coupon_id,
+                name: c.name,
+                total_stock: c.total_stock,
+                starts_at: c.starts_at,
+                ends_at: c.ends_at,
+            })
+            .collect(),
+        next_after,
+    }))
+}
+
+/// A coupon's counters.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Counters {
+    coupon_id: String,
+    total_stock: i32,
+    /// Users holding it (Postgres).
+    issued: i64,
+    /// Units left: total minus issued.
+    remaining: i64,
+    /// Decided requests by final status (Postgres).
+    decided: std::collections::BTreeMap<String, i64>,
+    /// Requests acknowledged by the broker and not decided yet, as far as
+    /// the ingress could count them (Redis; requests accepted while Redis
+    /// was down are not counted).
+    pending: i64,
+    starts_at: Option<DateTime<Utc>>,
+    ends_at: Option<DateTime<Utc>>,
+}
+
+async fn counters(state: &AppState, id: &CouponId) -> Result<Counters, ApiError> {
+    let coupon = db::coupon(&state.inner.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
+    let decided: std::collections::BTreeMap<String, i64> =
+        db::decided_counts(&state.inner.pool, id)
+            .await?
+            .into_iter()
+            .collect();
+    let issued = decided.get("issued").copied().unwrap_or(0);
+    let total_decided: i64 = decided.values().sum();
+    let accepted: Option<i64> = redis::cmd("GET")
+        .arg(state.inner.keys.coupon(id).accepted)
+        .query_async(&mut state.inner.redis.clone())
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "accepted count unavailable");
+            None
+        });
+    Ok(Counters {
+        coupon_id: coupon.coupon_id,
+        total_stock: coupon.total_stock,
+        issued,
+        remaining: i64::from(coupon.total_stock) - issued,
+        pending: (accepted.unwrap_or(0) - total_decided).max(0),
+        decided,
+        starts_at: coupon.starts_at,
+        ends_at: coupon.ends_at,
+    })
+}
+
+#[utoipa::path(
+    get, path = "/v1/admin/coupons/{coupon_id}/counters", tag = "admin",
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The coupon's counters", body = Counters),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`coupon_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_counters(
+    _admin: Admin,
+    State(state): State<AppState>,
+    Path(coupon_id): Path<String>,
+) -> Result<Json<Counters>, ApiError> {
+    let id = parse(CouponId::parse(coupon_id))?;
+    Ok(Json(counters(&state, &id).await?))
+}
+
+/// Units to add.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AddStock {
+    #[schema(minimum = 1, maximum = 1_000_000_000, example = 50)]
+    add: i64,
+}
+
+/// A new end of the window; null or absent: no end.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Reopen {
+    #[serde(default)]
+    ends_at: Option<DateTime<Utc>>,
+}
+
+/// Puts the change into the deciding (see the module's docs), records it,
+/// and answers the coupon's counters.
+async fn apply(
+    state: &AppState,
+    admin: &Admin,
+    id: &CouponId,
+    action: &str,
+    detail: serde_json::Value,
+) -> Result<Json<Counters>, ApiError> {
+    let mut redis = state.inner.redis.clone();
+    let rebuilt = firstcome::rebuild::coupon_paused(
+        &state.inner.pool,
+        &mut redis,
+        &state.inner.keys,
+        id,
+        REBUILD_PAUSE,
+    )
+    .await;
+    // Postgres holds the change either way; if Redis could not take it, the
+    // next rebuild (a worker's, or `redis rebuild`) brings it in.
+    if let Err(e) = &rebuilt {
+        tracing::warn!(error = %e, coupon = %id, "changed in postgres, redis rebuild pending");
+    }
+    state.forget(id);
+    db::audit(
+        &state.inner.pool,
+        &admin.0,
+        action,
+        Some(id.as_str()),
+        detail,
+    )
+    .await?;
+    tracing::info!(token_id = %admin.0, action, coupon = %id, "admin action");
+    if let Err(e) = rebuilt {
+        return Err(ApiError::unavailable(format!(
+            "coupon {id} changed in postgres; redis rebuild failed: {e}"
+        )));
+    }
+    Ok(Json(counters(state, id).await?))
+}
+
+#[utoipa::path(
+    post, path = "/v1/admin/coupons/{coupon_id}/stock", tag = "admin",
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    request_body = AddStock,
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Added; the new units go to the next requests in log order", body = Counters),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`coupon_not_found`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (the total would pass 1,000,000,000)", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn add_stock(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(coupon_id): Path<String>,
+    Body(body): Body<AddStock>,
+) -> Result<Json<Counters>, ApiError> {
+    let id = parse(CouponId::parse(coupon_id))?;
+    if !(1..=MAX_STOCK).contains(&body.add) {
+        return Err(ApiError::InvalidRequest(format!(
+            "add must be 1 to {MAX_STOCK}"
+        )));
+    }
+    let Some(total) = db::add_stock(&state.inner.pool, &id, body.add, MAX_STOCK).await? else {
+        return Err(match db::coupon(&state.inner.pool, &id).await? {
+            None => ApiError::CouponNotFound(id.to_string()),
+            Some(_) => ApiError::InvalidRequest(format!("the total would pass {MAX_STOCK}")),
+        });
+    };
+    apply(
+        &state,
+        &admin,
+        &id,
+        "add_stock",
+        json!({ "add": body.add, "total_stock": total }),
+    )
+    .await
+}
+
+#[utoipa::path(
+    post, path = "/v1/admin/coupons/{coupon_id}/close", tag = "admin",
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Closed: requests accepted from now on are `not_open`", body = Counters),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`coupon_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn close(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(coupon_id): Path<String>,
+) -> Result<Json<Counters>, ApiError> {
+    let id = parse(CouponId::parse(coupon_id))?;
+    let coupon = db::coupon(&state.inner.pool, &id)
+        .await?
+        .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
+    let now = Utc::now().trunc_subsecs(6);
+    // An earlier end stays: closing never extends a window.
+    let ends_at = coupon.ends_at.map_or(now, |e| e.min(now));
+    db::set_ends_at(&state.inner.pool, &id, Some(ends_at)).await?;
+    apply(&state, &admin, &id, "close", json!({ "ends_at": ends_at })).await
+}
+
+#[utoipa::path(
+    post, path = "/v1/admin/coupons/{coupon_id}/reopen", tag = "admin",
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    request_body = Reopen,
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Reopened until `ends_at` (or without an end)", body = Counters),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`coupon_not_found`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (`ends_at` in the past or before `starts_at`)", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn reopen(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(coupon_id): Path<String>,
+    Body(body): Body<Reopen>,
+) -> Result<Json<Counters>, ApiError> {
+    let id = parse(CouponId::parse(coupon_id))?;
+    let coupon = db::coupon(&state.inner.pool, &id)
+        .await?
+        .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
+    let ends_at = body.ends_at.map(|e| e.trunc_subsecs(6));
+    if let Some(e) = ends_at {
+        if e <= Utc::now() {
+            return Err(ApiError::InvalidRequest(
+                "ends_at must be in the future".into(),
+            ));
+        }
+        if coupon.starts_at.is_some_and(|s| e < s) {
+            return Err(ApiError::InvalidRequest(
+                "ends_at must not be before starts_at".into(),
+            ));
+        }
+    }
+    db::set_ends_at(&state.inner.pool, &id, ends_at).await?;
+    apply(&state, &admin, &id, "reopen", json!({ "ends_at": ends_at })).await
+}
+
+/// Records a coupon's creation (called by the create handler).
+pub(crate) async fn audit_created(
+    state: &AppState,
+    admin: &Admin,
+    id: &CouponId,
+    total_stock: i32,
+) -> Result<(), ApiError> {
+    db::audit(
+        &state.inner.pool,
+        &admin.0,
+        "create_coupon",
+        Some(id.as_str()),
+        json!({ "total_stock": total_stock }),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Admin operations through real HTTP: tokens with ids, paging, counters,
+//! more stock going to the next requests in log order, close and reopen,
+//! and the audit table.
+
+use std::time::Duration;
+
+use firstcome_suite::services::PrivatePostgres;
+use firstcome_suite::{TestEnv, split};
+use serde_json::{Value, json};
+
+const OPS_TOKEN: &str = "ops-token-long-enough";
+
+async fn admin_call(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: String,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = http
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    split(r.send().await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_stock_goes_to_the_first_undecided_requests_in_log_order_and_every_action_is_audited()
+{
+    let env = TestEnv::new().await;
+    let mut cfg = env.ingress_config();
+    cfg.admin_tokens = vec![format!("ops={OPS_TOKEN}")];
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("more");
+    assert_eq!(client.create_coupon(&coupon, 1).await.0, 201);
+
+    // Four requests in the log, none decided yet (no worker).
+    let mut ids = Vec::new();
+    for user in ["ann", "bob", "cat", "dan"] {
+        let (code, body) = client.issue(&coupon, user).await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    let (code, counters) = admin_call(
+        &client.http,
+        &client.base,
+        OPS_TOKEN,
+        reqwest::Method::POST,
+        format!("/v1/admin/coupons/{coupon}/stock"),
+        Some(json!({ "add": 2 })),
+    )
+    .await;
+    assert_eq!(code, 200, "{counters}");
+    assert_eq!(counters["total_stock"], 3, "{counters}");
+    assert_eq!(counters["pending"], 4, "{counters}");
+
+    // The three units go to the first three users of the log.
+    let worker = env.spawn_worker().await;
+    for (id, want) in ids.iter().zip(["issued", "issued", "issued", "sold_out"]) {
+        let status = client.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(status["status"], want, "{status}");
+    }
+    let (code, counters) = admin_call(
+        &client.http,
+        &client.base,
+        &env.admin_token,
+        reqwest::Method::GET,
+        format!("/v1/admin/coupons/{coupon}/counters"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{counters}");
+    assert_eq!(
+        (
+            &counters["issued"],
+            &counters["remaining"],
+            &counters["pending"]
+        ),
+        (&json!(3), &json!(0), &json!(0)),
+        "{counters}"
+    );
+    assert_eq!(counters["decided"], json!({ "issued": 3, "sold_out": 1 }));
+
+    // Bad input changes nothing.
+    for (body, code) in [
+        (json!({ "add": 0 }), 422),
+        (json!({ "add": 1, "x": 1 }), 422),
+    ] {
+        let (got, err) = admin_call(
+            &client.http,
+            &client.base,
+            OPS_TOKEN,
+            reqwest::Method::POST,
+            format!("/v1/admin/coupons/{coupon}/stock"),
+            Some(body),
+        )
+        .await;
+        assert_eq!(got, code, "{err}");
+    }
+    let (code, _) = admin_call(
+        &client.http,
+        &client.base,
+        "not-a-token-at-all",
+        reqwest::Method::POST,
+        format!("/v1/admin/coupons/{coupon}/stock"),
+        Some(json!({ "add": 1 })),
+    )
+    .await;
+    assert_eq!(code, 401);
+
+    let audit: Vec<(String, String)> = sqlx::query_as(
+        "SELECT token_id, action FROM admin_audit WHERE coupon_id = $1 ORDER BY audit_id",
+    )
+    .bind(&coupon)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audit,
+        [("admin", "create_coupon"), ("ops", "add_stock")]
+            .map(|(t, a)| (t.to_owned(), a.to_owned()))
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_coupon_answers_not_open_until_reopened_and_coupons_are_listed_by_pages() {
+    let mut env = TestEnv::new().await;
+    // Listing sees every coupon of the database: a database of its own.
+    let pg = PrivatePostgres::start().await;
+    env.use_postgres(pg.url()).await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let ids: Vec<String> = ["a", "b", "c"].iter().map(|n| env.coupon_id(n)).collect();
+    for id in &ids {
+        assert_eq!(client.create_coupon(id, 10).await.0, 201);
+    }
+    let list = |query: &str| {
+        admin_call(
+            &client.http,
+            &client.base,
+            &env.admin_token,
+            reqwest::Method::GET,
+            format!("/v1/admin/coupons?{query}"),
+            None,
+        )
+    };
+    let (code, first) = list("limit=2").await;
+    assert_eq!(code, 200, "{first}");
+    let page: Vec<&str> = first["coupons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["coupon_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(page, [ids[0].as_str(), ids[1].as_str()]);
+    let after = first["next_after"].as_str().unwrap();
+    let (_, second) = list(&format!("limit=2&after={after}")).await;
+    assert_eq!(second["coupons"].as_array().unwrap().len(), 1);
+    assert_eq!(second["coupons"][0]["coupon_id"], ids[2].as_str());
+    assert_eq!(second["next_after"], Value::Null);
+    let (code, err) = list("limit=0").await;
+    assert_eq!(code, 422, "{err}");
+
+    // Close: answered not_open at once; reopen: accepted again.
+    let coupon = &ids[0];
+    let (code, closed) = admin_call(
+        &client.http,
+        &client.base,
+        &env.admin_token,
+        reqwest::Method::POST,
+        format!("/v1/admin/coupons/{coupon}/close"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{closed}");
+    assert!(closed["ends_at"].is_string(), "{closed}");
+    let (code, err) = client.issue(coupon, "ann").await;
+    assert_eq!(
+        (code, &err["error"]["code"]),
+        (409, &json!("not_open")),
+        "{err}"
+    );
+    let (code, past) = admin_call(
+        &client.http,
+        &client.base,
+        &env.admin_token,
+        reqwest::Method::POST,
+        format!("/v1/admin/coupons/{coupon}/reopen"),
+        Some(json!({ "ends_at": "2020-01-01T00:00:00Z" })),
+    )
+    .await;
+    assert_eq!(code, 422, "{past}");
+    let (code, reopened) = admin_call(
+        &client.http,
+        &client.base,
+        &env.admin_token,
+        reqwest::Method::POST,
+        format!("/v1/admin/coupons/{coupon}/reopen"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(code, 200, "{reopened}");
+    assert_eq!(reopened["ends_at"], Value::Null);
+    let (code, body) = client.issue(coupon, "ann").await;
+    assert_eq!(code, 202, "{body}");
+
+    let actions: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM admin_audit WHERE coupon_id = $1 ORDER BY audit_id")
+            .bind(coupon)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(actions, ["create_coupon", "close", "reopen"]);
+    ingress.stop().await;
+}
