@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
+use firstcome::state::Keys;
 use firstcome::{CouponId, IssueRequest, RequestId, UserId};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -73,9 +74,9 @@ pub struct Slot {
 
 impl Slot {
     /// The slot of `key` for `coupon`.
-    pub fn new(prefix: &str, coupon: &CouponId, key: &str, ttl: Duration) -> Self {
+    pub fn new(keys: &Keys, coupon: &CouponId, key: &str, ttl: Duration) -> Self {
         Self {
-            redis_key: format!("{prefix}idem:{{{coupon}}}:{key}"),
+            redis_key: keys.idempotency(coupon, key),
             ttl,
         }
     }

@@ -404,7 +404,7 @@ pub(crate) async fn issue(
     let user_id = parse(UserId::parse(body.user_id))?;
     let slot = idempotency::key(&headers)?.map(|key| {
         let ttl = Duration::from_secs(state.inner.cfg.idempotency_ttl_secs);
-        idempotency::Slot::new(&state.inner.cfg.common.redis_prefix, &coupon_id, &key, ttl)
+        idempotency::Slot::new(&state.inner.keys, &coupon_id, &key, ttl)
     });
     let mut redis = state.inner.redis.clone();
     let prior = match &slot {
@@ -473,9 +473,10 @@ async fn admit(
             }
         }
     }
-    // Stock only goes down in log order, so once the worker has it at zero
-    // every request appended later is decided `sold_out`: answering that
-    // now changes no decision and spares the log (docs/design.md).
+    // Decisions only take stock, so once the worker has it at zero every
+    // request appended later is decided `sold_out` (until an admin adds
+    // stock, which this replica sees within FIRSTCOME_SOLD_OUT_CHECK_MS):
+    // answering that now spares the log (docs/design.md).
     if state.sold_out(&coupon_id).await {
         return Err(ApiError::SoldOut(coupon_id.to_string()));
     }

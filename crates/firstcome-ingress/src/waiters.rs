@@ -61,16 +61,6 @@ impl Waiters {
     fn wake_all(&self) {
         self.by_request.lock().expect("lock").clear();
     }
-
-    /// How many requests are waited for.
-    pub fn len(&self) -> usize {
-        self.by_request.lock().expect("lock").len()
-    }
-
-    /// Whether nobody waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Waiter {
@@ -100,8 +90,10 @@ pub async fn listen(
     waiters: Arc<Waiters>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    let mut backoff = FIRST_BACKOFF;
     loop {
+        let started = std::time::Instant::now();
         let followed = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
@@ -135,6 +127,11 @@ pub async fn listen(
             }
             () = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        // A subscription that lasted starts the backoff over.
+        backoff = if started.elapsed() > Duration::from_secs(10) {
+            FIRST_BACKOFF
+        } else {
+            (backoff * 2).min(Duration::from_secs(5))
+        };
     }
 }

@@ -98,6 +98,12 @@ impl Keys {
         format!("{}req:{{{request}}}", self.prefix)
     }
 
+    /// The key remembering an `Idempotency-Key` of a coupon (in the coupon's
+    /// hash slot).
+    pub fn idempotency(&self, coupon: &CouponId, key: &str) -> String {
+        format!("{}idem:{{{coupon}}}:{key}", self.prefix)
+    }
+
     /// The channel on which the worker publishes the ids of each stored
     /// batch (space-separated), for the ingress's long polls.
     pub fn decided_channel(&self) -> String {
