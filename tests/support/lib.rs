@@ -232,6 +232,7 @@ impl TestEnv {
         IngressConfig {
             common: self.common.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             admin_token: self.admin_token.clone(),
             admin_tokens: Vec::new(),
             produce_timeout_ms: 5_000,
@@ -256,6 +257,9 @@ impl TestEnv {
         WorkerConfig {
             common: self.common.clone(),
             group_id: self.group_id.clone(),
+            group_instance_id: String::new(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            stats_interval_ms: 1_000,
             session_timeout_ms: 6_000,
             max_poll_interval_ms: 300_000,
             permanent_attempts: 3,
@@ -277,10 +281,12 @@ impl TestEnv {
     pub async fn spawn_ingress_with(&self, cfg: IngressConfig) -> Running {
         let app = Application::build(cfg).await.expect("ingress starts");
         let addr = app.local_addr();
+        let metrics = app.metrics_addr();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
         Running {
             addr: Some(addr),
+            metrics,
             assignment: None,
             stop,
             handle,
@@ -311,10 +317,12 @@ impl TestEnv {
     pub async fn spawn_worker_with(&self, cfg: WorkerConfig) -> Running {
         let worker = Worker::build(cfg).await.expect("worker starts");
         let assignment = Some(worker.assignment());
+        let metrics = worker.metrics_addr();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(worker.run_until_stopped(stop.clone()));
         Running {
             addr: None,
+            metrics,
             assignment,
             stop,
             handle,
@@ -337,6 +345,7 @@ impl TestEnv {
             .env("FIRSTCOME_REDIS_PREFIX", &self.common.redis_prefix)
             .env("FIRSTCOME_REQUEST_TOPIC", &self.common.request_topic)
             .env("FIRSTCOME_DLQ_TOPIC", &self.common.dlq_topic)
+            .env("FIRSTCOME_METRICS_LISTEN", "127.0.0.1:0")
             .kill_on_drop(true);
         cmd
     }
@@ -562,6 +571,8 @@ pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
 pub struct Running {
     /// The HTTP address, for an ingress.
     pub addr: Option<SocketAddr>,
+    /// The operations port (`/metrics`).
+    pub metrics: SocketAddr,
     /// The partitions a worker owns.
     pub assignment: Option<tokio::sync::watch::Receiver<BTreeSet<i32>>>,
     stop: CancellationToken,

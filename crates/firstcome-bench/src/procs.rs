@@ -130,6 +130,7 @@ pub fn command(env: &BenchEnv, binary: &str) -> anyhow::Result<Command> {
         .env("FIRSTCOME_DLQ_TOPIC", &env.dlq_topic)
         .env("FIRSTCOME_ADMIN_TOKEN", &env.admin_token)
         .env("FIRSTCOME_GROUP_ID", &env.group_id)
+        .env("FIRSTCOME_METRICS_LISTEN", "127.0.0.1:0")
         .env(
             "FIRSTCOME_SESSION_TIMEOUT_MS",
             env.session_timeout_ms.to_string(),

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use firstcome::db::{self, Coupon};
 use firstcome::kafka::HealingProducer;
+use firstcome::metrics::IngressMetrics;
+use firstcome::ops::{self, OpsServer};
 use firstcome::state::{self, Keys};
 use firstcome::{CouponId, kafka};
 use rdkafka::producer::Producer;
@@ -51,6 +53,8 @@ pub(crate) struct Inner {
     pub(crate) stock_seen: Mutex<HashMap<CouponId, (Instant, bool)>>,
     /// Admin tokens by id.
     pub(crate) admin_tokens: Vec<(String, String)>,
+    /// What `/metrics` shows.
+    pub(crate) metrics: Arc<IngressMetrics>,
     /// Long polls waiting for decisions.
     pub(crate) waiters: Arc<Waiters>,
     /// For the decisions subscription.
@@ -140,6 +144,7 @@ impl AppState {
 /// A ready-to-serve ingress.
 pub struct Application {
     listener: TcpListener,
+    ops: OpsServer,
     state: AppState,
 }
 
@@ -158,12 +163,14 @@ impl Application {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
+        let ops = OpsServer::bind(cfg.metrics_listen).await?;
         let keys = cfg.common.keys()?;
         let admin_tokens = cfg.admin_tokens()?;
         let redis_client =
             redis::Client::open(cfg.common.redis_url.as_str()).context("REDIS_URL")?;
         Ok(Self {
             listener,
+            ops,
             state: AppState {
                 inner: Arc::new(Inner {
                     cfg,
@@ -175,6 +182,7 @@ impl Application {
                     pending_skip_until: Mutex::new(None),
                     stock_seen: Mutex::new(HashMap::new()),
                     waiters: Arc::new(Waiters::default()),
+                    metrics: IngressMetrics::new(),
                     admin_tokens,
                     redis_client,
                 }),
@@ -189,14 +197,29 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
+    /// The address of the operations port (`/metrics`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.ops.local_addr()
+    }
+
     /// Serves until `shutdown` is cancelled, then stops accepting, waits for
     /// in-flight requests (bounded by the shutdown timeout) and flushes the
     /// producer.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, state } = self;
+        let Self {
+            listener,
+            ops,
+            state,
+        } = self;
         let cfg = &state.inner.cfg;
         let grace = Duration::from_millis(cfg.shutdown_timeout_ms);
-        tracing::info!(addr = %listener.local_addr()?, "ingress listening");
+        tracing::info!(addr = %listener.local_addr()?, metrics = %ops.local_addr(), "ingress listening");
+        let metrics = state.inner.metrics.clone();
+        let scrape = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || async move { ops::metrics_response(metrics.render()) }),
+        );
+        let ops = ops.spawn(scrape, shutdown.clone());
         let app = routes::router(state.clone());
         // Long polls follow the worker's decisions; on shutdown they are
         // woken and answer what they know.
@@ -220,6 +243,7 @@ impl Application {
         }
         shutdown.cancel();
         let _ = listening.await;
+        let _ = ops.await;
         let producer = state.inner.producer.producer();
         tokio::task::spawn_blocking(move || producer.flush(grace))
             .await?

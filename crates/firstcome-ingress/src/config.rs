@@ -22,6 +22,11 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address of the operations port: `/metrics` for Prometheus. Keep it
+    /// off the public network.
+    #[arg(long, env = "FIRSTCOME_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
     /// Bearer token that admin endpoints (coupon creation) require.
     #[arg(long, env = "FIRSTCOME_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: String,

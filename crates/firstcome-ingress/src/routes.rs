@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, State,
+};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -85,7 +87,7 @@ pub fn router(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
-        .layer(middleware::from_fn(edge))
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
         .with_state(state)
 }
 
@@ -102,19 +104,73 @@ async fn shed_load(
     }
 }
 
+/// Every route pattern, as the metrics label it (a path no route matched
+/// is `other`, so the label set stays bounded).
+const ROUTES: &[&str] = &[
+    "/v1/coupons",
+    "/v1/coupons/{coupon_id}",
+    "/v1/coupons/{coupon_id}/issue",
+    "/v1/issue-requests/{request_id}",
+    "/v1/users/{user_id}/coupons",
+    "/v1/admin/coupons",
+    "/v1/admin/coupons/{coupon_id}/counters",
+    "/v1/admin/coupons/{coupon_id}/stock",
+    "/v1/admin/coupons/{coupon_id}/close",
+    "/v1/admin/coupons/{coupon_id}/reopen",
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+];
+
+/// The metrics label of a request's route.
+fn route_label(request: &axum::extract::Request) -> &'static str {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|m| ROUTES.iter().find(|r| **r == m.as_str()))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// The metrics label of a method.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// What every answer goes through: the headers an API gateway expects of a
-/// JSON API (nothing is cached, sniffed, framed or referred), and one
-/// structured access line per request (target `access`: method, path,
-/// status, duration; never headers or bodies, so no token or secret can
-/// reach it; `RUST_LOG=access=off` silences it). One middleware for both,
-/// as each layer costs an allocation per request.
-async fn edge(request: axum::extract::Request, next: Next) -> Response {
+/// JSON API (nothing is cached, sniffed, framed or referred); the request
+/// metrics; and one structured access line per request (target `access`:
+/// method, path, status, duration; never headers or bodies, so no token or
+/// secret can reach it; `RUST_LOG=access=off` silences it). One middleware
+/// for all, as each layer costs an allocation per request.
+async fn edge(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
     use axum::http::HeaderValue;
     use axum::http::header;
     let started = std::time::Instant::now();
+    let metrics = &state.inner.metrics;
+    let route = route_label(&request);
+    let method = method_label(request.method());
     let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
+    metrics.in_flight.inc();
     let mut response = next.run(request).await;
+    metrics.in_flight.dec();
+    let status = response.status().as_u16();
+    let took = started.elapsed();
+    metrics.answered(route, method, status, took);
     let headers = response.headers_mut();
     for (name, value) in [
         (header::CACHE_CONTROL, "no-store"),
@@ -133,8 +189,8 @@ async fn edge(request: axum::extract::Request, next: Next) -> Response {
             target: "access",
             %method,
             path,
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            status,
+            duration_ms = took.as_secs_f64() * 1e3,
         );
     }
     response
@@ -452,10 +508,11 @@ async fn admit(
     match state.coupon(&coupon_id).await {
         // Outside the coupon's window the request would be decided
         // `not_open`, so it is answered now and never appended.
-        Ok(Some(c)) if c.starts_at.is_some_and(|s| accepted_at < s) => {
-            return Err(ApiError::NotOpen(coupon_id.to_string()));
-        }
-        Ok(Some(c)) if c.ends_at.is_some_and(|e| accepted_at > e) => {
+        Ok(Some(c))
+            if c.starts_at.is_some_and(|s| accepted_at < s)
+                || c.ends_at.is_some_and(|e| accepted_at > e) =>
+        {
+            state.inner.metrics.short_circuit("not_open");
             return Err(ApiError::NotOpen(coupon_id.to_string()));
         }
         Ok(Some(_)) => {}
@@ -478,6 +535,7 @@ async fn admit(
     // stock, which this replica sees within FIRSTCOME_SOLD_OUT_CHECK_MS):
     // answering that now spares the log (docs/design.md).
     if state.sold_out(&coupon_id).await {
+        state.inner.metrics.short_circuit("sold_out");
         return Err(ApiError::SoldOut(coupon_id.to_string()));
     }
     Ok(IssueRequest {
@@ -509,18 +567,27 @@ async fn append(state: &AppState, request: &IssueRequest) -> Result<(), ApiError
     // The delivery report arrives at the latest after `message.timeout.ms`
     // (= the produce timeout); the outer timeout only guards against a stuck
     // client.
+    let metrics = &state.inner.metrics;
+    let started = std::time::Instant::now();
     let delivered = tokio::time::timeout(
         timeout + Duration::from_secs(1),
         state.inner.producer.send(record, timeout),
     )
     .await;
+    metrics.produced(started.elapsed());
     // Not acknowledged does not mean not written: the answer carries the
     // request id, whose status tells the truth once the log is readable.
     let id = request.request_id;
     match delivered {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(ApiError::not_acknowledged(id, format!("kafka: {e}"))),
+        Ok(Ok(())) => {
+            metrics.accepted.inc();
+        }
+        Ok(Err(e)) => {
+            metrics.broker_error("error");
+            return Err(ApiError::not_acknowledged(id, format!("kafka: {e}")));
+        }
         Err(_) => {
+            metrics.broker_error("timeout");
             return Err(ApiError::not_acknowledged(
                 id,
                 "kafka: no delivery report in time",

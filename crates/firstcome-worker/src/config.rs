@@ -16,6 +16,24 @@ pub struct WorkerConfig {
     #[arg(long, env = "FIRSTCOME_GROUP_ID", default_value = "firstcome-worker")]
     pub group_id: String,
 
+    /// Static group membership (`group.instance.id`): a stable name per
+    /// replica (the pod name) lets a restarted worker take its partitions
+    /// back within the session timeout without a rebalance. Empty: dynamic
+    /// membership. Two live workers must never share one.
+    #[arg(long, env = "FIRSTCOME_GROUP_INSTANCE_ID", default_value = "")]
+    pub group_instance_id: String,
+
+    /// Address of the operations port: `/metrics` for Prometheus,
+    /// `/healthz` (the poll loop is alive) and `/readyz` (Postgres and
+    /// Redis answer). Keep it off the public network.
+    #[arg(long, env = "FIRSTCOME_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
+    pub metrics_listen: std::net::SocketAddr,
+
+    /// How often librdkafka reports statistics, from which the consumer
+    /// lag per partition is exported.
+    #[arg(long, env = "FIRSTCOME_STATS_INTERVAL_MS", default_value_t = 5_000)]
+    pub stats_interval_ms: u64,
+
     /// Consumer session timeout. A worker that stops heartbeating for this
     /// long loses its partitions to the others.
     #[arg(long, env = "FIRSTCOME_SESSION_TIMEOUT_MS", default_value_t = 45_000)]
@@ -104,6 +122,12 @@ impl WorkerConfig {
             return Err(invalid(
                 "FIRSTCOME_SESSION_TIMEOUT_MS",
                 "must be at least 3000",
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.stats_interval_ms) {
+            return Err(invalid(
+                "FIRSTCOME_STATS_INTERVAL_MS",
+                "must be 100 to 3600000",
             ));
         }
         if self.max_poll_interval_ms < self.session_timeout_ms {

@@ -19,17 +19,21 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use firstcome::metrics::WorkerMetrics;
 use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{self, Rec, Shared};
+
+/// How often the poll loop reports itself alive (`/healthz`).
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How often the poll loop checks whether paused partitions have room again.
 const RESUME_CHECK: Duration = Duration::from_millis(20);
@@ -100,16 +104,25 @@ pub struct Rebalancer {
     topic: String,
     partitions: Partitions,
     assignment: watch::Sender<BTreeSet<i32>>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Rebalancer {
     /// A context for `topic` acting on `partitions`.
-    pub fn new(topic: String, partitions: Partitions) -> Self {
+    pub fn new(topic: String, partitions: Partitions, metrics: Arc<WorkerMetrics>) -> Self {
         Self {
             topic,
             partitions,
             assignment: watch::Sender::new(BTreeSet::new()),
+            metrics,
         }
+    }
+
+    fn publish_assignment(&self, change: impl FnOnce(&mut BTreeSet<i32>)) {
+        self.assignment.send_modify(|a| {
+            change(a);
+            self.metrics.assigned_partitions.set(a.len() as i64);
+        });
     }
 
     /// The partitions of the request topic this member owns, kept current.
@@ -118,7 +131,25 @@ impl Rebalancer {
     }
 }
 
-impl ClientContext for Rebalancer {}
+impl ClientContext for Rebalancer {
+    /// Exports the consumer lag of the owned partitions (librdkafka reports
+    /// every `FIRSTCOME_STATS_INTERVAL_MS`; -1, not known yet, is left out).
+    fn stats(&self, statistics: Statistics) {
+        let owned = self.assignment.borrow().clone();
+        let lags: Vec<(i32, i64)> = statistics
+            .topics
+            .get(&self.topic)
+            .map(|t| {
+                t.partitions
+                    .values()
+                    .filter(|p| owned.contains(&p.partition) && p.consumer_lag >= 0)
+                    .map(|p| (p.partition, p.consumer_lag))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.metrics.set_lag(&lags);
+    }
+}
 
 impl ConsumerContext for Rebalancer {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -137,11 +168,12 @@ impl ConsumerContext for Rebalancer {
                         }
                     }
                 }
-                self.assignment.send_modify(|a| {
+                self.publish_assignment(|a| {
                     for p in &revoked {
                         a.remove(p);
                     }
                 });
+                self.metrics.rebalanced("revoke");
                 tracing::info!(?revoked, "partitions revoked");
                 commit(consumer, "revoke");
             }
@@ -151,6 +183,7 @@ impl ConsumerContext for Rebalancer {
                     .iter()
                     .map(|e| e.partition())
                     .collect();
+                self.metrics.rebalanced("assign");
                 tracing::info!(?assigned, "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -166,8 +199,7 @@ impl ConsumerContext for Rebalancer {
                 tracing::warn!(error = %e, "resuming newly assigned partitions failed");
             }
             let assigned = tpl.elements_for_topic(&self.topic);
-            self.assignment
-                .send_modify(|a| a.extend(assigned.iter().map(|e| e.partition())));
+            self.publish_assignment(|a| a.extend(assigned.iter().map(|e| e.partition())));
         }
     }
 }
@@ -189,10 +221,16 @@ pub async fn run(shared: Arc<Shared>, partitions: Partitions, shutdown: Cancella
     let mut paused: HashSet<i32> = HashSet::new();
     let mut resume_check = tokio::time::interval(RESUME_CHECK);
     resume_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
+        shared.metrics.paused_partitions.set(paused.len() as i64);
         let message = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            _ = heartbeat.tick() => {
+                shared.liveness.beat();
+                continue;
+            }
             _ = resume_check.tick(), if !paused.is_empty() => {
                 let ready: Vec<i32> = {
                     let mut map = partitions.lock().expect("partition map lock");

@@ -57,6 +57,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 4] = [
+        ErrorKind::InvalidRecord,
+        ErrorKind::KeyMismatch,
+        ErrorKind::UnknownCoupon,
+        ErrorKind::PermanentFailure,
+    ];
+
     /// The header spelling.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -22,12 +22,19 @@ pub mod rebuild;
 pub mod reconcile;
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
 use firstcome::kafka;
+use firstcome::metrics::WorkerMetrics;
+use firstcome::ops::{self, Liveness, OpsServer};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub use config::WorkerConfig;
@@ -39,6 +46,7 @@ use crate::pipeline::Shared;
 pub struct Worker {
     shared: Arc<Shared>,
     partitions: Partitions,
+    ops: OpsServer,
 }
 
 impl Worker {
@@ -55,8 +63,14 @@ impl Worker {
         )?)
         .context("creating the dead-letter producer")?;
 
+        let ops = OpsServer::bind(cfg.metrics_listen).await?;
+        let metrics = WorkerMetrics::new(&deadletter::ErrorKind::ALL.map(|k| k.as_str()));
         let partitions: Partitions = Arc::new(Mutex::new(HashMap::new()));
-        let context = Rebalancer::new(cfg.common.request_topic.clone(), partitions.clone());
+        let context = Rebalancer::new(
+            cfg.common.request_topic.clone(),
+            partitions.clone(),
+            metrics.clone(),
+        );
         let mut consumer_cfg = kafka::client_config(&cfg.common)?;
         consumer_cfg
             .set("group.id", &cfg.group_id)
@@ -84,7 +98,12 @@ impl Worker {
             // records/s at 2 MiB. It must stay above a partition's fetch size
             // (`max.partition.fetch.bytes`, 1 MiB), or fetching stalls (512
             // KiB: 5,000/s). docs/benchmarks.md, "Tuning, measured".
-            .set("queued.max.messages.kbytes", "2048");
+            .set("queued.max.messages.kbytes", "2048")
+            // For the consumer lag per partition on /metrics.
+            .set("statistics.interval.ms", cfg.stats_interval_ms.to_string());
+        if !cfg.group_instance_id.is_empty() {
+            consumer_cfg.set("group.instance.id", &cfg.group_instance_id);
+        }
         for (k, v) in cfg.common.kafka_options()? {
             consumer_cfg.set(k, v);
         }
@@ -103,8 +122,11 @@ impl Worker {
                 keys,
                 dlq,
                 consumer: Arc::new(consumer),
+                metrics,
+                liveness: Liveness::default(),
             }),
             partitions,
+            ops,
         })
     }
 
@@ -114,16 +136,85 @@ impl Worker {
         self.shared.consumer.context().assignment()
     }
 
+    /// The address of the operations port (`/metrics`, `/healthz`, `/readyz`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.ops.local_addr()
+    }
+
     /// Consumes until `shutdown` is cancelled, then finishes the batches in
     /// hand and commits.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(
             topic = %self.shared.cfg.common.request_topic,
             group = %self.shared.cfg.group_id,
+            metrics = %self.ops.local_addr(),
             "worker consuming"
         );
+        self.shared.liveness.beat();
+        let ops = self
+            .ops
+            .spawn(ops_router(self.shared.clone()), shutdown.clone());
         consumer::run(self.shared, self.partitions, shutdown).await;
+        let _ = ops.await;
         tracing::info!("worker stopped");
         Ok(())
     }
+}
+
+/// How long the poll loop may stay silent before `/healthz` fails (and the
+/// orchestrator restarts the worker). Far above its one-second heartbeat.
+const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long `/readyz` waits for Postgres and Redis.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `/metrics`, `/healthz` and `/readyz` of the worker.
+fn ops_router(shared: Arc<Shared>) -> Router {
+    let metrics = shared.metrics.clone();
+    let live = shared.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || async move { ops::metrics_response(metrics.render()) }),
+        )
+        .route(
+            "/healthz",
+            get(move || async move {
+                let silent = live.liveness.silent_for();
+                if silent < LIVENESS_LIMIT {
+                    (StatusCode::OK, Json(json!({"status": "ok"})))
+                } else {
+                    let message =
+                        format!("the poll loop has been silent for {} s", silent.as_secs());
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({"status": "stuck", "message": message})),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || async move {
+                let pg = async {
+                    sqlx::query("SELECT 1")
+                        .execute(&shared.pool)
+                        .await
+                        .map(|_| ())
+                };
+                let redis = async {
+                    redis::cmd("PING")
+                        .query_async::<()>(&mut shared.redis.clone())
+                        .await
+                };
+                let pg = matches!(tokio::time::timeout(READY_TIMEOUT, pg).await, Ok(Ok(())));
+                let redis = matches!(tokio::time::timeout(READY_TIMEOUT, redis).await, Ok(Ok(())));
+                let status = if pg && redis {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, Json(json!({"postgres": pg, "redis": redis})))
+            }),
+        )
 }

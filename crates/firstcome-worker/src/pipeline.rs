@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{SubsecRound, Utc};
 use firstcome::db::{self, Decided, TakenOn};
+use firstcome::metrics::WorkerMetrics;
 use firstcome::state::{self, Decision, Decisions, Keys, RequestStatus, Verdict};
 use firstcome::{CouponId, IssueRequest};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -89,6 +90,10 @@ pub struct Shared {
     pub dlq: firstcome::kafka::HealingProducer,
     /// The consumer, to store offsets on.
     pub consumer: Arc<StreamConsumer<Rebalancer>>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<WorkerMetrics>,
+    /// When the poll loop last went round (`/healthz`).
+    pub liveness: firstcome::ops::Liveness,
 }
 
 /// The batch was given up because its partition was revoked or the worker is
@@ -121,7 +126,7 @@ enum Stop {
 /// ones; or until `cancel` fires.
 async fn retry_classified<T, F, Fut>(
     shared: &Shared,
-    what: &str,
+    what: &'static str,
     cancel: &CancellationToken,
     mut step: F,
 ) -> Result<T, Stop>
@@ -140,8 +145,12 @@ where
                 }
                 return Ok(v);
             }
-            Err(Failure::Transient(e)) => e,
+            Err(Failure::Transient(e)) => {
+                shared.metrics.retried(what, false);
+                e
+            }
             Err(Failure::Permanent(e)) => {
+                shared.metrics.retried(what, true);
                 permanent += 1;
                 let first = *first_failed_at.get_or_insert_with(Utc::now);
                 if permanent >= shared.cfg.permanent_attempts {
@@ -173,7 +182,7 @@ where
 /// [`retry_classified`] for steps whose failures are all transient.
 async fn retry<T, F, Fut>(
     shared: &Shared,
-    what: &str,
+    what: &'static str,
     cancel: &CancellationToken,
     mut step: F,
 ) -> Result<T, Aborted>
@@ -197,7 +206,10 @@ where
 /// Stores decisions and returns the coupons the fence refused; Postgres
 /// errors are classified for [`retry_classified`].
 async fn persist(shared: &Shared, batch: &[Decided<'_>]) -> Result<Vec<CouponId>, Failure> {
-    db::persist(&shared.pool, batch).await.map_err(|e| {
+    let started = std::time::Instant::now();
+    let stored = db::persist(&shared.pool, batch).await;
+    shared.metrics.pg(started.elapsed());
+    stored.map_err(|e| {
         let permanent = db::is_permanent(&e);
         let e = anyhow::Error::new(e).context("persisting decisions");
         if permanent {
@@ -222,6 +234,7 @@ pub async fn process(
         decided: decided_signal,
         done: done_signal,
     } = gate;
+    shared.metrics.batch(recs.len());
     // 1. Parse.
     let mut requests: Vec<(usize, IssueRequest)> = Vec::with_capacity(recs.len());
     let mut dead: Vec<(usize, DeadLetter)> = Vec::new();
@@ -306,6 +319,7 @@ pub async fn process(
             break;
         }
         for coupon in &redo {
+            shared.metrics.state_rebuilds.inc();
             tracing::warn!(%coupon, "rebuilding the coupon from postgres and deciding its requests again");
             retry(shared, "rebuild", cancel, || rebuild(shared, coupon)).await?;
         }
@@ -328,6 +342,7 @@ pub async fn process(
             dead_letter(shared, rec, letter)
         })
         .await?;
+        shared.metrics.dead_lettered(letter.kind.as_str());
     }
 
     // 5. Publish the final statuses.
@@ -360,6 +375,9 @@ pub async fn process(
         // The partition was revoked meanwhile; its next owner reads the batch
         // again and gets the same decisions back.
         tracing::info!(error = %e, "offset not stored, partition no longer assigned");
+    }
+    for d in &decided {
+        shared.metrics.decided(d.decision.status);
     }
     let _ = done_signal.send(());
     Ok(())
@@ -512,6 +530,7 @@ async fn give_up(
         dead_letter(shared, rec, &letter)
     })
     .await?;
+    shared.metrics.dead_lettered(letter.kind.as_str());
     d.decision = Decision {
         status: firstcome::Status::Failed,
         decided_at: now,
@@ -573,7 +592,10 @@ async fn decide_coupon(
 ) -> anyhow::Result<Option<Decisions>> {
     let mut conn = shared.redis.clone();
     let keys = shared.keys.coupon(coupon);
-    match state::decide(&mut conn, &keys, batch, now).await? {
+    let started = std::time::Instant::now();
+    let verdict = state::decide(&mut conn, &keys, batch, now).await;
+    shared.metrics.lua(started.elapsed());
+    match verdict? {
         Verdict::Decided(d) => return Ok(Some(d)),
         Verdict::Paused => anyhow::bail!("coupon {coupon} is paused while its state is rebuilt"),
         Verdict::Uninitialized => {}

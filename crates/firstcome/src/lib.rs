@@ -8,12 +8,15 @@
 //! - [`rebuild`]: a coupon's Redis state built from Postgres
 //! - [`kafka`]: client settings every producer and consumer starts from
 //! - [`config`]: connection settings both binaries share
+//! - [`metrics`], [`ops`]: Prometheus metrics and the operations port
 //! - [`telemetry`], [`shutdown`]: process plumbing
 
 pub mod config;
 pub mod db;
 pub mod ids;
 pub mod kafka;
+pub mod metrics;
+pub mod ops;
 pub mod rebuild;
 pub mod record;
 pub mod shutdown;

@@ -59,6 +59,15 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every final status.
+    pub const FINAL: [Status; 5] = [
+        Status::Issued,
+        Status::Duplicate,
+        Status::SoldOut,
+        Status::NotOpen,
+        Status::Failed,
+    ];
+
     /// The wire and database spelling.
     pub const fn as_str(self) -> &'static str {
         match self {
