@@ -88,6 +88,7 @@ impl TestEnv {
         let common = CommonConfig {
             database_url: get("DATABASE_URL"),
             redis_url: get("REDIS_URL"),
+            redis_cluster: false,
             redis_prefix: format!("{tag}:"),
             kafka_brokers: get("KAFKA_BROKERS"),
             // e.g. `debug=cgrp` to see the consumer group protocol.
@@ -131,6 +132,21 @@ impl TestEnv {
             pool,
             tag,
         }
+    }
+
+    /// Moves this test onto the stack's Redis Cluster (three masters, see
+    /// `scripts/stack`).
+    pub fn use_redis_cluster(&mut self) {
+        let url = stack_env()
+            .get("REDIS_CLUSTER_URL")
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "REDIS_CLUSTER_URL missing from the stack env file; rerun `scripts/stack up`"
+                )
+            });
+        self.common.redis_url = url;
+        self.common.redis_cluster = true;
     }
 
     /// Moves this test onto a Redis of its own (see [`services`]).
@@ -341,6 +357,10 @@ impl TestEnv {
             )
             .env("DATABASE_URL", &self.common.database_url)
             .env("REDIS_URL", &self.common.redis_url)
+            .env(
+                "FIRSTCOME_REDIS_CLUSTER",
+                self.common.redis_cluster.to_string(),
+            )
             .env("KAFKA_BROKERS", &self.common.kafka_brokers)
             .env("FIRSTCOME_REDIS_PREFIX", &self.common.redis_prefix)
             .env("FIRSTCOME_REQUEST_TOPIC", &self.common.request_topic)

@@ -11,10 +11,10 @@ use firstcome::db::{self, Coupon};
 use firstcome::kafka::HealingProducer;
 use firstcome::metrics::IngressMetrics;
 use firstcome::ops::{self, OpsServer};
+use firstcome::redis_conn::RedisConn;
 use firstcome::state::{self, Keys};
 use firstcome::{CouponId, kafka};
 use rdkafka::producer::Producer;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,7 @@ pub struct AppState {
 pub(crate) struct Inner {
     pub(crate) cfg: IngressConfig,
     pub(crate) pool: PgPool,
-    pub(crate) redis: ConnectionManager,
+    pub(crate) redis: RedisConn,
     pub(crate) producer: HealingProducer,
     pub(crate) keys: Keys,
     /// Coupons seen in Postgres, each kept for [`COUPON_CACHE`] (an admin
@@ -57,8 +57,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<IngressMetrics>,
     /// Long polls waiting for decisions.
     pub(crate) waiters: Arc<Waiters>,
-    /// For the decisions subscription.
-    redis_client: redis::Client,
+    /// For the decisions subscription: one client per address of
+    /// `REDIS_URL` (on a cluster any node hears every publication).
+    redis_clients: Vec<redis::Client>,
 }
 
 impl Inner {
@@ -166,8 +167,13 @@ impl Application {
         let ops = OpsServer::bind(cfg.metrics_listen).await?;
         let keys = cfg.common.keys()?;
         let admin_tokens = cfg.admin_tokens()?;
-        let redis_client =
-            redis::Client::open(cfg.common.redis_url.as_str()).context("REDIS_URL")?;
+        let redis_clients = cfg
+            .common
+            .redis_urls()
+            .into_iter()
+            .map(redis::Client::open)
+            .collect::<Result<Vec<_>, _>>()
+            .context("REDIS_URL")?;
         Ok(Self {
             listener,
             ops,
@@ -184,7 +190,7 @@ impl Application {
                     waiters: Arc::new(Waiters::default()),
                     metrics: IngressMetrics::new(),
                     admin_tokens,
-                    redis_client,
+                    redis_clients,
                 }),
             },
         })
@@ -224,7 +230,7 @@ impl Application {
         // Long polls follow the worker's decisions; on shutdown they are
         // woken and answer what they know.
         let listening = tokio::spawn(waiters::listen(
-            state.inner.redis_client.clone(),
+            state.inner.redis_clients.clone(),
             state.inner.keys.decided_channel(),
             state.inner.waiters.clone(),
             shutdown.clone(),

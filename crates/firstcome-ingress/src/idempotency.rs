@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
+use firstcome::redis_conn::RedisConn;
 use firstcome::state::Keys;
 use firstcome::{CouponId, IssueRequest, RequestId, UserId};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -85,7 +85,7 @@ impl Slot {
     /// was used for another user.
     pub async fn prior(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut RedisConn,
         coupon: &CouponId,
         user: &UserId,
     ) -> Result<Prior, ApiError> {
@@ -115,7 +115,7 @@ impl Slot {
     /// (false: look again with [`Slot::prior`]).
     pub async fn claim(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut RedisConn,
         request: &IssueRequest,
     ) -> Result<bool, ApiError> {
         let set: Option<String> = with_timeout(
@@ -133,7 +133,7 @@ impl Slot {
 
     /// Marks the request acknowledged. Best effort: if it fails, a retry
     /// appends the same record again, which decides nothing twice.
-    pub async fn confirm(&self, redis: &mut ConnectionManager, request: &IssueRequest) {
+    pub async fn confirm(&self, redis: &mut RedisConn, request: &IssueRequest) {
         let done: Result<Option<String>, ApiError> = with_timeout(
             redis::cmd("SET")
                 .arg(&self.redis_key)

@@ -83,16 +83,17 @@ impl Drop for Waiter {
 }
 
 /// Follows the decisions channel until `stop`, waking waiters; reconnects
-/// after a failure.
+/// after a failure, to the next of `clients` (the nodes of a cluster, where
+/// a publication reaches the subscribers of every node).
 pub async fn listen(
-    client: redis::Client,
+    clients: Vec<redis::Client>,
     channel: String,
     waiters: Arc<Waiters>,
     stop: CancellationToken,
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
     let mut backoff = FIRST_BACKOFF;
-    loop {
+    for client in clients.iter().cycle() {
         let started = std::time::Instant::now();
         let followed = async {
             let mut pubsub = client.get_async_pubsub().await?;

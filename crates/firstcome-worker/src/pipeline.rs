@@ -26,13 +26,13 @@ use anyhow::Context;
 use chrono::{SubsecRound, Utc};
 use firstcome::db::{self, Decided, TakenOn};
 use firstcome::metrics::WorkerMetrics;
+use firstcome::redis_conn::RedisConn;
 use firstcome::state::{self, Decision, Decisions, Keys, RequestStatus, Verdict};
 use firstcome::{CouponId, IssueRequest};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +83,7 @@ pub struct Shared {
     /// Postgres, the system of record.
     pub pool: PgPool,
     /// Redis, where decisions are made.
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// The Redis key layout.
     pub keys: Keys,
     /// Producer for the dead-letter topic.

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::redis_conn::RedisConn;
 use crate::state::{BadPrefix, Keys};
 
 /// Connection settings and names shared by the ingress and the worker.
@@ -18,9 +18,15 @@ pub struct CommonConfig {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
 
-    /// Redis URL, e.g. `redis://127.0.0.1:56379`.
+    /// Redis URL, e.g. `redis://127.0.0.1:56379`; on Redis Cluster one or
+    /// more seed nodes, comma-separated.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: String,
+
+    /// Whether `REDIS_URL` is a Redis Cluster (cluster-aware client: every
+    /// key of a coupon in one hash slot, `MOVED`/`ASK` followed).
+    #[arg(long, env = "FIRSTCOME_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
 
     /// Prefix of every Redis key, so several deployments (or tests) can share
     /// one Redis. Must not contain braces.
@@ -70,6 +76,7 @@ impl std::fmt::Debug for CommonConfig {
     // Hand-written so the database password never reaches a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CommonConfig")
+            .field("redis_cluster", &self.redis_cluster)
             .field("redis_prefix", &self.redis_prefix)
             .field("kafka_brokers", &self.kafka_brokers)
             .field("request_topic", &self.request_topic)
@@ -133,26 +140,34 @@ impl CommonConfig {
             .context("connecting to Postgres (DATABASE_URL)")
     }
 
-    /// A Redis connection that reconnects by itself; a command that gets no
-    /// answer within `response_timeout` fails instead of hanging.
-    pub async fn connect_redis(
-        &self,
-        response_timeout: Duration,
-    ) -> anyhow::Result<ConnectionManager> {
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(response_timeout));
-        redis::Client::open(self.redis_url.as_str())
-            .context("parsing REDIS_URL")?
-            .get_connection_manager_with_config(cfg)
-            .await
-            .context("connecting to Redis (REDIS_URL)")
+    /// The addresses in `REDIS_URL`.
+    pub fn redis_urls(&self) -> Vec<&str> {
+        self.redis_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// A Redis connection that reconnects by itself (cluster-aware with
+    /// `FIRSTCOME_REDIS_CLUSTER`); a command that gets no answer within
+    /// `response_timeout` fails instead of hanging.
+    pub async fn connect_redis(&self, response_timeout: Duration) -> anyhow::Result<RedisConn> {
+        RedisConn::connect(&self.redis_urls(), self.redis_cluster, response_timeout).await
     }
 
     /// Checks everything that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.keys()?;
         self.kafka_options()?;
+        let urls = self.redis_urls();
+        if urls.is_empty() || (urls.len() > 1 && !self.redis_cluster) {
+            return Err(ConfigError::Invalid {
+                key: "REDIS_URL",
+                message: "one address, or several seed nodes with FIRSTCOME_REDIS_CLUSTER=true"
+                    .into(),
+            });
+        }
         for (key, topic) in [
             ("FIRSTCOME_REQUEST_TOPIC", &self.request_topic),
             ("FIRSTCOME_DLQ_TOPIC", &self.dlq_topic),

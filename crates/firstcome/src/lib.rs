@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`ids`]: validated `CouponId`, `UserId`, `RequestId`
 //! - [`record`]: the Kafka record and the request statuses
+//! - [`redis_conn`]: one connection type for a single Redis or Redis Cluster
 //! - [`state`]: the Redis state, the decision Lua script and its wrapper
 //! - [`db`]: Postgres, the system of record, and its migrations
 //! - [`rebuild`]: a coupon's Redis state built from Postgres
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod ops;
 pub mod rebuild;
 pub mod record;
+pub mod redis_conn;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;

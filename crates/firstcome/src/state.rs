@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{CouponId, RequestId, UserId};
 use crate::record::{IssueRequest, Status};
+use crate::redis_conn::Connection;
 
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
 static UNDO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("undo.lua")));
@@ -491,29 +492,41 @@ impl RequestStatus {
 /// already: the worker may decide the request (and write its final status)
 /// before the ingress gets here, and a final status must never be
 /// overwritten by `pending`. Returns whether it wrote.
-pub async fn put_pending<C: ConnectionLike + Send>(
+pub async fn put_pending<C: Connection>(
     conn: &mut C,
     keys: &Keys,
     status: &RequestStatus,
     ttl: Duration,
 ) -> Result<bool, StateError> {
     let json = serde_json::to_string(status).expect("a RequestStatus always serializes");
-    // The count of accepted requests rides along (same round trip).
-    let (written, _): (Option<String>, i64) = redis::pipe()
-        .cmd("SET")
-        .arg(keys.request(status.request_id))
+    let mut set = redis::cmd("SET");
+    set.arg(keys.request(status.request_id))
         .arg(json)
         .arg("NX")
         .arg("EX")
-        .arg(ttl.as_secs().max(1))
-        .incr(keys.coupon(&status.coupon_id).accepted, 1)
+        .arg(ttl.as_secs().max(1));
+    let counter = keys.coupon(&status.coupon_id).accepted;
+    if conn.clustered() {
+        // The two keys live in different hash slots: two commands, sent
+        // together.
+        let mut other = conn.clone();
+        let mut incr = redis::cmd("INCR");
+        incr.arg(&counter);
+        let (written, _): (Option<String>, i64) =
+            futures::try_join!(set.query_async(conn), incr.query_async(&mut other))?;
+        return Ok(written.is_some());
+    }
+    // The count of accepted requests rides along (same round trip).
+    let (written, _): (Option<String>, i64) = redis::pipe()
+        .add_command(set)
+        .incr(counter, 1)
         .query_async(conn)
         .await?;
     Ok(written.is_some())
 }
 
 /// Writes final status entries in one pipeline, each expiring after `ttl`.
-pub async fn put_statuses<C: ConnectionLike + Send>(
+pub async fn put_statuses<C: Connection>(
     conn: &mut C,
     keys: &Keys,
     statuses: &[RequestStatus],
@@ -524,16 +537,43 @@ pub async fn put_statuses<C: ConnectionLike + Send>(
     if statuses.is_empty() {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
+    let ttl = ttl.as_secs().max(1);
     let mut ids = String::with_capacity(statuses.len() * 37);
     for s in statuses {
-        let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
-        pipe.set_ex(keys.request(s.request_id), json, ttl.as_secs().max(1))
-            .ignore();
         if !ids.is_empty() {
             ids.push(' ');
         }
         ids.push_str(&s.request_id.to_string());
+    }
+    let set = |s: &RequestStatus| {
+        let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(keys.request(s.request_id))
+            .arg(json)
+            .arg("EX")
+            .arg(ttl);
+        cmd
+    };
+    if conn.clustered() {
+        // Each status key has a hash slot of its own: one command each, all
+        // in flight together (the client pipelines them per node), and the
+        // publication once they are all written.
+        let writes = statuses.iter().map(|s| {
+            let mut c = conn.clone();
+            let cmd = set(s);
+            async move { cmd.exec_async(&mut c).await }
+        });
+        futures::future::try_join_all(writes).await?;
+        redis::cmd("PUBLISH")
+            .arg(keys.decided_channel())
+            .arg(ids)
+            .exec_async(conn)
+            .await?;
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for s in statuses {
+        pipe.add_command(set(s)).ignore();
     }
     // After the statuses, so a woken long poll reads the final one.
     pipe.publish(keys.decided_channel(), ids).ignore();
