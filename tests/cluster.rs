@@ -175,6 +175,14 @@ async fn on_redis_cluster_the_promise_holds_while_a_coupons_slot_moves_between_n
     for (id, stock, _) in &coupons {
         assert_eq!(client.create_coupon(id, *stock).await.0, 201);
     }
+    let (code, ready) = client.get("/readyz").await;
+    assert_eq!(code, 200, "the ingress is ready on the cluster: {ready}");
+    for w in &workers {
+        let ready = reqwest::get(format!("http://{}/readyz", w.metrics))
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200, "the worker is ready on the cluster");
+    }
 
     // One long poll, woken through the cluster's pub/sub.
     let (code, first) = client.issue(&coupons[0].0, "early").await;

@@ -88,6 +88,7 @@ impl BenchEnv {
         CommonConfig {
             database_url: self.database_url.clone(),
             redis_url: self.redis_url.clone(),
+            redis_cluster: false,
             redis_prefix: self.prefix.clone(),
             kafka_brokers: self.kafka_brokers.clone(),
             kafka_options: Vec::new(),
