@@ -202,8 +202,23 @@ async fn after_a_burst_the_ingress_and_worker_metrics_add_up_with_each_other_and
     // The lag of the partitions that carried the burst is exported (the
     // others have no consumed offset, so librdkafka knows no lag for them),
     // and once everything is decided it is zero.
-    let busy: std::collections::BTreeSet<String> = env
-        .read_request_log()
+    let log = env.read_request_log();
+    assert_eq!(log.len(), 50);
+    // Each record names its request in a header, as its value does.
+    for r in &log {
+        let value: serde_json::Value =
+            serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            r.headers
+                .get(firstcome::record::REQUEST_ID_HEADER)
+                .map(String::as_str),
+            value["request_id"].as_str(),
+            "offset {} of partition {}",
+            r.offset,
+            r.partition
+        );
+    }
+    let busy: std::collections::BTreeSet<String> = log
         .iter()
         .map(|r| {
             format!(

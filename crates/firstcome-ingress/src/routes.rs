@@ -18,6 +18,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use firstcome::db::{self, Coupon};
 use firstcome::state::{self, RequestStatus};
 use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -560,9 +561,14 @@ fn accepted(id: RequestId) -> Response {
 /// records its `pending` status.
 async fn append(state: &AppState, request: &IssueRequest) -> Result<(), ApiError> {
     let payload = request.to_json();
+    let id = request.request_id.to_string();
     let record = FutureRecord::to(&state.inner.cfg.common.request_topic)
         .key(request.coupon_id.as_str())
-        .payload(&payload);
+        .payload(&payload)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: firstcome::record::REQUEST_ID_HEADER,
+            value: Some(id.as_str()),
+        }));
     let timeout = state.inner.cfg.produce_timeout();
     // The delivery report arrives at the latest after `message.timeout.ms`
     // (= the produce timeout); the outer timeout only guards against a stuck

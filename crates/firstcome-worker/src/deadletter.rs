@@ -154,6 +154,9 @@ impl DeadLetter {
         if rec.replay_count > 0 {
             h.push((headers::REPLAY_COUNT, rec.replay_count.to_string()));
         }
+        if let Some(id) = &rec.request_id_header {
+            h.push((firstcome::record::REQUEST_ID_HEADER, id.clone()));
+        }
         h.into_iter()
             .fold(OwnedHeaders::new(), |acc, (key, value)| {
                 acc.insert(Header {

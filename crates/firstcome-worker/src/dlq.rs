@@ -170,13 +170,16 @@ pub fn detail(l: &DeadLetterView) -> String {
 
 /// The replay count a record carries (0 when it has none).
 pub fn replay_count<M: Message>(m: &M) -> u32 {
-    m.headers()
-        .and_then(|h| {
-            h.iter()
-                .find(|h| h.key == headers::REPLAY_COUNT)
-                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-        })
+    header(m, headers::REPLAY_COUNT)
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A text header of a record.
+pub fn header<M: Message>(m: &M, key: &str) -> Option<String> {
+    let h = m.headers()?;
+    let value = h.iter().find(|h| h.key == key)?.value?;
+    std::str::from_utf8(value).ok().map(str::to_owned)
 }
 
 /// Options of `dlq replay`.

@@ -60,6 +60,9 @@ pub struct Rec {
     /// How often it was replayed from the dead-letter topic (0 for a record
     /// the ingress wrote).
     pub replay_count: u32,
+    /// Its request id header ([`firstcome::record::REQUEST_ID_HEADER`]),
+    /// kept on its dead letter.
+    pub request_id_header: Option<String>,
 }
 
 impl Rec {
@@ -72,6 +75,7 @@ impl Rec {
             payload: m.payload().map(<[u8]>::to_vec),
             timestamp_ms: m.timestamp().to_millis(),
             replay_count: crate::dlq::replay_count(m),
+            request_id_header: crate::dlq::header(m, firstcome::record::REQUEST_ID_HEADER),
         }
     }
 }
@@ -378,6 +382,14 @@ pub async fn process(
     }
     for d in &decided {
         shared.metrics.decided(d.decision.status);
+        tracing::debug!(
+            request_id = %d.request.request_id,
+            coupon_id = %d.request.coupon_id,
+            partition = d.partition,
+            offset = d.offset,
+            outcome = %d.decision.status,
+            "decided"
+        );
     }
     let _ = done_signal.send(());
     Ok(())

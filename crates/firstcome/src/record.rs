@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{CouponId, RequestId, UserId};
 
+/// Kafka header carrying the request id on every record the ingress
+/// writes, so one request can be followed through the log, the worker's logs
+/// and the dead-letter topic without parsing the value (replays keep it).
+pub const REQUEST_ID_HEADER: &str = "firstcome.request.id";
+
 /// The value of a record on the request topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
