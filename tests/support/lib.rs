@@ -380,7 +380,17 @@ impl TestEnv {
 
     /// The real ingress binary, configured for this test, listening on `listen`.
     pub fn ingress_command(&self, listen: SocketAddr) -> tokio::process::Command {
-        let mut cmd = self.command(ingress_binary());
+        self.ingress_command_of(ingress_binary(), listen)
+    }
+
+    /// An ingress binary (see [`otel_ingress_binary`]), configured for this
+    /// test, listening on `listen`.
+    pub fn ingress_command_of(
+        &self,
+        binary: PathBuf,
+        listen: SocketAddr,
+    ) -> tokio::process::Command {
+        let mut cmd = self.command(binary);
         cmd.env("FIRSTCOME_LISTEN", listen.to_string())
             .env("FIRSTCOME_ADMIN_TOKEN", &self.admin_token)
             // As in `ingress_config`.
@@ -533,16 +543,34 @@ pub fn bench_binary() -> PathBuf {
 }
 
 fn build_binary(name: &str) -> PathBuf {
+    build_binary_with(name, None)
+}
+
+/// The ingress binary built with the `otel` feature, in a target directory
+/// of its own (`target/otel`) so it never replaces the usual one.
+pub fn otel_ingress_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binary_with("firstcome-ingress", Some("otel")))
+        .clone()
+}
+
+fn build_binary_with(name: &str, feature: Option<&str>) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", name, "--bin", name])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building {name} failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    let mut target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "-p", name, "--bin", name])
+        .current_dir(&root);
+    if let Some(feature) = feature {
+        target = target.join(feature);
+        cmd.args(["--features", feature])
+            .arg("--target-dir")
+            .arg(&target);
+    }
+    let status = cmd.status().expect("cargo runs");
+    assert!(status.success(), "building {name} failed");
     target.join("debug").join(name)
 }
 

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = IngressConfig::parse();
-    firstcome::telemetry::init(cfg.common.log_json);
+    let _telemetry = firstcome::telemetry::init_service(cfg.common.log_json, "firstcome-ingress");
     tracing::info!(config = ?cfg, "starting");
     let shutdown = CancellationToken::new();
     firstcome::shutdown::cancel_on_signal(shutdown.clone());

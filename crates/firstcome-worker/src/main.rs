@@ -128,7 +128,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(cfg) => {
-            firstcome::telemetry::init(cfg.common.log_json);
+            let _telemetry =
+                firstcome::telemetry::init_service(cfg.common.log_json, "firstcome-worker");
             tracing::info!(config = ?cfg.common, group = %cfg.group_id, "starting");
             let shutdown = CancellationToken::new();
             firstcome::shutdown::cancel_on_signal(shutdown.clone());
