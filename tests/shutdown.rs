@@ -33,17 +33,7 @@ async fn start_ingress(env: &TestEnv, addr: SocketAddr) -> Child {
         )
         .spawn()
         .expect("the ingress binary starts");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("http://{addr}/healthz"))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "ingress never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    firstcome_suite::wait_listening(addr).await;
     child
 }
 

@@ -546,6 +546,21 @@ fn build_binary(name: &str) -> PathBuf {
     build_binary_with(name, None)
 }
 
+/// Waits until an ingress started as a process answers on `addr`.
+pub async fn wait_listening(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ingress never listened on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The ingress binary built with the `otel` feature, in a target directory
 /// of its own (`target/otel`) so it never replaces the usual one.
 pub fn otel_ingress_binary() -> PathBuf {
