@@ -280,3 +280,49 @@ async fn the_worker_probes_answer_and_metrics_stay_off_the_public_port() {
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_request_no_longer_counts_as_in_flight() {
+    let env = TestEnv::new().await;
+    // No worker: the request stays pending, so a long poll on it waits.
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("hangup");
+    assert_eq!(client.create_coupon(&coupon, 1).await.0, 201);
+    let (code, accepted) = client.issue(&coupon, "alice").await;
+    assert_eq!(code, 202, "{accepted}");
+    let id = accepted["request_id"].as_str().unwrap();
+
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let url = format!(
+        "http://{}/v1/issue-requests/{id}?wait_ms=10000",
+        ingress.addr.unwrap()
+    );
+    let during = tokio::spawn(async move { impatient.get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let held = Scrape::of(ingress.metrics).await;
+    assert_eq!(
+        held.get(names::INGRESS_IN_FLIGHT),
+        1.0,
+        "the long poll is in flight"
+    );
+    assert!(during.await.unwrap().is_err(), "the client gave up");
+
+    // Well before the 10 s wait would have ended.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = Scrape::of(ingress.metrics).await;
+        if now.get(names::INGRESS_IN_FLIGHT) == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned request still counts as in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ingress.stop().await;
+}

@@ -133,6 +133,22 @@ fn route_label(request: &axum::extract::Request) -> &'static str {
         .unwrap_or("other")
 }
 
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The metrics label of a method.
 fn method_label(method: &Method) -> &'static str {
     match *method {
@@ -166,9 +182,11 @@ async fn edge(
     let method = method_label(request.method());
     let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
-    metrics.in_flight.inc();
+    // A guard, not a decrement after the await: a client that hangs up
+    // drops this future half-way.
+    let in_flight = InFlight::enter(&metrics.in_flight);
     let mut response = next.run(request).await;
-    metrics.in_flight.dec();
+    drop(in_flight);
     let status = response.status().as_u16();
     let took = started.elapsed();
     metrics.answered(route, method, status, took);
@@ -842,7 +860,24 @@ async fn within(
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{ROUTES, constant_time_eq};
+
+    #[test]
+    fn every_documented_path_has_its_own_metrics_label() {
+        use utoipa::OpenApi;
+        let doc = crate::openapi::ApiDoc::openapi();
+        for path in doc.paths.paths.keys() {
+            assert!(
+                ROUTES.contains(&path.as_str()),
+                "{path} would be labelled `other`"
+            );
+        }
+        assert_eq!(
+            ROUTES.len(),
+            doc.paths.paths.len(),
+            "a label for a path that does not exist"
+        );
+    }
 
     #[test]
     fn token_comparison_needs_every_byte_and_the_length() {
