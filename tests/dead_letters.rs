@@ -142,6 +142,19 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
             .iter()
             .all(|l| l.headers["firstcome.error.message"].contains("refused by the test trigger"))
     );
+    // The request id header of the ingress's record stays on its dead letter.
+    for l in &failed {
+        let value: serde_json::Value =
+            serde_json::from_slice(l.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            l.headers
+                .get(firstcome::record::REQUEST_ID_HEADER)
+                .map(String::as_str),
+            value["request_id"].as_str(),
+            "{:?}",
+            l.headers
+        );
+    }
     let statuses: Vec<String> = ledger(&env, &ids)
         .await
         .into_values()
@@ -155,6 +168,24 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
     env.stop_refusing(ids[0]).await;
     let summary = replay(&env, "fix-1").await;
     assert_eq!(summary["replayed"], 2, "{summary}");
+    // …and on the replayed records.
+    let failed_ids: Vec<&str> = failed
+        .iter()
+        .map(|l| l.headers[firstcome::record::REQUEST_ID_HEADER].as_str())
+        .collect();
+    let replayed = env
+        .read_request_log()
+        .into_iter()
+        .filter(|r| r.headers.contains_key("firstcome.replay.count"))
+        .map(|r| r.headers.get(firstcome::record::REQUEST_ID_HEADER).cloned())
+        .collect::<Vec<_>>();
+    assert_eq!(replayed.len(), 2);
+    assert!(
+        replayed
+            .iter()
+            .all(|id| id.as_deref().is_some_and(|id| failed_ids.contains(&id))),
+        "{replayed:?}"
+    );
     let m = check().await;
     let after_first = ledger(&env, &ids).await;
     assert!(

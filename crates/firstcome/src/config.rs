@@ -200,3 +200,44 @@ impl CommonConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonConfig,
+    }
+
+    fn parse(redis: &str, cluster: bool) -> CommonConfig {
+        let mut args = vec![
+            "x",
+            "--database-url",
+            "postgres://h/db",
+            "--kafka-brokers",
+            "k:9092",
+            "--redis-url",
+            redis,
+        ];
+        if cluster {
+            args.push("--redis-cluster");
+        }
+        Cli::parse_from(args).common
+    }
+
+    #[test]
+    fn several_redis_addresses_need_the_cluster_flag() {
+        let two = "redis://a:1, redis://b:2";
+        let err = parse(two, false).validate().unwrap_err().to_string();
+        assert!(err.starts_with("REDIS_URL:"), "{err}");
+        let cluster = parse(two, true);
+        cluster.validate().unwrap();
+        assert_eq!(cluster.redis_urls(), ["redis://a:1", "redis://b:2"]);
+        parse("redis://a:1", false).validate().unwrap();
+        assert!(parse(" , ", true).validate().is_err());
+    }
+}

@@ -275,6 +275,11 @@ impl IngressMetrics {
 pub struct WorkerMetrics {
     registry: Registry,
     decisions: Family<Label, Counter>,
+    /// The counters of `decisions`, in the order of [`Status::FINAL`]:
+    /// counted once per record, so no lookup in the family.
+    outcomes: [Counter; 5],
+    /// The partitions whose lag is shown.
+    lag_shown: std::sync::Mutex<Vec<i32>>,
     batch_records: Histogram,
     lua_duration: Histogram,
     pg_duration: Histogram,
@@ -296,9 +301,14 @@ impl WorkerMetrics {
     pub fn new(dead_letter_kinds: &[&'static str]) -> Arc<Self> {
         use names::*;
         let mut registry = Registry::default();
+        let decisions: Family<Label, Counter> = Family::default();
+        let outcomes =
+            Status::FINAL.map(|s| decisions.get_or_create_owned(&[("outcome", s.as_str())]));
         let m = Self {
             registry: Registry::default(),
-            decisions: Family::default(),
+            decisions,
+            outcomes,
+            lag_shown: std::sync::Mutex::new(Vec::new()),
             batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             lua_duration: latency(),
             pg_duration: latency(),
@@ -365,9 +375,6 @@ impl WorkerMetrics {
             "Partitions paused because their task is behind",
             m.paused_partitions.clone(),
         );
-        for status in Status::FINAL {
-            let _ = m.decisions.get_or_create(&[("outcome", status.as_str())]);
-        }
         for kind in ["assign", "revoke"] {
             let _ = m.rebalances.get_or_create(&[("kind", kind)]);
         }
@@ -382,11 +389,11 @@ impl WorkerMetrics {
         Arc::new(Self { registry, ..m })
     }
 
-    /// Counts one decision.
+    /// Counts one decision (a final status; `pending` is not one).
     pub fn decided(&self, outcome: Status) {
-        self.decisions
-            .get_or_create(&[("outcome", outcome.as_str())])
-            .inc();
+        if let Some(i) = Status::FINAL.iter().position(|s| *s == outcome) {
+            self.outcomes[i].inc();
+        }
     }
 
     /// Records a batch's size.
@@ -422,18 +429,71 @@ impl WorkerMetrics {
         self.rebalances.get_or_create(&[("kind", kind)]).inc();
     }
 
-    /// Sets the lag of the owned partitions, forgetting the others.
+    /// Sets the lag of the owned partitions and forgets the others (one
+    /// by one, so a scrape meanwhile never sees the owned ones missing).
     pub fn set_lag(&self, lags: &[(i32, i64)]) {
-        self.consumer_lag.clear();
+        let mut shown = self.lag_shown.lock().expect("lag lock");
         for &(partition, lag) in lags {
             self.consumer_lag
                 .get_or_create(&[("partition", partition)])
                 .set(lag);
         }
+        for gone in shown.iter().filter(|p| !lags.iter().any(|(q, _)| q == *p)) {
+            self.consumer_lag.remove(&[("partition", *gone)]);
+        }
+        *shown = lags.iter().map(|(p, _)| *p).collect();
     }
 
     /// The current values, in the OpenMetrics text format.
     pub fn render(&self) -> String {
         render(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_of_a_partition_no_longer_owned_disappears_and_the_others_stay() {
+        let m = WorkerMetrics::new(&[]);
+        m.set_lag(&[(0, 5), (1, 3)]);
+        m.set_lag(&[(1, 0), (2, 7)]);
+        let text = m.render();
+        let lag = names::WORKER_CONSUMER_LAG;
+        assert!(
+            !text.contains(&format!("{lag}{{partition=\"0\"}}")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{lag}{{partition=\"1\"}} 0")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{lag}{{partition=\"2\"}} 7")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn each_final_outcome_is_counted_under_its_own_label() {
+        let m = WorkerMetrics::new(&[]);
+        for (n, status) in Status::FINAL.into_iter().enumerate() {
+            for _ in 0..=n {
+                m.decided(status);
+            }
+        }
+        m.decided(Status::Pending);
+        let text = m.render();
+        for (n, status) in Status::FINAL.into_iter().enumerate() {
+            let line = format!(
+                "{}_total{{outcome=\"{}\"}} {}",
+                names::WORKER_DECISIONS,
+                status.as_str(),
+                n + 1
+            );
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("pending"), "{text}");
     }
 }
