@@ -229,7 +229,7 @@ async fn after_a_burst_the_ingress_and_worker_metrics_add_up_with_each_other_and
         })
         .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let scrapes = loop {
         let scrapes = [
             Scrape::of(workers[0].metrics).await,
             Scrape::of(workers[1].metrics).await,
@@ -240,7 +240,7 @@ async fn after_a_burst_the_ingress_and_worker_metrics_add_up_with_each_other_and
             .map(|(k, v)| (k, *v))
             .collect();
         if reported.len() == busy.len() && reported.values().all(|v| *v == 0.0) {
-            break;
+            break scrapes;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -248,6 +248,25 @@ async fn after_a_burst_the_ingress_and_worker_metrics_add_up_with_each_other_and
             scrapes[0].text
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // …and the other way round: nothing is exposed that the names module
+    // (which the dashboard and alert tests go by) does not list.
+    let exposed = names::exposed();
+    for scrape in [&ingress_scrape, &scrapes[0], &scrapes[1]] {
+        for line in scrape.text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut words = line.split(' ').skip(2);
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+            let sample = match kind {
+                "counter" => format!("{name}_total"),
+                "histogram" => format!("{name}_bucket"),
+                _ => name.to_owned(),
+            };
+            assert!(
+                exposed.contains(&sample),
+                "{name} ({kind}) is missing from names::exposed()"
+            );
+        }
     }
 
     for w in workers {
