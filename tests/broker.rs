@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use firstcome_suite::services::PrivateBroker;
+use firstcome_suite::services::PrivateKafka;
 use firstcome_suite::{PARTITIONS, TestEnv};
 use tokio_util::sync::CancellationToken;
 
@@ -42,8 +42,8 @@ async fn until_accepting(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_killed_then_frozen_mid_burst_costs_503s_for_that_time_and_loses_nothing() {
     let mut env = TestEnv::new().await;
-    let mut broker = PrivateBroker::start().await;
-    env.use_broker(broker.brokers()).await;
+    let mut broker = PrivateKafka::start().await;
+    env.use_broker(&broker).await;
     let mut icfg = env.ingress_config();
     icfg.produce_timeout_ms = PRODUCE_TIMEOUT_MS;
     let ingress = env.spawn_ingress_with(icfg).await;
@@ -68,10 +68,10 @@ async fn a_broker_killed_then_frozen_mid_burst_costs_503s_for_that_time_and_lose
     );
     env.wait_decided(&ids, 50).await;
 
-    // kill -9, down for 4 s, started again on its SQLite data.
-    broker.kill();
+    // kill -9, down for 4 s, started again on its data.
+    broker.kill(0);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    broker.restart().await;
+    broker.restart(0).await;
     let (mut probed, mut probe_refused) = (HashSet::new(), HashSet::new());
     let back = until_accepting(&client, ids[0], &mut probed, &mut probe_refused).await;
     eprintln!("accepting again {back:?} after the restart");
@@ -79,9 +79,9 @@ async fn a_broker_killed_then_frozen_mid_burst_costs_503s_for_that_time_and_lose
     // Frozen past the delivery timeout: records time out in the producers,
     // which must not stay broken once it thaws.
     env.wait_decided(&ids, 150).await;
-    broker.freeze();
+    broker.freeze(0);
     tokio::time::sleep(Duration::from_millis(PRODUCE_TIMEOUT_MS * 2 + 1_000)).await;
-    broker.thaw();
+    broker.thaw(0);
     let back = until_accepting(&client, ids[0], &mut probed, &mut probe_refused).await;
     eprintln!("accepting again {back:?} after the thaw");
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -164,15 +164,15 @@ impl TestEnv {
     }
 
     /// Moves this test onto a broker of its own, with this test's topics.
-    pub async fn use_broker(&mut self, brokers: String) {
-        self.common.kafka_brokers = brokers;
+    pub async fn use_broker(&mut self, kafka: &services::PrivateKafka) {
+        self.common.kafka_brokers = kafka.brokers();
         let topics = [
             (self.common.request_topic.as_str(), PARTITIONS),
             (self.common.dlq_topic.as_str(), 1),
         ];
         tokio::time::timeout(
             Duration::from_secs(30),
-            firstcome::kafka::ensure_topics(&self.common, &topics, 1),
+            firstcome::kafka::ensure_topics(&self.common, &topics, kafka.replication()),
         )
         .await
         .expect("the private broker answers")

@@ -25,15 +25,6 @@ fn scratch_dir(kind: &str) -> PathBuf {
     dir
 }
 
-fn need(binary: &Path) -> &Path {
-    assert!(
-        binary.exists(),
-        "{} is missing: run `scripts/stack up`, which installs it",
-        binary.display()
-    );
-    binary
-}
-
 async fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !ready() {
@@ -130,99 +121,226 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// The nisshi broker binary `scripts/stack up` installed.
-fn nisshi() -> PathBuf {
-    if let Ok(out) = Command::new("sh")
-        .args(["-c", "command -v nisshi"])
-        .output()
-        && out.status.success()
-    {
-        return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    }
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
-    home.join("bin/nisshi")
+/// How often `log` says a Kafka node finished starting.
+fn kafka_starts(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.matches("Kafka Server started").count())
+        .unwrap_or(0)
 }
 
-/// A Kafka broker (nisshi) of its own, storing in SQLite so it keeps its
-/// log across a `kill -9`.
-pub struct PrivateBroker {
-    /// Its port.
-    pub port: u16,
+/// One node of a [`PrivateKafka`]: broker and controller in one JVM, started
+/// by `scripts/kafka-node` (which execs the JVM, so the child is the broker).
+struct KafkaNode {
+    id: usize,
+    port: u16,
+    controller_port: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
 
-impl PrivateBroker {
-    /// Starts it.
+/// Apache Kafka of its own: one node, or a KRaft cluster of several (each a
+/// broker and a controller) with every topic replicated to three and two in
+/// sync at least, as in production. Storage lives in a scratch directory, so
+/// a node keeps its log across a `kill -9`; the jars are those
+/// `scripts/stack up` installed.
+pub struct PrivateKafka {
+    nodes: Vec<KafkaNode>,
+    cluster_id: String,
+    voters: String,
+    replication: usize,
+}
+
+impl PrivateKafka {
+    /// Starts a single node.
     pub async fn start() -> Self {
-        let mut b = Self {
-            port: free_port(),
-            dir: scratch_dir("kafka"),
-            child: None,
-        };
-        b.run().await;
-        b
+        Self::start_cluster(1).await
     }
 
-    async fn run(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self.dir.join("nisshi.log")).unwrap();
-        let child = Command::new(need(&nisshi()))
-            .current_dir(&self.dir)
-            .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://nisshi.db"])
+    /// Starts a cluster of `n` nodes (replication `min(n, 3)`), all at once:
+    /// a KRaft quorum elects its leader once a majority of it runs.
+    pub async fn start_cluster(n: usize) -> Self {
+        let nodes: Vec<KafkaNode> = (1..=n)
+            .map(|id| KafkaNode {
+                id,
+                port: free_port(),
+                controller_port: free_port(),
+                dir: scratch_dir(&format!("kafka{id}")),
+                child: None,
+            })
+            .collect();
+        let voters = nodes
+            .iter()
+            .map(|n| format!("{}@127.0.0.1:{}", n.id, n.controller_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = Command::new(kafka_node_script())
+            .arg("cluster-id")
+            .output()
+            .expect("scripts/kafka-node runs");
+        let mut kafka = Self {
+            nodes,
+            cluster_id: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            voters,
+            replication: n.min(3),
+        };
+        for i in 0..n {
+            kafka.spawn(i);
+        }
+        for i in 0..n {
+            kafka.wait_started(i, 0).await;
+        }
+        kafka
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let kafka_dist = crate::stack_env()
+            .remove("KAFKA_DIST")
+            .expect("KAFKA_DIST missing from the stack env file; rerun `scripts/stack up`");
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("kafka.log"))
+            .unwrap();
+        let child = Command::new(kafka_node_script())
+            .arg("run")
+            .arg(&node.dir)
+            .env("KAFKA_DIST", kafka_dist)
+            .env("KAFKA_PORT", node.port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", node.controller_port.to_string())
+            .env("KAFKA_NODE_ID", node.id.to_string())
+            .env("KAFKA_VOTERS", &self.voters)
+            .env("KAFKA_CLUSTER_ID", &self.cluster_id)
+            .env("KAFKA_REPLICATION", self.replication.to_string())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("the nisshi broker runs");
-        self.child = Some(child);
-        let port = self.port;
-        wait_until("the broker", || port_open(port)).await;
+            .expect("scripts/kafka-node runs");
+        node.child = Some(child);
     }
 
-    /// Its bootstrap address.
+    /// Waits until node `i` has said it started more than `before` times.
+    async fn wait_started(&mut self, i: usize, before: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let log = self.nodes[i].dir.join("kafka.log");
+        while kafka_starts(&log) <= before {
+            let node = &mut self.nodes[i];
+            if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "kafka node {} exited at start ({status}); its log is {}",
+                    node.id,
+                    log.display()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kafka node {} did not start in 2 minutes; its log is {}",
+                node.id,
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Its bootstrap addresses, every node's.
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// `kill -9`.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    /// The replication factor its topics need.
+    pub fn replication(&self) -> i32 {
+        self.replication as i32
+    }
+
+    /// The index of the node whose client port is `port`.
+    pub fn node_on_port(&self, port: u16) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node listens on {port}"))
+    }
+
+    /// The node id (Kafka's `node.id`) of node `i`.
+    pub fn node_id(&self, i: usize) -> i32 {
+        self.nodes[i].id as i32
+    }
+
+    /// How many nodes it has.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether it has no nodes (never: for clippy's sake).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `kill -9` of node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// Starts it again after [`Self::kill`], with the data it had.
-    pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "kill it first");
-        self.run().await;
+    /// A clean shutdown of node `i` (`SIGTERM`, as an operator's rolling
+    /// restart does): it hands its leaderships over and closes its logs.
+    pub async fn stop(&mut self, i: usize) {
+        let mut child = self.nodes[i].child.take().expect("running");
+        signal(child.id(), "TERM");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kafka node {} did not stop in 2 minutes",
+                self.nodes[i].id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
-    /// `SIGSTOP`: the process is frozen, its connections stay open and silent.
-    pub fn freeze(&self) {
-        signal(self.child.as_ref().expect("running").id(), "STOP");
+    /// Starts node `i` again after [`Self::kill`] or [`Self::stop`], on the
+    /// data it had; returns once it says it started.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "stop it first");
+        let before = kafka_starts(&self.nodes[i].dir.join("kafka.log"));
+        self.spawn(i);
+        self.wait_started(i, before).await;
+    }
+
+    /// `SIGSTOP` of node `i`: the process is frozen, its connections stay
+    /// open and silent.
+    pub fn freeze(&self, i: usize) {
+        signal(self.nodes[i].child.as_ref().expect("running").id(), "STOP");
     }
 
     /// `SIGCONT` after [`Self::freeze`].
-    pub fn thaw(&self) {
-        signal(self.child.as_ref().expect("running").id(), "CONT");
+    pub fn thaw(&self, i: usize) {
+        signal(self.nodes[i].child.as_ref().expect("running").id(), "CONT");
     }
 }
 
-impl Drop for PrivateBroker {
+impl Drop for PrivateKafka {
     fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill")
-                .args(["-CONT", &c.id().to_string()])
-                .status();
+        for i in 0..self.nodes.len() {
+            if let Some(c) = &self.nodes[i].child {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &c.id().to_string()])
+                    .status();
+            }
+            self.kill(i);
+            let _ = std::fs::remove_dir_all(&self.nodes[i].dir);
         }
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `scripts/kafka-node`, which starts one Kafka node.
+fn kafka_node_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-node")
 }
 
 /// The directory of the Postgres server binaries.

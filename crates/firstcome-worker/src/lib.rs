@@ -85,9 +85,12 @@ impl Worker {
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
             .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
+            // A member learns of a rebalance from a heartbeat's answer, so
+            // a joining worker waits up to one interval for the others: 3 s
+            // (the Java client's default), or a third of a shorter session.
             .set(
                 "heartbeat.interval.ms",
-                (cfg.session_timeout_ms / 3).to_string(),
+                (cfg.session_timeout_ms / 3).min(3_000).to_string(),
             )
             .set("fetch.wait.max.ms", "100")
             // librdkafka prefetches up to this much per partition, and a

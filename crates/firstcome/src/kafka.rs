@@ -1,8 +1,8 @@
 //! Kafka client settings every producer and consumer of ours starts from, and
 //! topic creation. Only the Kafka protocol is used, so any compliant broker
-//! (Apache Kafka in production, nisshi locally) works.
+//! works; production and the local stack run Apache Kafka.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -127,24 +127,21 @@ pub fn read_topic(
     Ok(out)
 }
 
-/// Consecutive failed deliveries after which a producer is suspected broken.
-const SUSPECT_AFTER_FAILURES: u32 = 3;
-
-/// A producer that replaces itself when it stops working although the
-/// broker works.
+/// A producer that replaces itself after a fatal error.
 ///
-/// An idempotent producer whose records timed out (a broker outage, a frozen
-/// broker) bumps its epoch; a broker that does not take the bump refuses every
-/// record from then on (`PRODUCER_FENCED`, `UNKNOWN_SERVER_ERROR`), and
-/// librdkafka may also raise a fatal error. After
-/// [`SUSPECT_AFTER_FAILURES`] failures in a row, or at once on a fatal
-/// error, a fresh producer is created; it takes over only if it reaches the
-/// broker, so an outage does not churn producers. Every sender holding the
-/// old one finishes on it.
+/// An idempotent producer recovers from a broker outage by itself: records
+/// that timed out bump its epoch (KIP-360), which Apache Kafka takes, and the
+/// next records go through (tests/broker.rs kills and freezes the broker to
+/// check it). What it cannot recover from is a *fatal* error (librdkafka's
+/// `rd_kafka_fatal_error`, e.g. a sequence the broker can no longer match):
+/// from then on every send fails, and librdkafka's advice is to create a new
+/// producer. That is what this does, on the first failure after a fatal
+/// error; the fresh producer takes over only once it reaches the broker, so
+/// an outage does not churn producers. Every sender holding the old one
+/// finishes on it.
 pub struct HealingProducer {
     config: ClientConfig,
     current: std::sync::RwLock<(u64, FutureProducer)>,
-    failures: AtomicU32,
     replaced: AtomicU64,
     healing: tokio::sync::Mutex<()>,
 }
@@ -156,7 +153,6 @@ impl HealingProducer {
         Ok(Self {
             config,
             current: std::sync::RwLock::new((0, producer)),
-            failures: AtomicU32::new(0),
             replaced: AtomicU64::new(0),
             healing: tokio::sync::Mutex::new(()),
         })
@@ -185,10 +181,7 @@ impl HealingProducer {
     {
         let (generation, producer) = self.current.read().expect("lock").clone();
         match producer.send(record, Timeout::After(queue_timeout)).await {
-            Ok(_) => {
-                self.failures.store(0, Ordering::Relaxed);
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err((e, _)) => {
                 self.failed(generation, &producer).await;
                 Err(e)
@@ -197,11 +190,9 @@ impl HealingProducer {
     }
 
     async fn failed(&self, generation: u64, producer: &FutureProducer) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let fatal = producer.client().fatal_error();
-        if fatal.is_none() && failures < SUSPECT_AFTER_FAILURES {
+        let Some(fatal) = producer.client().fatal_error() else {
             return;
-        }
+        };
         // One replacement at a time, and only of the producer that failed.
         let Ok(_healing) = self.healing.try_lock() else {
             return;
@@ -222,16 +213,11 @@ impl HealingProducer {
         .ok()
         .flatten();
         let Some(fresh) = fresh else {
-            tracing::debug!(failures, "producer failing, broker unreachable: keeping it");
+            tracing::debug!(?fatal, "producer failed fatally, broker unreachable: keeping it for now");
             return;
         };
         *self.current.write().expect("lock") = (generation + 1, fresh);
-        self.failures.store(0, Ordering::Relaxed);
         self.replaced.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            failures,
-            fatal = ?fatal,
-            "replaced the Kafka producer: it kept failing while the broker answers"
-        );
+        tracing::warn!(?fatal, "replaced the Kafka producer after a fatal error");
     }
 }
