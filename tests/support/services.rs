@@ -256,19 +256,6 @@ impl PrivateKafka {
         self.replication as i32
     }
 
-    /// The index of the node whose client port is `port`.
-    pub fn node_on_port(&self, port: u16) -> usize {
-        self.nodes
-            .iter()
-            .position(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no node listens on {port}"))
-    }
-
-    /// The node id (Kafka's `node.id`) of node `i`.
-    pub fn node_id(&self, i: usize) -> i32 {
-        self.nodes[i].id as i32
-    }
-
     /// How many nodes it has.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -277,6 +264,63 @@ impl PrivateKafka {
     /// Whether it has no nodes (never: for clippy's sake).
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// Metadata of every topic, from whichever node answers.
+    fn metadata(&self) -> Option<rdkafka::metadata::Metadata> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("broker.address.family", "v4")
+            .create()
+            .ok()?;
+        consumer.fetch_metadata(None, Duration::from_secs(5)).ok()
+    }
+
+    /// The index of the node that leads `topic`'s `partition` now, if the
+    /// cluster answers and the partition has a leader.
+    pub fn leader_of(&self, topic: &str, partition: i32) -> Option<usize> {
+        let meta = self.metadata()?;
+        let leader = meta
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)?
+            .partitions()
+            .iter()
+            .find(|p| p.id() == partition)?
+            .leader();
+        self.nodes.iter().position(|n| n.id as i32 == leader)
+    }
+
+    /// Waits until every partition of every topic, Kafka's own included, has
+    /// its full set of in-sync replicas: what an operator checks (no
+    /// under-replicated partitions) before restarting the next broker.
+    pub async fn wait_fully_replicated(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let short: Vec<String> = match self.metadata() {
+                Some(meta) => meta
+                    .topics()
+                    .iter()
+                    .flat_map(|t| {
+                        t.partitions()
+                            .iter()
+                            .filter(|p| p.isr().len() < self.replication || p.leader() < 0)
+                            .map(move |p| format!("{}/{}", t.name(), p.id()))
+                    })
+                    .collect(),
+                None => vec!["(no metadata)".to_owned()],
+            };
+            if short.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still under-replicated after 2 minutes: {:?}",
+                &short[..short.len().min(5)]
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// `kill -9` of node `i`.

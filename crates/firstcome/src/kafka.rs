@@ -213,7 +213,10 @@ impl HealingProducer {
         .ok()
         .flatten();
         let Some(fresh) = fresh else {
-            tracing::debug!(?fatal, "producer failed fatally, broker unreachable: keeping it for now");
+            tracing::debug!(
+                ?fatal,
+                "producer failed fatally, broker unreachable: keeping it for now"
+            );
             return;
         };
         *self.current.write().expect("lock") = (generation + 1, fresh);
