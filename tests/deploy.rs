@@ -145,6 +145,63 @@ fn the_compose_file_follows_the_compose_specification() {
     );
 }
 
+/// `deploy/kafka/server.properties` as (key, value) pairs, `@NAME@` fields
+/// left as they are.
+fn broker_settings() -> Vec<(String, String)> {
+    std::fs::read_to_string(root().join("deploy/kafka/server.properties"))
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("key=value");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_compose_broker_runs_the_kafka_version_and_settings_the_tests_run() {
+    let pom = std::fs::read_to_string(root().join("deploy/kafka/pom.xml")).unwrap();
+    let version = pom
+        .split("<kafka.version>")
+        .nth(1)
+        .and_then(|v| v.split('<').next())
+        .expect("deploy/kafka/pom.xml names kafka.version");
+    let compose = documents(&std::fs::read_to_string(root().join("docker-compose.yml")).unwrap());
+    let kafka = &compose[0]["services"]["kafka"];
+    assert_eq!(
+        kafka["image"].as_str().unwrap(),
+        format!("apache/kafka:{version}"),
+        "compose runs the Kafka that deploy/kafka/pom.xml pins"
+    );
+    let env = kafka["environment"].as_mapping().unwrap();
+    let value_of = |key: &str| {
+        // The image's rule: KAFKA_ + the key upper-cased, dots as `_`.
+        let var = format!("KAFKA_{}", key.to_uppercase().replace('.', "_"));
+        let v = env
+            .get(var.as_str())
+            .unwrap_or_else(|| panic!("compose's kafka does not set {var} ({key})"));
+        match v {
+            Value::String(s) => s.clone(),
+            other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
+        }
+    };
+    for (key, value) in broker_settings() {
+        let set = value_of(&key);
+        match value.as_str() {
+            // One node: replication 1.
+            "@REPLICATION@" | "@MIN_ISR@" => assert_eq!(set, "1", "{key}"),
+            // Addresses and ids differ by where it runs.
+            v if v.contains('@') => {}
+            v => assert_eq!(
+                set, v,
+                "{key}: compose and deploy/kafka/server.properties differ"
+            ),
+        }
+    }
+}
+
 #[test]
 fn every_kustomize_overlay_renders_and_validates_against_the_kubernetes_schemas() {
     for dir in ["base", "overlays/staging", "overlays/production"] {

@@ -376,3 +376,37 @@ async fn postgres_stopped_for_15_s_mid_burst_costs_no_request_and_the_promise_ho
         .await;
     sale.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_herd_of_first_requests_while_postgres_stalls_is_answered_202_not_503() {
+    // A database of its own: the stall locks the coupon table.
+    let mut env = TestEnv::new().await;
+    let pg = PrivatePostgres::start().await;
+    env.use_postgres(pg.url()).await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("herd");
+    assert_eq!(client.create_coupon(&coupon, 1_000).await.0, 201);
+
+    // Postgres stalls past the pool's acquire timeout (3 s): every read of
+    // the coupon table waits on a lock, while 64 clients ask for the coupon
+    // this ingress has not looked up yet.
+    let mut stall = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE coupon IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *stall)
+        .await
+        .unwrap();
+    let herd: Vec<_> = (0..64)
+        .map(|i| {
+            let (client, coupon) = (client.clone(), coupon.clone());
+            tokio::spawn(async move { client.issue(&coupon, &format!("u{i}")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    stall.commit().await.unwrap();
+    for (i, h) in herd.into_iter().enumerate() {
+        let (code, body) = h.await.unwrap();
+        assert_eq!(code, 202, "request {i}: {body}");
+    }
+    ingress.stop().await;
+}

@@ -30,7 +30,9 @@ pub struct BenchEnv {
     pub group_id: String,
     /// Admin token of this scenario's ingress.
     pub admin_token: String,
-    /// Session timeout for the workers (nisshi joins take half of it).
+    /// Session timeout for the workers (`FIRSTCOME_SESSION_TIMEOUT_MS`,
+    /// else 10 s): a scenario's worker stops before the next one starts, so
+    /// nothing waits on it.
     pub session_timeout_ms: u64,
     /// Short random tag; coupon ids start with it.
     pub tag: String,

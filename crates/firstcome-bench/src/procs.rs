@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::env::BenchEnv;
@@ -30,6 +31,79 @@ pub fn free_addr() -> SocketAddr {
         .expect("a free local port")
 }
 
+/// Peak resident memory of process `pid` so far (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// CPU time process `pid` used so far (user + system), seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: utime and stime are the 12th and 13th of them.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    // Clock ticks of 1/100 s (USER_HZ on Linux).
+    Some((utime + stime) / 100.0)
+}
+
+/// What the Kafka broker used over part of a scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokerUsage {
+    /// Its CPU time over the window as a share of the whole machine (all
+    /// cores): 0.45 is 45 % of two cores.
+    pub cpu_share: f64,
+    /// Its CPU time per request or record of the window, microseconds.
+    pub cpu_us_per_item: f64,
+    /// Its peak resident memory since it started, MiB (the JVM's heap is
+    /// fixed, so this is mostly heap, code and page tables).
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Measures the broker `scripts/bench` started (`FIRSTCOME_BENCH_BROKER_PID`)
+/// from [`BrokerMeter::start`] to [`BrokerMeter::finish`].
+pub struct BrokerMeter {
+    pid: u32,
+    cpu: f64,
+    since: std::time::Instant,
+}
+
+impl BrokerMeter {
+    /// Starts a window; `None` when the broker's pid is not known.
+    pub fn start() -> Option<Self> {
+        let pid: u32 = std::env::var("FIRSTCOME_BENCH_BROKER_PID")
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(Self {
+            pid,
+            cpu: cpu_seconds(pid)?,
+            since: std::time::Instant::now(),
+        })
+    }
+
+    /// Ends the window, over which `items` requests or records went through.
+    pub fn finish(self, items: u64) -> Option<BrokerUsage> {
+        let cpu = cpu_seconds(self.pid)? - self.cpu;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        Some(BrokerUsage {
+            cpu_share: cpu / (self.since.elapsed().as_secs_f64() * cores),
+            cpu_us_per_item: cpu * 1e6 / items.max(1) as f64,
+            peak_rss_mib: peak_rss_mib(self.pid),
+        })
+    }
+}
+
 /// A running child and where it listens.
 pub struct Proc {
     /// The process.
@@ -41,28 +115,12 @@ pub struct Proc {
 impl Proc {
     /// Peak resident memory so far (`VmHWM`), in MiB.
     pub fn peak_rss_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb / 1024.0)
+        peak_rss_mib(self.child.id()?)
     }
 
     /// CPU time used so far (user + system), seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
-        // Fields after the command name, which is in parentheses and may
-        // hold spaces: utime and stime are the 12th and 13th of them.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let mut fields = rest.split_whitespace().skip(11);
-        let utime: f64 = fields.next()?.parse().ok()?;
-        let stime: f64 = fields.next()?.parse().ok()?;
-        // Clock ticks of 1/100 s (USER_HZ on Linux).
-        Some((utime + stime) / 100.0)
+        cpu_seconds(self.child.id()?)
     }
 
     /// SIGTERM, then waits (SIGKILL after 15 s).

@@ -222,10 +222,15 @@ impl Results {
                         s.offered_per_s, s.latency.p50_ms, s.latency.p99_ms, s.latency.p999_ms
                     )
                 });
+                let broker = if name == "ingress" {
+                    broker_text(c.broker.as_ref(), "request")
+                } else {
+                    String::new()
+                };
                 row(
                     name,
                     format!(
-                        "sustained {:.0} accepted/s{at80}; {:.0} µs CPU per request at 80 %; RSS {:.0} MiB at 80 %, {:.0} MiB through overload",
+                        "sustained {:.0} accepted/s{at80}; {:.0} µs CPU per request at 80 %; RSS {:.0} MiB at 80 %, {:.0} MiB through overload{broker}",
                         c.sustained_per_s,
                         c.cpu_us_per_request.unwrap_or(f64::NAN),
                         c.peak_rss_mib.unwrap_or(f64::NAN),
@@ -256,14 +261,15 @@ impl Results {
             row(
                 "drain",
                 format!(
-                    "{:.0} records/s overall, hot coupon {:.0}/s ({} records); wall {:.1} s with the group join; accept→decide p50 {:.0} / p99 {:.0} ms; worker RSS {:.0} MiB",
+                    "{:.0} records/s overall, hot coupon {:.0}/s ({} records); wall {:.1} s with the group join; accept→decide p50 {:.0} / p99 {:.0} ms; worker RSS {:.0} MiB{}",
                     d.all.per_s,
                     d.hot.per_s,
                     d.hot.count,
                     d.wall_seconds,
                     d.accept_to_decide.p50_ms,
                     d.accept_to_decide.p99_ms,
-                    d.worker_peak_rss_mib.unwrap_or(f64::NAN)
+                    d.worker_peak_rss_mib.unwrap_or(f64::NAN),
+                    broker_text(d.broker.as_ref(), "record")
                 ),
             );
         }
@@ -404,6 +410,18 @@ impl Results {
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// "; broker: 31 % of the CPU, 12 µs per request, RSS 700 MiB", or nothing.
+fn broker_text(b: Option<&crate::procs::BrokerUsage>, per: &str) -> String {
+    b.map_or(String::new(), |b| {
+        format!(
+            "; broker: {:.0} % of the CPU, {:.0} µs per {per}, RSS {:.0} MiB",
+            b.cpu_share * 100.0,
+            b.cpu_us_per_item,
+            b.peak_rss_mib.unwrap_or(f64::NAN)
+        )
+    })
 }
 
 fn sorted(m: &std::collections::HashMap<String, u64>) -> Vec<(&String, &u64)> {

@@ -100,6 +100,8 @@ pub struct HttpCurve {
     /// 80 %, microseconds: what one request costs, whatever else shares the
     /// machine.
     pub cpu_us_per_request: Option<f64>,
+    /// The Kafka broker over the step at 80 %.
+    pub broker: Option<procs::BrokerUsage>,
 }
 
 fn kept_up(s: &Step) -> bool {
@@ -163,6 +165,7 @@ where
             peak_rss_mib: None,
             overload_peak_rss_mib,
             cpu_us_per_request: None,
+            broker: None,
         });
     }
     let server = start().await?;
@@ -170,10 +173,12 @@ where
     warm_up(&http, &base, coupon, size).await;
     let (h, b, c, off) = (http.clone(), base.clone(), coupon.to_owned(), offset);
     let cpu_before = server.cpu_seconds();
+    let broker = procs::BrokerMeter::start();
     let at_80 = load::open(0.8 * sustained, size.step, move |i| {
         issue(&h, &b, &c, format!("v{}", off + i))
     })
     .await;
+    let broker = broker.and_then(|m| m.finish(at_80.ok));
     let cpu_us_per_request = match (cpu_before, server.cpu_seconds()) {
         (Some(a), Some(b)) if at_80.ok > 0 => Some((b - a) * 1e6 / at_80.ok as f64),
         _ => None,
@@ -187,6 +192,7 @@ where
         peak_rss_mib,
         overload_peak_rss_mib,
         cpu_us_per_request,
+        broker,
     })
 }
 
@@ -473,6 +479,8 @@ pub struct Drain {
     pub accept_to_decide: Latency,
     /// Peak RSS of the worker, MiB.
     pub worker_peak_rss_mib: Option<f64>,
+    /// The Kafka broker from the worker's start to the last decision.
+    pub broker: Option<procs::BrokerUsage>,
 }
 
 /// Ledger spans of `coupons`: (count, first decided_at, last decided_at).
@@ -550,6 +558,7 @@ pub async fn drain(size: Size) -> anyhow::Result<Drain> {
     produce(&producer(&env)?, &env.request_topic, records).await?;
 
     let started = Instant::now();
+    let broker = procs::BrokerMeter::start();
     let worker = procs::worker(&env)?;
     let mut all: Vec<String> = tail.clone();
     all.push(hot.clone());
@@ -580,6 +589,7 @@ pub async fn drain(size: Size) -> anyhow::Result<Drain> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let wall_seconds = started.elapsed().as_secs_f64();
+    let broker = broker.and_then(|m| m.finish(size.records as u64));
     let worker_peak_rss_mib = worker.peak_rss_mib();
     worker.stop().await;
     let first = first_row.expect("rows were seen");
@@ -597,6 +607,7 @@ pub async fn drain(size: Size) -> anyhow::Result<Drain> {
         wall_seconds,
         accept_to_decide: latency_from_ledger(&pool, &all).await?,
         worker_peak_rss_mib,
+        broker,
     })
 }
 

@@ -14,12 +14,15 @@ use firstcome::ops::{self, OpsServer};
 use firstcome::redis_conn::RedisConn;
 use firstcome::state::{self, Keys};
 use firstcome::{CouponId, kafka};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use rdkafka::producer::Producer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngressConfig;
+use crate::error::ApiError;
 use crate::waiters::{self, Waiters};
 
 /// How long a replica trusts its copy of a coupon's definition.
@@ -29,6 +32,10 @@ const COUPON_CACHE: Duration = Duration::from_secs(1);
 /// through to the log.
 const STOCK_READ_TIMEOUT: Duration = Duration::from_millis(100);
 use crate::routes;
+
+/// One Postgres lookup of a coupon, awaited by every request that needs it.
+pub(crate) type CouponLookup =
+    Shared<BoxFuture<'static, Result<Option<Arc<Coupon>>, Arc<sqlx::Error>>>>;
 
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -46,6 +53,9 @@ pub(crate) struct Inner {
     /// may close, reopen or restock a coupon through another replica);
     /// misses are not cached, so a coupon created elsewhere is seen at once.
     pub(crate) coupons: RwLock<HashMap<CouponId, (Instant, Arc<Coupon>)>>,
+    /// Coupon lookups in flight, one per coupon, shared by every request
+    /// that waits for it (see [`AppState::coupon`]).
+    pub(crate) lookups: Mutex<HashMap<CouponId, CouponLookup>>,
     /// Until when `pending` status writes are skipped (Redis failing).
     pub(crate) pending_skip_until: Mutex<Option<Instant>>,
     /// Per coupon: when its stock was last read from Redis, and whether it
@@ -116,23 +126,58 @@ impl AppState {
         sold_out
     }
 
-    /// Looks a coupon up, from memory when it was seen before.
-    pub(crate) async fn coupon(&self, id: &CouponId) -> Result<Option<Arc<Coupon>>, sqlx::Error> {
-        if let Some((at, c)) = self.inner.coupons.read().expect("lock").get(id)
-            && at.elapsed() < COUPON_CACHE
-        {
-            return Ok(Some(c.clone()));
-        }
-        let Some(c) = db::coupon(&self.inner.pool, id).await? else {
-            return Ok(None);
+    /// Looks a coupon up, from memory when it was seen in the last
+    /// [`COUPON_CACHE`].
+    ///
+    /// A flash sale sends thousands of requests for one coupon at once, so
+    /// a lookup is shared: however many requests miss the cache together,
+    /// one query goes to Postgres and they all take its answer (a herd of
+    /// queries would queue for the pool's few connections and time out
+    /// while Postgres is merely slow). When Postgres fails, the last copy
+    /// seen, however old, answers: the worker decides every request against
+    /// the coupon's real state in log order anyway.
+    pub(crate) async fn coupon(&self, id: &CouponId) -> Result<Option<Arc<Coupon>>, ApiError> {
+        let stale = match self.inner.coupons.read().expect("lock").get(id) {
+            Some((at, c)) if at.elapsed() < COUPON_CACHE => return Ok(Some(c.clone())),
+            Some((_, c)) => Some(c.clone()),
+            None => None,
         };
-        let c = Arc::new(c);
-        self.inner
-            .coupons
-            .write()
+        let lookup = self
+            .inner
+            .lookups
+            .lock()
             .expect("lock")
-            .insert(id.clone(), (Instant::now(), c.clone()));
-        Ok(Some(c))
+            .entry(id.clone())
+            .or_insert_with(|| {
+                let (state, id) = (self.clone(), id.clone());
+                async move {
+                    let found = db::coupon(&state.inner.pool, &id)
+                        .await
+                        .map(|c| c.map(Arc::new))
+                        .map_err(Arc::new);
+                    if let Ok(Some(c)) = &found {
+                        state
+                            .inner
+                            .coupons
+                            .write()
+                            .expect("lock")
+                            .insert(id.clone(), (Instant::now(), c.clone()));
+                    }
+                    state.inner.lookups.lock().expect("lock").remove(&id);
+                    found
+                }
+                .boxed()
+                .shared()
+            })
+            .clone();
+        match lookup.await {
+            Ok(found) => Ok(found),
+            Err(e) if stale.is_some() => {
+                tracing::warn!(error = %e, "postgres failed, answering from the last copy of the coupon");
+                Ok(stale)
+            }
+            Err(e) => Err(ApiError::from_postgres(&e)),
+        }
     }
 
     /// Drops what this replica remembers of a coupon (after an admin change).
@@ -185,6 +230,7 @@ impl Application {
                     producer,
                     keys,
                     coupons: RwLock::new(HashMap::new()),
+                    lookups: Mutex::new(HashMap::new()),
                     pending_skip_until: Mutex::new(None),
                     stock_seen: Mutex::new(HashMap::new()),
                     waiters: Arc::new(Waiters::default()),

@@ -121,9 +121,21 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                ApiError::unavailable(format!("postgres: {e}"))
+                ApiError::from_postgres(&e)
             }
             other => ApiError::Internal(anyhow::Error::new(other).context("postgres query")),
+        }
+    }
+}
+
+impl ApiError {
+    /// The error of a Postgres query whose failure several requests share.
+    pub(crate) fn from_postgres(e: &sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ApiError::unavailable(format!("postgres: {e}"))
+            }
+            other => ApiError::Internal(anyhow::anyhow!("postgres query: {other}")),
         }
     }
 }

@@ -545,7 +545,7 @@ async fn admit(
                 Ok(Some(_)) => {
                     tracing::warn!(error = %e, "postgres unavailable, coupon known to redis")
                 }
-                _ => return Err(e.into()),
+                _ => return Err(e),
             }
         }
     }
