@@ -14,12 +14,14 @@ async fn every_benchmark_scenario_runs_and_reports() {
     for (k, v) in stack_env() {
         cmd.env(k, v);
     }
+    // Its progress ("[bench] drain …") goes straight to this test's output,
+    // so a run that hangs shows where.
+    cmd.stderr(std::process::Stdio::inherit());
     let run = cmd.output().await.unwrap();
     assert!(
         run.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+        "{}",
+        String::from_utf8_lossy(&run.stdout)
     );
     let results: Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
