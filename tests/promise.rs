@@ -52,12 +52,17 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
     let next = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
 
+    let started = tokio::time::Instant::now();
     let worker_a = env.spawn_worker().await;
     worker_a
         .wait_assignment("every partition", |a| {
             a.len() == firstcome_suite::PARTITIONS as usize
         })
         .await;
+    eprintln!(
+        "the first worker joined a new group and owned every partition after {:?}",
+        started.elapsed()
+    );
     let mut worker_b = None;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -85,7 +90,14 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
     while next.load(Ordering::Relaxed) < REQUESTS / 3 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let joining = tokio::time::Instant::now();
     let b = env.spawn_worker().await;
+    // How long the join takes, watched aside so the churn does not wait.
+    let mut share = b.assignment.clone().expect("a worker");
+    let joined = tokio::spawn(async move {
+        let _ = share.wait_for(|a| !a.is_empty()).await;
+        joining.elapsed()
+    });
     while next.load(Ordering::Relaxed) < REQUESTS / 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -96,7 +108,9 @@ async fn issued_users_are_exactly_the_first_stock_distinct_users_in_log_order() 
     })
     .await;
     eprintln!(
-        "the second worker owned every partition {:?} after the first left",
+        "the second worker got a share {:?} after it started, and owned every partition {:?} \
+         after the first left",
+        joined.await.unwrap(),
         left.elapsed()
     );
     worker_b.replace(b);

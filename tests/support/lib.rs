@@ -576,13 +576,22 @@ fn build_binary_with(name: &str, feature: Option<&str>) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let mut cmd = std::process::Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "-p", name, "--bin", name])
-        .current_dir(&root);
-    if let Some(feature) = feature {
-        target = target.join(feature);
-        cmd.args(["--features", feature])
-            .arg("--target-dir")
-            .arg(&target);
+    cmd.args(["build", "--quiet"]).current_dir(&root);
+    match feature {
+        // Apart, so it never replaces the usual binary.
+        Some(feature) => {
+            target = target.join(feature);
+            cmd.args(["-p", name, "--bin", name, "--features", feature])
+                .arg("--target-dir")
+                .arg(&target);
+        }
+        // The whole workspace with its tests, as `cargo nextest run
+        // --workspace` and `scripts/stack` build it: cargo unifies features
+        // per invocation, so any other selection would build every
+        // dependency again. Under `scripts/test` it is already done.
+        None => {
+            cmd.args(["--workspace", "--all-targets"]);
+        }
     }
     let status = cmd.status().expect("cargo runs");
     assert!(status.success(), "building {name} failed");
