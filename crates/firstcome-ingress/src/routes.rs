@@ -353,9 +353,14 @@ pub(crate) async fn create_coupon(
     let id = parse(CouponId::parse(body.coupon_id))?;
     tracing::Span::current().record("coupon_id", id.as_str());
     let name = body.name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+    // Control characters have no place in a name, and Postgres text cannot
+    // hold NUL at all (it would fail the insert with a 500).
+    if name.is_empty()
+        || name.chars().count() > MAX_NAME_CHARS
+        || name.chars().any(char::is_control)
+    {
         return Err(ApiError::InvalidRequest(format!(
-            "name must be 1 to {MAX_NAME_CHARS} characters"
+            "name must be 1 to {MAX_NAME_CHARS} characters, none of them control characters"
         )));
     }
     if !(0..=MAX_STOCK).contains(&body.total_stock) {
