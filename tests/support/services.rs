@@ -9,12 +9,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A free TCP port on 127.0.0.1 (free when asked; the server binds it next).
+///
+/// Taken below Linux's ephemeral range (32768-60999 by default): a port the
+/// kernel hands out for `bind(0)` is also what it gives the next outgoing
+/// connection of any test, which could take it between this check and the
+/// server binding it (a private Postgres once failed to start so).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let start = uuid::Uuid::new_v4().as_u128() as u16 % SPAN;
+    (0..SPAN)
+        .map(|i| LOW + (start + i) % SPAN)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 20000-31999")
 }
 
 /// A fresh directory for one instance's data, removed on drop.
@@ -159,11 +166,17 @@ impl PrivateKafka {
     /// Starts a cluster of `n` nodes (replication `min(n, 3)`), all at once:
     /// a KRaft quorum elects its leader once a majority of it runs.
     pub async fn start_cluster(n: usize) -> Self {
+        // Two ports a node, all different (each is only checked free).
+        let mut ports = std::collections::BTreeSet::new();
+        while ports.len() < 2 * n {
+            ports.insert(free_port());
+        }
+        let mut ports = ports.into_iter();
         let nodes: Vec<KafkaNode> = (1..=n)
             .map(|id| KafkaNode {
                 id,
-                port: free_port(),
-                controller_port: free_port(),
+                port: ports.next().unwrap(),
+                controller_port: ports.next().unwrap(),
                 dir: scratch_dir(&format!("kafka{id}")),
                 child: None,
             })
@@ -478,8 +491,10 @@ impl PrivatePostgres {
             .unwrap();
         assert!(
             out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "pg_ctl start on port {}: {}\nthe server's log:\n{}",
+            self.port,
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
         );
     }
 
