@@ -410,3 +410,23 @@ async fn a_herd_of_first_requests_while_postgres_stalls_is_answered_202_not_503(
     }
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coupon_seen_before_postgres_went_down_is_still_accepted() {
+    // No worker: the coupon has no Redis state to fall back on, so only the
+    // ingress's last copy of it can answer.
+    let mut env = TestEnv::new().await;
+    let pg = PrivatePostgres::start().await;
+    env.use_postgres(pg.url()).await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("seen");
+    assert_eq!(client.create_coupon(&coupon, 10).await.0, 201);
+    assert_eq!(client.issue(&coupon, "u1").await.0, 202);
+    pg.stop();
+    // Past the ingress's one-second trust in its copy: it asks Postgres again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (code, body) = client.issue(&coupon, "u2").await;
+    assert_eq!(code, 202, "{body}");
+    ingress.stop().await;
+}
