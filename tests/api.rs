@@ -575,6 +575,87 @@ async fn an_idempotency_key_gives_the_same_request_back_and_appends_it_once() {
     ingress.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_attempt_with_one_idempotency_key_gets_the_first_attempts_answer() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let issue = |coupon: String, user: &'static str, key: &'static str| {
+        let client = client.clone();
+        async move {
+            split(
+                client
+                    .http
+                    .post(format!("{}/v1/coupons/{coupon}/issue", client.base))
+                    .header("idempotency-key", key)
+                    .json(&json!({ "user_id": user }))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let at = |ms: i64| chrono::Utc::now() + chrono::Duration::milliseconds(ms);
+
+    // Refused before the window opens; retried with the key once it is
+    // open: still refused, and nothing appended.
+    let opens = at(1_500);
+    let early = env.coupon_id("early");
+    let (code, body) = client
+        .create_coupon_with(
+            json!({ "coupon_id": early, "name": "early", "total_stock": 5,
+                                    "starts_at": opens }),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, err) = issue(early.clone(), "ann", "k-early").await;
+    assert_error(code, &err, 409, "not_open");
+    tokio::time::sleep((opens - chrono::Utc::now()).to_std().unwrap()).await;
+    let (code, again) = issue(early.clone(), "ann", "k-early").await;
+    assert_error(code, &again, 409, "not_open");
+    let (code, fresh) = issue(early.clone(), "ann", "k-new").await;
+    assert_eq!(code, 202, "a new key is a new attempt: {fresh}");
+    assert_eq!(env.read_request_log().len(), 1);
+
+    // Attempts with one key racing across the end of the window: whichever
+    // claims the key first fixes the answer of all of them.
+    let ends = at(1_000);
+    let late = env.coupon_id("late");
+    let (code, body) = client
+        .create_coupon_with(json!({ "coupon_id": late, "name": "late", "total_stock": 5,
+                                    "ends_at": ends }))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let attempts: Vec<_> = (0..40i64)
+        .map(|i| {
+            let send = issue(late.clone(), "bob", "k-burst");
+            tokio::spawn(async move {
+                let start =
+                    ends - chrono::Duration::milliseconds(20) + chrono::Duration::milliseconds(i);
+                if let Ok(wait) = (start - chrono::Utc::now()).to_std() {
+                    tokio::time::sleep(wait).await;
+                }
+                send.await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for a in attempts {
+        let (code, body) = a.await.unwrap();
+        answers.push((
+            code,
+            body["request_id"].clone(),
+            body["error"]["code"].clone(),
+        ));
+    }
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "one key, different answers: {answers:?}"
+    );
+    ingress.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_lookup_with_wait_ms_answers_once_the_request_is_decided() {
     let env = TestEnv::new().await;

@@ -163,14 +163,10 @@ async fn a_redelivered_request_gets_its_first_decision_back_with_its_first_time(
     let (a, b) = (request(&f, "a", now), request(&f, "b", now));
     let first = decide_at(&mut f.conn, &f.keys, &[&a, &b], now).await;
     assert_eq!(first.epoch, 1);
-    let first: Vec<(Decision, Option<i64>)> = first.decisions;
+    let first: Vec<(Decision, i64)> = first.decisions;
     assert_eq!(first[0].0.status, Status::Issued);
     assert_eq!(first[1].0.status, Status::SoldOut);
-    assert_eq!(
-        (first[0].1, first[1].1),
-        (Some(1), Some(2)),
-        "numbered in log order"
-    );
+    assert_eq!((first[0].1, first[1].1), (1, 2), "numbered in log order");
     // Redelivered later, in a batch with a new request: the issued one is
     // not `duplicate` against itself, the sold-out one stays sold out, and
     // both keep their original decision time.
@@ -181,12 +177,12 @@ async fn a_redelivered_request_gets_its_first_decision_back_with_its_first_time(
         .decisions;
     assert_eq!(
         again[..2],
-        [(first[0].0, None), (first[1].0, None)],
-        "given back, not numbered again"
+        [first[0], first[1]],
+        "given back with their first numbers, not numbered again"
     );
     assert_eq!(again[2].0.status, Status::SoldOut);
     assert_eq!(again[2].0.decided_at, later.trunc_subsecs(6));
-    assert_eq!(again[2].1, Some(3));
+    assert_eq!(again[2].1, 3);
     let counters = state::counters(&mut f.conn, &f.keys)
         .await
         .unwrap()
@@ -254,7 +250,7 @@ async fn a_coupon_without_state_is_reported_uninitialized_and_only_a_newer_epoch
     assert_eq!(d.epoch, 4);
     assert_eq!(
         (d.decisions[0].0.status, d.decisions[0].1),
-        (Status::Duplicate, Some(10)),
+        (Status::Duplicate, 10),
         "numbering resumes after the stored sequence"
     );
     let replay = IssueRequest {
@@ -269,8 +265,9 @@ async fn a_coupon_without_state_is_reported_uninitialized_and_only_a_newer_epoch
                 status: Status::Issued,
                 decided_at
             },
-            None
-        )
+            0
+        ),
+        "a decision loaded from postgres has no number"
     );
 
     // A newer epoch replaces everything, the decisions and holders too.
@@ -287,7 +284,7 @@ async fn a_coupon_without_state_is_reported_uninitialized_and_only_a_newer_epoch
     let d = decide_at(&mut conn, &keys, &[&replay], Utc::now()).await;
     assert_eq!(
         (d.epoch, d.decisions[0].0.status, d.decisions[0].1),
-        (5, Status::Issued, Some(1))
+        (5, Status::Issued, 1)
     );
 }
 
@@ -379,4 +376,57 @@ async fn publishing_no_statuses_is_a_no_op_not_an_error() {
     state::put_statuses(&mut conn, &keys, &[], std::time::Duration::from_secs(1))
         .await
         .expect("an empty batch of statuses is fine");
+}
+
+#[tokio::test]
+async fn a_state_missing_a_key_or_an_entry_is_not_decided_on_but_reported_uninitialized() {
+    // Each loss alone, on a coupon with one holder and one decision.
+    type Lose = fn(&state::CouponKeys) -> redis::Cmd;
+    let losses: [(&str, Lose); 7] = [
+        ("meta", |k| redis::cmd("DEL").arg(&k.meta).clone()),
+        ("stock", |k| redis::cmd("DEL").arg(&k.stock).clone()),
+        ("users", |k| redis::cmd("DEL").arg(&k.users).clone()),
+        ("decided", |k| redis::cmd("DEL").arg(&k.decided).clone()),
+        ("a holder", |k| {
+            redis::cmd("SREM").arg(&k.users).arg("a").clone()
+        }),
+        ("a decision", |k| {
+            redis::cmd("HDEL").arg(&k.decided).arg(FIRST).clone()
+        }),
+        ("units", |k| redis::cmd("SET").arg(&k.stock).arg(7).clone()),
+    ];
+    const FIRST: &str = "00000000-0000-4000-8000-000000000001";
+    for (what, lose) in losses {
+        let mut f = fixture(open_coupon(3)).await;
+        let now = Utc::now();
+        let a = IssueRequest {
+            request_id: RequestId::parse(FIRST).unwrap(),
+            ..request(&f, "a", now)
+        };
+        assert_eq!(decide(&mut f, &[&a]).await, [Status::Issued]);
+        let _: () = lose(&f.keys).query_async(&mut f.conn).await.unwrap();
+        let b = request(&f, "b", now);
+        assert_eq!(
+            state::decide(&mut f.conn, &f.keys, &[&a, &b], now)
+                .await
+                .unwrap(),
+            Verdict::Uninitialized,
+            "decided on a state that lost {what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_installed_state_has_every_key_even_before_anything_is_decided() {
+    // A cluster moving the coupon's slot answers TRYAGAIN to a script whose
+    // keys are partly absent, for as long as the move lasts.
+    let mut f = fixture(open_coupon(3)).await;
+    for key in [&f.keys.meta, &f.keys.stock, &f.keys.users, &f.keys.decided] {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut f.conn)
+            .await
+            .unwrap();
+        assert!(exists, "{key} is absent from a fresh state");
+    }
 }

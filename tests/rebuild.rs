@@ -7,6 +7,42 @@ use firstcome_suite::TestEnv;
 use firstcome_suite::services::{PrivatePostgres, PrivateRedis};
 use serde_json::Value;
 
+/// A copy of every coupon key of the test, as `DUMP` gives it.
+async fn copy_state(env: &TestEnv) -> Vec<(String, Vec<u8>)> {
+    let mut redis = env.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}coupon:*", env.common.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut copy = Vec::new();
+    for k in keys {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(&k)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        copy.push((k, dump.unwrap()));
+    }
+    copy
+}
+
+/// Puts a [`copy_state`] back, all at once, as a restarted Redis comes back.
+async fn put_back(env: &TestEnv, copy: &[(String, Vec<u8>)]) {
+    let mut restore = redis::pipe();
+    restore.atomic();
+    for (k, dump) in copy {
+        restore
+            .cmd("RESTORE")
+            .arg(k)
+            .arg(0)
+            .arg(dump.as_slice())
+            .arg("REPLACE")
+            .ignore();
+    }
+    let _: () = restore.query_async(&mut env.redis().await).await.unwrap();
+}
+
 async fn rebuild(env: &TestEnv, args: &[&str]) -> (i32, Value, String) {
     let out = env
         .worker_command()
@@ -83,35 +119,9 @@ async fn a_redis_restored_from_an_older_copy_is_caught_by_the_fence_and_the_prom
     // in time (an old snapshot, an AOF that lost its tail, a lagging replica
     // promoted), with stock it already gave away and holders it forgot.
     env.wait_decided(&ids, 60).await;
-    let mut redis = env.redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}coupon:*", env.common.redis_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let mut copy: Vec<(String, Vec<u8>)> = Vec::new();
-    for k in keys {
-        let dump: Option<Vec<u8>> = redis::cmd("DUMP")
-            .arg(&k)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        copy.push((k, dump.unwrap()));
-    }
+    let copy = copy_state(&env).await;
     env.wait_decided(&ids, 250).await;
-    // All at once, as a restarted Redis comes back.
-    let mut restore = redis::pipe();
-    restore.atomic();
-    for (k, dump) in &copy {
-        restore
-            .cmd("RESTORE")
-            .arg(k)
-            .arg(0)
-            .arg(dump.as_slice())
-            .arg("REPLACE")
-            .ignore();
-    }
-    let _: () = restore.query_async(&mut redis).await.unwrap();
+    put_back(&env, &copy).await;
     let epochs_then = [env.epoch(ids[0]).await, env.epoch(ids[1]).await];
 
     let accepted = load.await.unwrap();
@@ -156,4 +166,225 @@ async fn a_redis_restarted_empty_mid_stream_is_rebuilt_and_the_promise_holds() {
     let (code, table) = env.reconcile(&ids).await;
     assert_eq!(code, 0, "in sync once quiet:\n{table}");
     sale.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coupon_key_lost_on_its_own_is_caught_and_the_promise_holds() {
+    let env = TestEnv::new().await;
+    let sale = env
+        .open_sale(&[("stock", 40), ("users", 60), ("decided", 80)], 7)
+        .await;
+    let (client, coupons, ids) = (&sale.client, &sale.coupons, sale.ids());
+    let load = firstcome_suite::spawn_load(client, coupons, 600, Duration::from_millis(25), |i| {
+        format!("p{}", (i * 13) % 300)
+    });
+    // Mid-sale, each coupon loses one key of its state, and nothing else:
+    // a forgotten stock would sell out, forgotten holders be issued again,
+    // forgotten decisions answer redeliveries `duplicate`.
+    env.wait_decided(&ids, 150).await;
+    let epochs_then = [
+        env.epoch(ids[0]).await,
+        env.epoch(ids[1]).await,
+        env.epoch(ids[2]).await,
+    ];
+    let keys = env.common.keys().unwrap();
+    let mut redis = env.redis().await;
+    for id in &ids {
+        let k = keys.coupon(&firstcome::CouponId::parse(*id).unwrap());
+        let key = match id.rsplit('-').next().unwrap() {
+            "stock" => k.stock,
+            "users" => k.users,
+            _ => k.decided,
+        };
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 1, "{key} was there");
+    }
+    let accepted = load.await.unwrap();
+    firstcome_suite::check_promise(&env, client, coupons, &accepted, Duration::from_secs(120))
+        .await;
+    for (id, then) in ids.iter().zip(epochs_then) {
+        assert!(
+            env.epoch(id).await > then,
+            "{id}: the loss was never noticed"
+        );
+    }
+    let (code, table) = env.reconcile(&ids).await;
+    assert_eq!(code, 0, "in sync once quiet:\n{table}");
+    sale.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_decided_again_after_a_refusal_keeps_its_place_before_a_later_batch() {
+    let mut env = TestEnv::new().await;
+    env.use_single_partition().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let (c1, c2) = (env.coupon_id("c1"), env.coupon_id("c2"));
+    for c in [&c1, &c2] {
+        assert_eq!(client.create_coupon(c, 3).await.0, 201);
+    }
+    let mut accepted = std::collections::HashSet::new();
+    let mut issue = async |coupon: &str, user: &str| {
+        let (code, body) = client.issue(coupon, user).await;
+        assert_eq!(code, 202, "{body}");
+        let id = body["request_id"].as_str().unwrap().to_owned();
+        accepted.insert(id.clone());
+        id
+    };
+
+    // One holder each, copied; one more each, so the copy is behind.
+    let worker = env.spawn_worker().await;
+    for (c, u) in [(&c1, "a1"), (&c2, "b1")] {
+        let id = issue(c, u).await;
+        client.wait_final(&id, Duration::from_secs(60)).await;
+    }
+    let copy = copy_state(&env).await;
+    for (c, u) in [(&c1, "a2"), (&c2, "b2")] {
+        let id = issue(c, u).await;
+        client.wait_final(&id, Duration::from_secs(60)).await;
+    }
+    worker.stop().await;
+    put_back(&env, &copy).await; // c1 has one unit left, Redis says two
+
+    // X and Y wait in one batch; the fence refuses both, c1 is rebuilt
+    // quickly and c2 slowly. Meanwhile Z, for c1's last unit, arrives.
+    env.slow_rebuilds(&c2, 4.0).await;
+    let x = issue(&c1, "x").await;
+    let y = issue(&c2, "y").await;
+    let epoch = env.epoch(&c1).await;
+    let worker = env.spawn_worker().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while env.epoch(&c1).await == epoch {
+        assert!(tokio::time::Instant::now() < deadline, "c1 never rebuilt");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let z = issue(&c1, "z").await;
+
+    let mut status = Vec::new();
+    for id in [&x, &y, &z] {
+        let done = client.wait_final(id, Duration::from_secs(60)).await;
+        status.push(done["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        status,
+        ["issued", "issued", "sold_out"],
+        "x came before z in the log, and c1 had one unit"
+    );
+    let stocks = [(c1.clone(), 3), (c2.clone(), 3)];
+    firstcome_suite::check_promise(&env, &client, &stocks, &accepted, Duration::from_secs(60))
+        .await;
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+/// A request of `coupon` decided on epoch 1 with number `seq`.
+fn decided(request: &firstcome::IssueRequest, seq: i64) -> firstcome::db::Decided<'_> {
+    firstcome::db::Decided {
+        request,
+        decision: firstcome::state::Decision {
+            status: firstcome::Status::Issued,
+            decided_at: request.accepted_at,
+        },
+        partition: 0,
+        offset: seq,
+        taken_on: Some(firstcome::db::TakenOn { epoch: 1, seq }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_checks_a_store_against_what_a_concurrent_store_of_the_coupon_committed() {
+    use chrono::SubsecRound;
+    let env = TestEnv::new().await;
+    let coupon = env.coupon_id("fence");
+    let id = firstcome::CouponId::parse(&coupon).unwrap();
+    let inserted = firstcome::db::insert_coupon(
+        &env.pool,
+        &firstcome::db::Coupon {
+            coupon_id: coupon.clone(),
+            name: coupon.clone(),
+            total_stock: 5,
+            starts_at: None,
+            ends_at: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(inserted);
+    sqlx::query("UPDATE coupon SET redis_epoch = 1 WHERE coupon_id = $1")
+        .bind(&coupon)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let request = |user: &str| firstcome::IssueRequest {
+        request_id: firstcome::RequestId::new(),
+        coupon_id: id.clone(),
+        user_id: firstcome::UserId::parse(user).unwrap(),
+        accepted_at: chrono::Utc::now().trunc_subsecs(6),
+    };
+    let (a, b, late) = (request("a"), request("b"), request("late"));
+
+    // One store holds the coupon row: decisions 1 and 2 (a and b).
+    let mut first = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE coupon SET decided_seq = 2 WHERE coupon_id = $1")
+        .bind(&coupon)
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    for (r, offset) in [(&a, 1), (&b, 2)] {
+        sqlx::query("INSERT INTO request_ledger VALUES ($1, $2, $3, 'issued', 0, $4, $5, $5)")
+            .bind(r.request_id.as_uuid())
+            .bind(&coupon)
+            .bind(r.user_id.as_str())
+            .bind(offset)
+            .bind(r.accepted_at)
+            .execute(&mut *first)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO user_coupon VALUES ($1, $2, $3, $4)")
+            .bind(&coupon)
+            .bind(r.user_id.as_str())
+            .bind(r.request_id.as_uuid())
+            .bind(r.accepted_at)
+            .execute(&mut *first)
+            .await
+            .unwrap();
+    }
+    // Meanwhile a Redis that lost those two decisions numbers `late` 1 and
+    // stores it: it waits for the row, then must see the first store's 2.
+    let pool = env.pool.clone();
+    let second =
+        tokio::spawn(async move { firstcome::db::persist(&pool, &[decided(&late, 1)]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the second store waits for the row");
+    first.commit().await.unwrap();
+    let refused = second.await.unwrap().unwrap();
+    assert_eq!(
+        refused,
+        std::slice::from_ref(&id),
+        "a reused number is refused"
+    );
+
+    // Redelivered decisions under the stored numbers store nothing new and
+    // are not refused; the next number is taken, a gap is not.
+    let c = request("c");
+    let d = request("d");
+    let ok = firstcome::db::persist(&env.pool, &[decided(&a, 1), decided(&b, 2), decided(&c, 3)])
+        .await
+        .unwrap();
+    assert!(ok.is_empty(), "{ok:?}");
+    let gap = firstcome::db::persist(&env.pool, &[decided(&d, 5)])
+        .await
+        .unwrap();
+    assert_eq!(gap, std::slice::from_ref(&id), "a gap is refused");
+    let held: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1 ORDER BY user_id")
+            .bind(&coupon)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(held, ["a", "b", "c"], "late never got a unit");
 }

@@ -179,10 +179,43 @@ impl TestEnv {
         .expect("topics on the private broker");
     }
 
-    /// Makes Postgres refuse, for good, to store that `user` holds `coupon`:
-    /// a trigger raises a constraint violation (SQLSTATE 23514), as a real
-    /// data problem would. [`Self::stop_refusing`] fixes the cause.
-    pub async fn refuse(&self, coupon: &str, user: &str) {
+    /// Moves this test onto a request topic of one partition, so every
+    /// coupon's records share one log order.
+    pub async fn use_single_partition(&mut self) {
+        self.common.request_topic = format!("{}.requests1", self.tag);
+        firstcome::kafka::ensure_topics(&self.common, &[(&self.common.request_topic, 1)], 1)
+            .await
+            .expect("a one-partition request topic");
+    }
+
+    /// Makes every rebuild of `coupon`'s Redis state wait `secs` in
+    /// Postgres, while it takes its new epoch (a trigger with `pg_sleep`).
+    pub async fn slow_rebuilds(&self, coupon: &str, secs: f64) {
+        self.test_trigger(
+            "firstcome_test_slow",
+            "coupon_id text PRIMARY KEY, secs float8 NOT NULL",
+            "BEFORE UPDATE OF redis_epoch ON coupon",
+            "DECLARE s float8;
+             BEGIN
+                 SELECT secs INTO s FROM firstcome_test_slow WHERE coupon_id = NEW.coupon_id;
+                 IF s IS NOT NULL AND NEW.redis_epoch <> OLD.redis_epoch THEN
+                     PERFORM pg_sleep(s);
+                 END IF;
+                 RETURN NEW;
+             END",
+        )
+        .await;
+        sqlx::query("INSERT INTO firstcome_test_slow VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(coupon)
+            .bind(secs)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    /// Installs, once for all tests, a trigger `name` running a PL/pgSQL
+    /// `body` `when`, configured by rows of the table `name` (`columns`).
+    async fn test_trigger(&self, name: &str, columns: &str, when: &str, body: &str) {
         let mut tx = self.pool.begin().await.unwrap();
         // Tests set this up concurrently; DDL on one function must not race.
         sqlx::query("SELECT pg_advisory_xact_lock(4242)")
@@ -190,34 +223,49 @@ impl TestEnv {
             .await
             .unwrap();
         for ddl in [
-            "CREATE TABLE IF NOT EXISTS firstcome_test_refused (
-                 coupon_id text NOT NULL, user_id text NOT NULL,
-                 PRIMARY KEY (coupon_id, user_id))",
-            "CREATE OR REPLACE FUNCTION firstcome_test_refuse() RETURNS trigger
-             LANGUAGE plpgsql AS $$
-             BEGIN
+            format!("CREATE TABLE IF NOT EXISTS {name} ({columns})"),
+            format!(
+                "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ {body} $$"
+            ),
+            format!(
+                "DO $$ BEGIN
+                     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '{name}') THEN
+                         CREATE TRIGGER {name} {when} FOR EACH ROW EXECUTE FUNCTION {name}();
+                     END IF;
+                 END $$"
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(ddl))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+
+    /// Makes Postgres refuse, for good, to store that `user` holds `coupon`:
+    /// a trigger raises a constraint violation (SQLSTATE 23514), as a real
+    /// data problem would. [`Self::stop_refusing`] fixes the cause.
+    pub async fn refuse(&self, coupon: &str, user: &str) {
+        self.test_trigger(
+            "firstcome_test_refused",
+            "coupon_id text NOT NULL, user_id text NOT NULL, PRIMARY KEY (coupon_id, user_id)",
+            "BEFORE INSERT ON user_coupon",
+            "BEGIN
                  IF EXISTS (SELECT 1 FROM firstcome_test_refused
                             WHERE coupon_id = NEW.coupon_id AND user_id = NEW.user_id) THEN
                      RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation';
                  END IF;
                  RETURN NEW;
-             END $$",
-            "DO $$ BEGIN
-                 IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'firstcome_test_refuse') THEN
-                     CREATE TRIGGER firstcome_test_refuse BEFORE INSERT ON user_coupon
-                         FOR EACH ROW EXECUTE FUNCTION firstcome_test_refuse();
-                 END IF;
-             END $$",
-        ] {
-            sqlx::query(ddl).execute(&mut *tx).await.unwrap();
-        }
+             END",
+        )
+        .await;
         sqlx::query("INSERT INTO firstcome_test_refused VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(coupon)
             .bind(user)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await
             .unwrap();
-        tx.commit().await.unwrap();
     }
 
     /// Undoes every [`Self::refuse`] of `coupon`.

@@ -455,7 +455,7 @@ pub async fn raw_pg(size: Size) -> anyhow::Result<Rate> {
                     offset: n,
                     taken_on: Some(TakenOn {
                         epoch: 0,
-                        seq: Some(n + 1),
+                        seq: n + 1,
                     }),
                 }
             })

@@ -3,12 +3,22 @@
 //! gets the same `request_id`, never a second request.
 //!
 //! A key belongs to one coupon and is kept in Redis for
-//! `FIRSTCOME_IDEMPOTENCY_TTL_SECS`, with the request it stands for and
-//! whether the broker acknowledged it. A retry of a confirmed request is
-//! answered from there and appends nothing. A retry of an unconfirmed one
-//! appends the *same* record again: if the first copy did reach the log, the
-//! worker gives the second its first answer back (decisions are per
-//! `request_id`), so nothing is decided twice either way.
+//! `FIRSTCOME_IDEMPOTENCY_TTL_SECS`, with what the first attempt to claim it
+//! fixed: the request it stands for and whether the broker acknowledged it,
+//! or the refusal it got (`404 coupon_not_found`, `409 sold_out`,
+//! `409 not_open`). A retry of a confirmed request is answered from there
+//! and appends nothing; a retry of a refused one gets the same refusal. A
+//! retry of an unconfirmed one appends the *same* record again: if the first
+//! copy did reach the log, the worker gives the second its first answer back
+//! (decisions are per `request_id`), so nothing is decided twice either way.
+//!
+//! Attempts with one key may run at the same time (a client that timed out
+//! and retried at once). Each makes its admission checks, then claims the
+//! key with its outcome (`SET NX`); the one that claims first fixes the
+//! answer, and every other attempt gives that answer instead of its own. So
+//! an attempt that found the coupon sold out a moment after another took the
+//! last unit answers that other's `202`, and the key's answer never depends
+//! on which attempt the client happens to read. A `503` fixes nothing.
 
 use std::time::Duration;
 
@@ -35,6 +45,66 @@ struct Entry {
     user_id: UserId,
     accepted_at: DateTime<Utc>,
     confirmed: bool,
+    /// The refusal's code, when the first attempt was refused (nothing was
+    /// appended then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refused: Option<String>,
+}
+
+/// A refusal a key remembers: the admission's answers that hold for the
+/// request whenever it is asked again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `404 coupon_not_found`.
+    CouponNotFound,
+    /// `409 sold_out`.
+    SoldOut,
+    /// `409 not_open`.
+    NotOpen,
+}
+
+impl Refusal {
+    /// The refusal `e` is, if it is one a key remembers.
+    pub fn of(e: &ApiError) -> Option<Self> {
+        match e {
+            ApiError::CouponNotFound(_) => Some(Self::CouponNotFound),
+            ApiError::SoldOut(_) => Some(Self::SoldOut),
+            ApiError::NotOpen(_) => Some(Self::NotOpen),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::CouponNotFound => "coupon_not_found",
+            Self::SoldOut => "sold_out",
+            Self::NotOpen => "not_open",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::CouponNotFound, Self::SoldOut, Self::NotOpen]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+
+    /// The answer, for `coupon`.
+    pub fn error(self, coupon: &CouponId) -> ApiError {
+        let c = coupon.to_string();
+        match self {
+            Self::CouponNotFound => ApiError::CouponNotFound(c),
+            Self::SoldOut => ApiError::SoldOut(c),
+            Self::NotOpen => ApiError::NotOpen(c),
+        }
+    }
+}
+
+/// What the first attempt with a key came to.
+pub enum Outcome<'a> {
+    /// Admitted as this request.
+    Admitted(&'a IssueRequest),
+    /// Refused, nothing appended.
+    Refused(Refusal),
 }
 
 /// What an earlier use of the key says about this request.
@@ -45,6 +115,8 @@ pub enum Prior {
     Confirmed(RequestId),
     /// Sent before without an acknowledgement: append it again, as it was.
     Unconfirmed(IssueRequest),
+    /// Refused before: refuse again.
+    Refused(Refusal),
 }
 
 /// The key of the request, if it carries one; `422` if it is malformed.
@@ -99,6 +171,12 @@ impl Slot {
         if &entry.user_id != user {
             return Err(ApiError::IdempotencyKeyReused);
         }
+        if let Some(code) = &entry.refused {
+            let refusal = Refusal::parse(code).ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("idempotency entry: refusal {code:?}"))
+            })?;
+            return Ok(Prior::Refused(refusal));
+        }
         Ok(if entry.confirmed {
             Prior::Confirmed(entry.request_id)
         } else {
@@ -111,17 +189,29 @@ impl Slot {
         })
     }
 
-    /// Stores the key for `request` unless another request stored it first
-    /// (false: look again with [`Slot::prior`]).
+    /// Stores the first attempt's outcome under the key, unless another
+    /// attempt stored one first (false: look again with [`Slot::prior`]).
     pub async fn claim(
         &self,
         redis: &mut RedisConn,
-        request: &IssueRequest,
+        user: &UserId,
+        outcome: Outcome<'_>,
     ) -> Result<bool, ApiError> {
+        let entry = match outcome {
+            Outcome::Admitted(request) => entry_json(request, false),
+            Outcome::Refused(refusal) => serde_json::to_string(&Entry {
+                request_id: RequestId::new(),
+                user_id: user.clone(),
+                accepted_at: Utc::now(),
+                confirmed: false,
+                refused: Some(refusal.as_str().to_owned()),
+            })
+            .expect("an entry always serializes"),
+        };
         let set: Option<String> = with_timeout(
             redis::cmd("SET")
                 .arg(&self.redis_key)
-                .arg(entry_json(request, false))
+                .arg(entry)
                 .arg("NX")
                 .arg("EX")
                 .arg(self.ttl.as_secs().max(1))
@@ -155,6 +245,7 @@ fn entry_json(request: &IssueRequest, confirmed: bool) -> String {
         user_id: request.user_id.clone(),
         accepted_at: request.accepted_at,
         confirmed,
+        refused: None,
     })
     .expect("an entry always serializes")
 }

@@ -493,29 +493,49 @@ pub(crate) async fn issue(
     };
     let request = match prior {
         Prior::Confirmed(id) => return Ok(accepted(id)),
+        Prior::Refused(refusal) => return Err(refusal.error(&coupon_id)),
         Prior::Unconfirmed(request) => request,
         Prior::None => {
-            let request = admit(&state, coupon_id, user_id).await?;
-            match &slot {
-                Some(slot) if !slot.claim(&mut redis, &request).await? => {
-                    // Another request with this key got there first.
-                    match slot
-                        .prior(&mut redis, &request.coupon_id, &request.user_id)
-                        .await?
-                    {
-                        Prior::Confirmed(id) => return Ok(accepted(id)),
-                        Prior::Unconfirmed(first) => first,
-                        Prior::None => request,
-                    }
+            let admitted = admit(&state, coupon_id.clone(), user_id.clone()).await;
+            let Some(slot) = &slot else {
+                return append_and_answer(&state, admitted?, None, &mut redis).await;
+            };
+            // The first attempt to claim the key fixes its answer (see
+            // `idempotency`); an answer that may change (503) fixes nothing.
+            let outcome = match &admitted {
+                Ok(request) => idempotency::Outcome::Admitted(request),
+                Err(e) => match idempotency::Refusal::of(e) {
+                    Some(refusal) => idempotency::Outcome::Refused(refusal),
+                    None => return Err(admitted.expect_err("matched an error")),
+                },
+            };
+            if slot.claim(&mut redis, &user_id, outcome).await? {
+                admitted?
+            } else {
+                match slot.prior(&mut redis, &coupon_id, &user_id).await? {
+                    Prior::Confirmed(id) => return Ok(accepted(id)),
+                    Prior::Refused(refusal) => return Err(refusal.error(&coupon_id)),
+                    Prior::Unconfirmed(first) => first,
+                    // Claimed and expired in between: as if alone.
+                    Prior::None => admitted?,
                 }
-                _ => request,
             }
         }
     };
+    append_and_answer(&state, request, slot.as_ref(), &mut redis).await
+}
+
+/// Appends an admitted request, marks its key confirmed, and answers `202`.
+async fn append_and_answer(
+    state: &AppState,
+    request: IssueRequest,
+    slot: Option<&idempotency::Slot>,
+    redis: &mut firstcome::redis_conn::RedisConn,
+) -> Result<Response, ApiError> {
     tracing::Span::current().record("request_id", tracing::field::display(request.request_id));
-    append(&state, &request).await?;
-    if let Some(slot) = &slot {
-        slot.confirm(&mut redis, &request).await;
+    append(state, &request).await?;
+    if let Some(slot) = slot {
+        slot.confirm(redis, &request).await;
     }
     Ok(accepted(request.request_id))
 }

@@ -322,11 +322,19 @@ pub async fn process(
         if redo.is_empty() {
             break;
         }
-        for coupon in &redo {
+        // In log order of the coupons' first records, so the batch's
+        // earliest requests get their state back first.
+        let redo: Vec<&CouponId> = groups
+            .iter()
+            .map(|(c, _)| c)
+            .filter(|c| redo.contains(c))
+            .collect();
+        for &coupon in &redo {
             shared.metrics.state_rebuilds.inc();
             tracing::warn!(%coupon, "rebuilding the coupon from postgres and deciding its requests again");
             retry(shared, "rebuild", cancel, || rebuild(shared, coupon)).await?;
         }
+        let redo: Vec<CouponId> = redo.into_iter().cloned().collect();
         for (coupon, members) in &mut groups {
             if redo.contains(coupon) {
                 members.retain(|&j| !given_up.contains(&requests[j].1.request_id));
@@ -533,7 +541,7 @@ async fn give_up(
     let now = Utc::now().trunc_subsecs(6);
     let keys = shared.keys.coupon(&d.request.coupon_id);
     retry(shared, "undo decision", cancel, || async {
-        state::undo(&mut shared.redis.clone(), &keys, d.request, now)
+        state::undo(&mut shared.redis.clone(), &keys, d.request)
             .await
             .context("undoing a decision")
     })

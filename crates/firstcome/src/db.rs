@@ -182,8 +182,9 @@ pub struct Decided<'a> {
 pub struct TakenOn {
     /// Epoch of the state.
     pub epoch: i64,
-    /// The decision's number; `None` for an earlier decision given back.
-    pub seq: Option<i64>,
+    /// The decision's number in the coupon's sequence; 0 for a decision the
+    /// state was built with (loaded from Postgres).
+    pub seq: i64,
 }
 
 /// Persists a batch of decisions in one statement (so all or nothing per
@@ -193,9 +194,21 @@ pub struct TakenOn {
 /// of a replayed dead letter.
 ///
 /// The rows of a coupon are stored only if its decisions were taken on the
-/// state Postgres knows: the current `redis_epoch`, and numbers past
-/// `decided_seq` (which then moves to the highest). Returns the coupons whose
-/// rows were refused for that reason; nothing of theirs was stored.
+/// state Postgres knows, in the order they were taken (the fence, see
+/// [`crate::state`]):
+/// - every one carries the current `redis_epoch`;
+/// - the numbers past `decided_seq` are exactly the next ones, without a gap
+///   or a repeat (`decided_seq` then moves to the highest), so a decision
+///   is never stored before one Redis took earlier, by this worker, another
+///   one or a zombie;
+/// - a number not past `decided_seq` belongs to a decision stored already
+///   (its ledger row is there), so a redelivery stores nothing new, and a
+///   number reused by a Redis that lost its last writes is refused.
+///
+/// The coupon rows are locked first (in id order, so two stores never
+/// deadlock), and the check runs in the next statement, so two stores for
+/// one coupon serialize and the second is checked against everything the
+/// first stored. Returns the coupons refused; nothing of theirs was stored.
 pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponId>, sqlx::Error> {
     // A request twice in one batch (a dead letter replayed twice) is stored
     // once, with its first decision; the upsert below may touch a row once.
@@ -220,8 +233,7 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    // Per coupon: epoch, lowest and highest new decision number.
-    let mut fences: std::collections::BTreeMap<&str, (i64, i64, i64)> = Default::default();
+    let (mut epochs, mut seqs) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for d in &batch {
         ids.push(d.request.request_id.as_uuid());
         coupons.push(d.request.coupon_id.as_str());
@@ -231,41 +243,51 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
         offsets.push(d.offset);
         accepted.push(d.request.accepted_at);
         decided.push(d.decision.decided_at);
-        if let Some(t) = d.taken_on {
-            let f = fences
-                .entry(d.request.coupon_id.as_str())
-                .or_insert((t.epoch, i64::MAX, 0));
-            // Decisions of two epochs in one batch cannot both be current.
-            f.0 = f.0.min(t.epoch);
-            if let Some(seq) = t.seq {
-                f.1 = f.1.min(seq);
-                f.2 = f.2.max(seq);
-            }
-        }
+        epochs.push(d.taken_on.map(|t| t.epoch));
+        seqs.push(d.taken_on.map(|t| t.seq));
     }
-    let fence_coupons: Vec<&str> = fences.keys().copied().collect();
-    let epochs: Vec<i64> = fences.values().map(|f| f.0).collect();
-    let min_seqs: Vec<i64> = fences.values().map(|f| f.1).collect();
-    let max_seqs: Vec<i64> = fences.values().map(|f| f.2).collect();
+    let mut fenced: Vec<&str> = batch
+        .iter()
+        .filter(|d| d.taken_on.is_some())
+        .map(|d| d.request.coupon_id.as_str())
+        .collect();
+    fenced.sort_unstable();
+    fenced.dedup();
+    let mut tx = pool.begin().await?;
+    if !fenced.is_empty() {
+        sqlx::query("SELECT 1 FROM coupon WHERE coupon_id = ANY($1) ORDER BY coupon_id FOR UPDATE")
+            .bind(&fenced)
+            .execute(&mut *tx)
+            .await?;
+    }
     let refused: Vec<String> = sqlx::query_scalar(
         "WITH input AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                  $5::int[], $6::bigint[], $7::timestamptz[], $8::timestamptz[])
-                 AS t(request_id, coupon_id, user_id, status,
-                      kafka_partition, kafka_offset, accepted_at, decided_at)
-         ), fence_in AS (
-             SELECT * FROM UNNEST($9::text[], $10::bigint[], $11::bigint[], $12::bigint[])
-                 AS f(coupon_id, epoch, min_seq, max_seq)
+                                  $5::int[], $6::bigint[], $7::timestamptz[], $8::timestamptz[],
+                                  $9::bigint[], $10::bigint[])
+                 AS t(request_id, coupon_id, user_id, status, kafka_partition, kafka_offset,
+                      accepted_at, decided_at, epoch, seq)
          ), fenced AS (
-             UPDATE coupon c SET decided_seq = GREATEST(c.decided_seq, f.max_seq)
-             FROM fence_in f
-             WHERE c.coupon_id = f.coupon_id AND c.redis_epoch = f.epoch
-               AND c.decided_seq < f.min_seq
+             UPDATE coupon c
+             SET decided_seq = GREATEST(c.decided_seq,
+                 (SELECT max(i.seq) FROM input i WHERE i.coupon_id = c.coupon_id))
+             WHERE c.coupon_id IN (SELECT coupon_id FROM input WHERE epoch IS NOT NULL)
+               AND NOT EXISTS (SELECT 1 FROM input i WHERE i.coupon_id = c.coupon_id
+                               AND i.epoch <> c.redis_epoch)
+               AND (SELECT count(*) = count(DISTINCT i.seq)
+                           AND count(*) = COALESCE(max(i.seq) - c.decided_seq, 0)
+                    FROM input i WHERE i.coupon_id = c.coupon_id AND i.seq > c.decided_seq)
+               AND NOT EXISTS (SELECT 1 FROM input i WHERE i.coupon_id = c.coupon_id
+                               AND i.seq <= c.decided_seq
+                               AND NOT EXISTS (SELECT 1 FROM request_ledger l
+                                               WHERE l.request_id = i.request_id
+                                                 AND l.status <> 'failed'))
              RETURNING c.coupon_id
          ), admitted AS (
-             SELECT * FROM input
-             WHERE coupon_id NOT IN (SELECT coupon_id FROM fence_in)
-                OR coupon_id IN (SELECT coupon_id FROM fenced)
+             SELECT request_id, coupon_id, user_id, status, kafka_partition, kafka_offset,
+                    accepted_at, decided_at
+             FROM input
+             WHERE epoch IS NULL OR coupon_id IN (SELECT coupon_id FROM fenced)
          ), ledger AS (
              INSERT INTO request_ledger (request_id, coupon_id, user_id, status,
                                          kafka_partition, kafka_offset, accepted_at, decided_at)
@@ -280,7 +302,8 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
              WHERE status = 'issued'
              ON CONFLICT DO NOTHING
          )
-         SELECT coupon_id FROM fence_in WHERE coupon_id NOT IN (SELECT coupon_id FROM fenced)",
+         SELECT DISTINCT coupon_id FROM input
+         WHERE epoch IS NOT NULL AND coupon_id NOT IN (SELECT coupon_id FROM fenced)",
     )
     .bind(&ids)
     .bind(&coupons)
@@ -290,12 +313,11 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
     .bind(&offsets)
     .bind(&accepted)
     .bind(&decided)
-    .bind(&fence_coupons)
     .bind(&epochs)
-    .bind(&min_seqs)
-    .bind(&max_seqs)
-    .fetch_all(pool)
+    .bind(&seqs)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     refused
         .into_iter()
         .map(|c| CouponId::parse(c).map_err(|e| sqlx::Error::Decode(e.to_string().into())))

@@ -6,12 +6,14 @@
 //! With `P` the configured key prefix (e.g. `fc:`) and `C` a coupon id, all
 //! keys of a coupon share the hash tag `{C}`, so one Lua call can touch them
 //! all on Redis Cluster too:
-//! - `P coupon:{C}:meta`    hash: `epoch`, `seq`, `total`, `starts_at_us`,
-//!   `ends_at_us`
+//! - `P coupon:{C}:meta`    hash: `epoch`, `seq`, `total`, `issued`,
+//!   `decisions`, `starts_at_us`, `ends_at_us`, and `paused_until_us` while
+//!   `redis rebuild` is at work
 //! - `P coupon:{C}:stock`   string: units left (the seed's counter)
 //! - `P coupon:{C}:users`   set: users holding the coupon (the seed's set)
-//! - `P coupon:{C}:decided` hash: request id → `status:decided_at_us`
-//! - `P coupon:{C}:paused`  string with a TTL: `redis rebuild` is at work
+//! - `P coupon:{C}:decided` hash: record id → `outcome:decided_at_us:seq`
+//! - the set and the hash also hold a marker, the empty string (no id is
+//!   empty), so an installed state always has all four keys
 //! - `P coupon:{C}:next:{E}:users|decided`: a state of epoch `E` being built
 //! - `P req:{R}`            string: JSON [`RequestStatus`] of request `R`,
 //!   written `pending` by the ingress and final by the worker, with a TTL
@@ -25,6 +27,13 @@
 //! restored from an older copy, failed over to a lagging replica or rebuilt
 //! meanwhile fails that check, so no decision taken on it is ever stored or
 //! published: the worker rebuilds the coupon and decides again.
+//!
+//! # A state that does not add up
+//! `decide.lua` checks that the state counts itself right (`issued` holders
+//! in the set, `decisions` entries in the hash, `stock = total - issued`)
+//! before it decides. A key or an entry lost on its own (an eviction, a
+//! partial restore, a hand) makes it answer [`Verdict::Uninitialized`], and
+//! the state is built again from Postgres instead of being decided on.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -88,7 +97,6 @@ impl Keys {
             stock: format!("{base}:stock"),
             users: format!("{base}:users"),
             decided: format!("{base}:decided"),
-            paused: format!("{base}:paused"),
             accepted: format!("{base}:accepted"),
             base,
         }
@@ -122,10 +130,8 @@ pub struct CouponKeys {
     pub stock: String,
     /// Users holding the coupon.
     pub users: String,
-    /// Request id → final status and decision time.
+    /// Record id → outcome, decision time and number.
     pub decided: String,
-    /// Present while a rebuild works on the coupon; nothing is decided then.
-    pub paused: String,
     /// Requests the ingress saw acknowledged (for the admin counters; not
     /// part of the decision state).
     pub accepted: String,
@@ -166,9 +172,9 @@ pub enum Verdict {
 pub struct Decisions {
     /// Epoch of the state (see the module docs).
     pub epoch: i64,
-    /// Each request's decision with its sequence number; `None` for an
-    /// earlier decision given back.
-    pub decisions: Vec<(Decision, Option<i64>)>,
+    /// Each request's decision with its sequence number (0 for a decision
+    /// loaded from Postgres by a rebuild).
+    pub decisions: Vec<(Decision, i64)>,
 }
 
 /// Decides `requests` (all of one coupon, in log order) in one atomic call.
@@ -183,10 +189,10 @@ pub async fn decide<C: ConnectionLike + Send>(
         .key(&keys.stock)
         .key(&keys.users)
         .key(&keys.decided)
-        .key(&keys.paused)
         .arg(now.timestamp_micros());
     for r in requests {
-        call.arg(r.request_id.to_string())
+        call.arg("r")
+            .arg(r.request_id.to_string())
             .arg(r.user_id.as_str())
             .arg(r.accepted_at.timestamp_micros());
     }
@@ -198,10 +204,7 @@ pub async fn decide<C: ConnectionLike + Send>(
             let epoch = number(&reply[1], "epoch")?;
             let decisions = reply[2..]
                 .chunks_exact(3)
-                .map(|t| {
-                    let seq = number(&t[2], "seq")?;
-                    Ok((parse_decision(&t[0], &t[1])?, (seq > 0).then_some(seq)))
-                })
+                .map(|t| Ok((parse_decision(&t[0], &t[1])?, number(&t[2], "seq")?)))
                 .collect::<Result<Vec<_>, StateError>>()?;
             Ok(Verdict::Decided(Decisions { epoch, decisions }))
         }
@@ -225,15 +228,14 @@ pub async fn undo<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &CouponKeys,
     request: &IssueRequest,
-    failed_at: DateTime<Utc>,
 ) -> Result<Option<Status>, StateError> {
     let prior: String = UNDO
+        .key(&keys.meta)
         .key(&keys.stock)
         .key(&keys.users)
         .key(&keys.decided)
         .arg(request.request_id.to_string())
         .arg(request.user_id.as_str())
-        .arg(failed_at.timestamp_micros())
         .invoke_async(conn)
         .await?;
     if prior.is_empty() {
@@ -322,20 +324,17 @@ pub async fn install<C: ConnectionLike + Send>(
             .exec_async(conn)
             .await?;
     }
-    let remaining = snapshot.total_stock - snapshot.issued_users.len() as i64;
     let installed: i64 = INSTALL
         .key(&keys.meta)
         .key(&keys.stock)
         .key(&keys.users)
         .key(&keys.decided)
-        .key(&keys.paused)
         .key(&users)
         .key(&decided)
         .arg(snapshot.epoch)
         .arg(snapshot.total_stock)
         .arg(micros_or_empty(snapshot.starts_at))
         .arg(micros_or_empty(snapshot.ends_at))
-        .arg(remaining.max(0))
         .arg(snapshot.seq)
         .invoke_async(conn)
         .await?;
@@ -349,11 +348,11 @@ pub async fn pause<C: ConnectionLike + Send>(
     keys: &CouponKeys,
     ttl: Duration,
 ) -> Result<(), StateError> {
-    redis::cmd("SET")
-        .arg(&keys.paused)
-        .arg(1)
-        .arg("EX")
-        .arg(ttl.as_secs().max(1))
+    let until = Utc::now() + ttl;
+    redis::cmd("HSET")
+        .arg(&keys.meta)
+        .arg("paused_until_us")
+        .arg(until.timestamp_micros())
         .exec_async(conn)
         .await?;
     Ok(())
@@ -364,7 +363,11 @@ pub async fn resume<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &CouponKeys,
 ) -> Result<(), StateError> {
-    redis::cmd("DEL").arg(&keys.paused).exec_async(conn).await?;
+    redis::cmd("HDEL")
+        .arg(&keys.meta)
+        .arg("paused_until_us")
+        .exec_async(conn)
+        .await?;
     Ok(())
 }
 
@@ -395,7 +398,7 @@ pub async fn counters<C: ConnectionLike + Send>(
         .await?;
     Ok(exists.then(|| Counters {
         remaining: remaining.unwrap_or(0),
-        issued,
+        issued: (issued - 1).max(0),
     }))
 }
 
@@ -443,8 +446,8 @@ pub async fn observe<C: ConnectionLike + Send>(
         seq: seq.unwrap_or(0),
         total: total.unwrap_or(0),
         remaining: remaining.unwrap_or(0),
-        users,
-        decided,
+        users: users.into_iter().filter(|u| !u.is_empty()).collect(),
+        decided: (decided - 1).max(0),
     }))
 }
 
@@ -611,7 +614,6 @@ mod tests {
             &k.stock,
             &k.users,
             &k.decided,
-            &k.paused,
             &next_users,
             &next_decided,
         ] {

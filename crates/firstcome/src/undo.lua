@@ -4,21 +4,26 @@
 -- counted the request as issued, the unit goes back to the stock and the user
 -- out of the holders, so nobody is charged a coupon that does not exist. The
 -- decision itself is removed: a failed request holds no decision, so a replay
--- of its dead letter is decided afresh at its new place in the log.
--- KEYS[1] stock, KEYS[2] users, KEYS[3] decided (see decide.lua)
+-- of its dead letter is decided afresh at its new place in the log. The
+-- counts decide.lua checks (see there) follow.
+-- KEYS[1] meta, KEYS[2] stock, KEYS[3] users, KEYS[4] decided (see decide.lua)
 -- ARGV[1] request_id
 -- ARGV[2] user_id
--- ARGV[3] failed_at_us (kept for the log; the decision is removed)
 --
--- Returns the status the request had before ('' if it had none).
-assert(#KEYS == 3, 'undo.lua takes 3 keys')
-assert(#ARGV == 3, 'undo.lua takes request_id, user_id, failed_at_us')
+-- Returns the outcome the request had before ('' if it had none).
+assert(#KEYS == 4, 'undo.lua takes 4 keys')
+assert(#ARGV == 2, 'undo.lua takes request_id, user_id')
 
-local prior = redis.call('HGET', KEYS[3], ARGV[1]) or ''
+local prior = redis.call('HGET', KEYS[4], ARGV[1]) or ''
 local status = string.match(prior, '^([a-z_]+):') or ''
-if status == 'issued' then
-  redis.call('SREM', KEYS[2], ARGV[2])
-  redis.call('INCRBY', KEYS[1], 1)
+if prior == '' then
+  return ''
 end
-redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'decisions', -1)
+if status == 'issued' and redis.call('SREM', KEYS[3], ARGV[2]) == 1 then
+  local issued = redis.call('HINCRBY', KEYS[1], 'issued', -1)
+  local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
+  redis.call('SET', KEYS[2], math.max(total - issued, 0))
+end
 return status
