@@ -182,3 +182,52 @@ async fn sigterm_to_both_binaries_under_load_loses_no_202_and_leaves_no_decision
     terminate(&mut worker, "the worker").await;
     terminate(&mut ingress, "the ingress").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_worker_finish_the_batch_in_hand_before_it_exits() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("in-hand");
+    assert_eq!(client.create_coupon(&coupon, 3).await.0, 201);
+    // Storing the coupon's decisions takes two seconds.
+    env.slow_ledger_writes(&coupon, 2.0).await;
+    let mut worker = start_worker(&env);
+    let (code, body) = client.issue(&coupon, "ann").await;
+    assert_eq!(code, 202, "{body}");
+    let id: uuid::Uuid = body["request_id"].as_str().unwrap().parse().unwrap();
+
+    // Decided in Redis: the batch is in hand, being stored.
+    let keys = env
+        .common
+        .keys()
+        .unwrap()
+        .coupon(&firstcome::CouponId::parse(&coupon).unwrap());
+    let mut redis = env.redis().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while firstcome::state::counters(&mut redis, &keys)
+        .await
+        .unwrap()
+        .map(|c| c.issued)
+        != Some(1)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never decided");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    terminate(&mut worker, "worker").await;
+
+    // No other worker ran: the row is there because the stopping one
+    // finished its batch.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM request_ledger WHERE request_id = $1")
+            .bind(id)
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        status.as_deref(),
+        Some("issued"),
+        "the batch in hand was dropped at SIGTERM"
+    );
+    ingress.stop().await;
+}

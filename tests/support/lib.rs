@@ -213,6 +213,33 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Makes every ledger row of `coupon` take `secs` to write (a trigger
+    /// with `pg_sleep`): its batches stay in hand that long.
+    pub async fn slow_ledger_writes(&self, coupon: &str, secs: f64) {
+        self.test_trigger(
+            "firstcome_test_slow_ledger",
+            "coupon_id text PRIMARY KEY, secs float8 NOT NULL",
+            "BEFORE INSERT ON request_ledger",
+            "DECLARE s float8;
+             BEGIN
+                 SELECT secs INTO s FROM firstcome_test_slow_ledger WHERE coupon_id = NEW.coupon_id;
+                 IF s IS NOT NULL THEN
+                     PERFORM pg_sleep(s);
+                 END IF;
+                 RETURN NEW;
+             END",
+        )
+        .await;
+        sqlx::query(
+            "INSERT INTO firstcome_test_slow_ledger VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(coupon)
+        .bind(secs)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
     /// Installs, once for all tests, a trigger `name` running a PL/pgSQL
     /// `body` `when`, configured by rows of the table `name` (`columns`).
     async fn test_trigger(&self, name: &str, columns: &str, when: &str, body: &str) {

@@ -41,6 +41,8 @@ const RESUME_CHECK: Duration = Duration::from_millis(20);
 /// A running partition task.
 pub struct PartitionTask {
     tx: mpsc::Sender<Rec>,
+    /// Gives up the batches in hand at once (revoked, or the shutdown's
+    /// grace is over); a worker that is stopping first lets them finish.
     cancel: CancellationToken,
     join: JoinHandle<()>,
     /// Records that did not fit into the buffer, in offset order. While any
@@ -277,13 +279,20 @@ pub async fn run(shared: Arc<Shared>, partitions: Partitions, shutdown: Cancella
         .drain()
         .map(|(_, t)| t)
         .collect();
-    for t in &tasks {
-        t.cancel.cancel();
-    }
+    // The tasks saw `shutdown` too: they take no new batch and finish the
+    // ones in hand, for at most the grace period; then they give them up.
     let grace = Duration::from_millis(shared.cfg.shutdown_timeout_ms);
-    let joined = futures::future::join_all(tasks.into_iter().map(|t| t.join));
-    if tokio::time::timeout(grace, joined).await.is_err() {
-        tracing::warn!("shutdown timeout reached with batches still in hand");
+    let aborts: Vec<CancellationToken> = tasks.iter().map(|t| t.cancel.clone()).collect();
+    let mut joined = futures::future::join_all(tasks.into_iter().map(|t| t.join));
+    if tokio::time::timeout(grace, &mut joined).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "shutdown timeout reached with batches still in hand; giving them up"
+        );
+        for a in &aborts {
+            a.cancel();
+        }
+        joined.await;
     }
     commit(consumer.as_ref(), "shutdown");
 }
@@ -316,8 +325,15 @@ fn spawn_partition(
     shutdown: &CancellationToken,
 ) -> PartitionTask {
     let (tx, rx) = mpsc::channel(shared.cfg.partition_buffer);
-    let cancel = shutdown.child_token();
-    let join = tokio::spawn(partition_loop(shared, partition, rx, cancel.clone()));
+    // Not a child of `shutdown`: stopping finishes the batches in hand.
+    let cancel = CancellationToken::new();
+    let join = tokio::spawn(partition_loop(
+        shared,
+        partition,
+        rx,
+        shutdown.clone(),
+        cancel.clone(),
+    ));
     PartitionTask {
         tx,
         cancel,
@@ -327,13 +343,15 @@ fn spawn_partition(
     }
 }
 
-/// Takes whatever is buffered (up to a batch) and processes it, in order,
-/// until cancelled. A batch in hand is finished unless it is waiting on a
-/// retry when the cancellation comes.
+/// Takes whatever is buffered (up to a batch) and processes it, in order.
+/// Once `stop` fires it takes no new batch and returns when the batches in
+/// hand are done; once `cancel` fires it gives them up at once (nothing past
+/// their start is stored, so they are read again).
 async fn partition_loop(
     shared: Arc<Shared>,
     partition: i32,
     mut rx: mpsc::Receiver<Rec>,
+    stop: CancellationToken,
     cancel: CancellationToken,
 ) {
     tracing::debug!(partition, "partition task started");
@@ -343,17 +361,22 @@ async fn partition_loop(
     // `pipeline::Gate`): the next one decides while this one is stored.
     let mut running: futures::stream::FuturesOrdered<_> = futures::stream::FuturesOrdered::new();
     let mut handoff = None;
+    let mut stopping = false;
     loop {
+        if stopping && running.is_empty() {
+            break;
+        }
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
+            () = stop.cancelled(), if !stopping => stopping = true,
             Some(r) = running.next(), if !running.is_empty() => {
                 let r: Result<(), pipeline::Aborted> = r;
                 if r.is_err() {
                     break;
                 }
             }
-            n = rx.recv_many(&mut batch, max), if running.len() < 2 => {
+            n = rx.recv_many(&mut batch, max), if running.len() < 2 && !stopping => {
                 if n == 0 {
                     // Sender gone: finish what is in hand.
                     while let Some(r) = running.next().await {
