@@ -248,3 +248,47 @@ async fn worker_done(env: &TestEnv, records: usize) -> bool {
     .await
     .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_failure_the_ledger_refuses_too_still_answers_failed_never_404() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("nowhere");
+    assert_eq!(client.create_coupon(&coupon, 5).await.0, 201);
+    env.refuse(&coupon, "zed").await;
+    env.refuse_failures(&coupon).await;
+    let worker = env.spawn_worker().await;
+    let (code, body) = client.issue(&coupon, "zed").await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["request_id"].as_str().unwrap().to_owned();
+    let done = client.wait_final(&id, Duration::from_secs(90)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        ledger(&env, &[&coupon]).await.is_empty(),
+        "the ledger took no row of it"
+    );
+
+    // Long after, once its status has left the cache.
+    let key = env
+        .common
+        .keys()
+        .unwrap()
+        .request(firstcome::RequestId::parse(&id).unwrap());
+    let removed: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut env.redis().await)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let (code, later) = client.get(&format!("/v1/issue-requests/{id}")).await;
+    assert_eq!(
+        code, 200,
+        "a request that got a 202 is never unknown: {later}"
+    );
+    assert_eq!(later["status"], "failed", "{later}");
+    assert_eq!(later["user_id"], "zed");
+    assert_eq!(later["coupon_id"], coupon.as_str());
+    worker.stop().await;
+    ingress.stop().await;
+}

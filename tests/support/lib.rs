@@ -295,6 +295,34 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Makes Postgres refuse, for good, the `failed` ledger rows of
+    /// `coupon` too: a request given up there cannot even be recorded as
+    /// failed in the ledger.
+    pub async fn refuse_failures(&self, coupon: &str) {
+        self.test_trigger(
+            "firstcome_test_refused_failure",
+            "coupon_id text PRIMARY KEY",
+            "BEFORE INSERT OR UPDATE ON request_ledger",
+            "BEGIN
+                 IF NEW.status = 'failed' AND EXISTS (
+                     SELECT 1 FROM firstcome_test_refused_failure WHERE coupon_id = NEW.coupon_id)
+                 THEN
+                     RAISE EXCEPTION 'failure refused by the test trigger'
+                         USING ERRCODE = 'check_violation';
+                 END IF;
+                 RETURN NEW;
+             END",
+        )
+        .await;
+        sqlx::query(
+            "INSERT INTO firstcome_test_refused_failure VALUES ($1) ON CONFLICT DO NOTHING",
+        )
+        .bind(coupon)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
     /// Undoes every [`Self::refuse`] of `coupon`.
     pub async fn stop_refusing(&self, coupon: &str) {
         sqlx::query("DELETE FROM firstcome_test_refused WHERE coupon_id = $1")

@@ -731,10 +731,19 @@ async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiErr
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "redis status unavailable, reading the ledger"),
     }
-    let row = db::ledger_row(&state.inner.pool, id)
-        .await?
-        .ok_or_else(|| ApiError::RequestNotFound(id.to_string()))?;
     let corrupt = |e: String| ApiError::Internal(anyhow::anyhow!("ledger row {id}: {e}"));
+    let Some(row) = db::ledger_row(&state.inner.pool, id).await? else {
+        // Failed, and the ledger refused even its `failed` row.
+        let (failed_at, record) = db::failure(&state.inner.pool, id)
+            .await?
+            .ok_or_else(|| ApiError::RequestNotFound(id.to_string()))?;
+        let r = IssueRequest::from_json(&record).map_err(|e| corrupt(e.to_string()))?;
+        return Ok(RequestStatus {
+            status: Status::Failed,
+            decided_at: Some(failed_at),
+            ..RequestStatus::pending(&r)
+        });
+    };
     Ok(RequestStatus {
         request_id: id,
         coupon_id: CouponId::parse(row.coupon_id).map_err(|e| corrupt(e.to_string()))?,

@@ -564,10 +564,22 @@ async fn give_up(
     {
         Ok(_) => {}
         Err(Stop::Aborted) => return Err(Aborted),
-        Err(Stop::GaveUp { error, .. }) => tracing::error!(
-            error = format!("{error:#}"),
-            "the ledger refuses the failure too; the dead letter is its only record"
-        ),
+        Err(Stop::GaveUp { error, .. }) => {
+            // A request that got a 202 must never be unknown: its record
+            // goes where nothing about its content can be refused.
+            let reason = format!("{error:#}");
+            tracing::error!(
+                error = %reason,
+                "the ledger refuses the failure too; recording the request apart"
+            );
+            let record = rec.payload.as_deref().unwrap_or_default();
+            retry(shared, "record failure", cancel, || async {
+                db::record_failure(&shared.pool, d.request.request_id, now, record, &reason)
+                    .await
+                    .context("recording a failed request")
+            })
+            .await?;
+        }
     }
     Ok(())
 }

@@ -352,6 +352,40 @@ pub async fn ledger_row(pool: &PgPool, id: RequestId) -> Result<Option<LedgerRow
     .await
 }
 
+/// Records a request whose `failed` ledger row was refused too: its record
+/// as it was in the log, so its status lookup still answers (`failed`).
+pub async fn record_failure(
+    pool: &PgPool,
+    id: RequestId,
+    failed_at: DateTime<Utc>,
+    record: &[u8],
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO request_failure (request_id, failed_at, record, reason)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(id.as_uuid())
+    .bind(failed_at)
+    .bind(record)
+    // Text cannot hold NUL.
+    .bind(reason.replace('\0', "\\0"))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A request recorded by [`record_failure`]: when it failed, and its record.
+pub async fn failure(
+    pool: &PgPool,
+    id: RequestId,
+) -> Result<Option<(DateTime<Utc>, Vec<u8>)>, sqlx::Error> {
+    sqlx::query_as("SELECT failed_at, record FROM request_failure WHERE request_id = $1")
+        .bind(id.as_uuid())
+        .fetch_optional(pool)
+        .await
+}
+
 /// A coupon a user holds.
 #[derive(Debug, Clone, FromRow)]
 pub struct HeldCoupon {
