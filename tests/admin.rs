@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use firstcome_suite::services::PrivatePostgres;
-use firstcome_suite::{TestEnv, split};
+use firstcome_suite::{Proxy, TestEnv, split};
 use serde_json::{Value, json};
 
 const OPS_TOKEN: &str = "ops-token-long-enough";
@@ -217,5 +217,73 @@ async fn a_closed_coupon_answers_not_open_until_reopened_and_coupons_are_listed_
             .await
             .unwrap();
     assert_eq!(actions, ["create_coupon", "close", "reopen"]);
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_change_takes_effect_once_when_redis_fails_it_and_the_client_retries() {
+    let env = TestEnv::new().await;
+    let proxy = Proxy::start(&Proxy::target_of(&env.common.redis_url)).await;
+    let mut cfg = env.ingress_config();
+    cfg.common.redis_url = proxy.rewrite(&env.common.redis_url);
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("once");
+    assert_eq!(client.create_coupon(&coupon, 1).await.0, 201);
+    let worker = env.spawn_worker().await;
+    let (_, first) = client.issue(&coupon, "ann").await;
+    let first = client
+        .wait_final(
+            first["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(first["status"], "issued");
+
+    // The ingress cannot reach Redis while it adds stock; the client, not
+    // sure it worked, sends the same change again.
+    proxy.cut();
+    let add = || {
+        client
+            .http
+            .post(format!("{}/v1/admin/coupons/{coupon}/stock", client.base))
+            .bearer_auth(&env.admin_token)
+            .header("idempotency-key", "add-two")
+            .json(&json!({ "add": 2 }))
+            .send()
+    };
+    for attempt in ["first", "retry"] {
+        let (code, body) = split(add().await.unwrap()).await;
+        assert_eq!(code, 200, "{attempt}: {body}");
+        assert_eq!(body["total_stock"], 3, "{attempt}: {body}");
+    }
+    proxy.restore();
+
+    // The two units are sold, to the next two users of the log.
+    let mut got = Vec::new();
+    for user in ["bob", "cat", "dan"] {
+        let (code, body) = client.issue(&coupon, user).await;
+        if code == 409 {
+            got.push(body["error"]["code"].as_str().unwrap().to_owned());
+            continue;
+        }
+        assert_eq!(code, 202, "{body}");
+        let done = client
+            .wait_final(
+                body["request_id"].as_str().unwrap(),
+                Duration::from_secs(60),
+            )
+            .await;
+        got.push(done["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(got, ["issued", "issued", "sold_out"]);
+    let changes: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM coupon_change WHERE coupon_id = $1")
+            .bind(&coupon)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(changes, 1, "applied once");
+    worker.stop().await;
     ingress.stop().await;
 }

@@ -1,18 +1,21 @@
 //! Admin operations, behind an admin token and written to `admin_audit`.
 //!
-//! A change to a coupon (close, reopen, more stock) is made in Postgres and
-//! then reaches the deciding through a rebuild of the coupon's Redis state
-//! under a new epoch, with deciding paused meanwhile. The fence makes that
-//! exact in log order: whatever was decided on the old state but not yet
-//! stored is refused by Postgres and decided again on the new one, so the
-//! change applies from the first request of the log not yet stored (see
-//! docs/design.md, "Admin changes").
+//! A change to a coupon (close, reopen, more stock) is applied exactly once,
+//! in one Postgres transaction that also moves the coupon's Redis epoch
+//! ([`db::apply_change`]): whatever was decided on the state before it is
+//! refused by the fence and decided again on a state built with it, so the
+//! change takes effect at one exact place in the coupon's log order. The
+//! ingress then rebuilds the coupon's Redis state at once, as a courtesy;
+//! if that fails, the change holds anyway (the next decision rebuilds it).
+//! A client that lost the answer retries with the same `Idempotency-Key`
+//! and changes nothing twice (see docs/design.md, "Admin changes").
 
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use chrono::{DateTime, SubsecRound, Utc};
 use firstcome::{CouponId, db};
 use serde::{Deserialize, Serialize};
@@ -24,8 +27,10 @@ use crate::error::ApiError;
 use crate::openapi::ErrorBody;
 use crate::routes::{Admin, Body, MAX_STOCK, parse};
 
-/// Longest a change may keep a coupon's deciding paused.
-const REBUILD_PAUSE: Duration = Duration::from_secs(10);
+/// How long the courtesy rebuild after a change may take.
+const REBUILD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Names the change ids derived from idempotency keys.
+const CHANGE_NAMESPACE: uuid::Uuid = uuid::uuid!("5b0c35e4-6f7e-4c41-9a52-8d1f2f3c6a10");
 /// Largest page.
 const MAX_PAGE: i64 = 500;
 
@@ -194,50 +199,60 @@ pub(crate) struct Reopen {
     ends_at: Option<DateTime<Utc>>,
 }
 
-/// Puts the change into the deciding (see the module's docs), records it,
-/// and answers the coupon's counters.
+/// The id of a change: named by the client's `Idempotency-Key` (so a retry
+/// is the same change), else new.
+fn change_id(headers: &HeaderMap, id: &CouponId, action: &str) -> Result<uuid::Uuid, ApiError> {
+    Ok(match crate::idempotency::key(headers)? {
+        Some(key) => uuid::Uuid::new_v5(
+            &CHANGE_NAMESPACE,
+            format!("{action}\n{id}\n{key}").as_bytes(),
+        ),
+        None => uuid::Uuid::new_v4(),
+    })
+}
+
+/// Applies the change once (see the module's docs) and answers the
+/// coupon's counters.
 async fn apply(
     state: &AppState,
     admin: &Admin,
+    headers: &HeaderMap,
     id: &CouponId,
-    action: &str,
+    change: db::Change,
     detail: serde_json::Value,
 ) -> Result<Json<Counters>, ApiError> {
-    let mut redis = state.inner.redis.clone();
-    let rebuilt = firstcome::rebuild::coupon_paused(
-        &state.inner.pool,
-        &mut redis,
-        &state.inner.keys,
-        id,
-        REBUILD_PAUSE,
-    )
-    .await;
-    // Postgres holds the change either way; if Redis could not take it, the
-    // next rebuild (a worker's, or `redis rebuild`) brings it in.
-    if let Err(e) = &rebuilt {
-        tracing::warn!(error = %e, coupon = %id, "changed in postgres, redis rebuild pending");
+    let change_id = change_id(headers, id, change.kind())?;
+    let outcome =
+        db::apply_change(&state.inner.pool, change_id, id, change, &admin.0, detail).await?;
+    match outcome {
+        db::ChangeOutcome::Applied(_) => {
+            tracing::info!(token_id = %admin.0, action = change.kind(), coupon = %id, %change_id, "admin change applied");
+            let mut redis = state.inner.redis.clone();
+            let rebuilt = tokio::time::timeout(
+                REBUILD_TIMEOUT,
+                firstcome::rebuild::coupon(&state.inner.pool, &mut redis, &state.inner.keys, id),
+            )
+            .await;
+            if !matches!(rebuilt, Ok(Ok(_))) {
+                tracing::warn!(coupon = %id, "changed; redis state not rebuilt now, the next decision rebuilds it");
+            }
+        }
+        db::ChangeOutcome::AppliedBefore => {
+            tracing::info!(coupon = %id, %change_id, "admin change retried; applied before");
+        }
+        db::ChangeOutcome::IdTaken => return Err(ApiError::IdempotencyKeyReused),
+        db::ChangeOutcome::NotFound => return Err(ApiError::CouponNotFound(id.to_string())),
+        db::ChangeOutcome::Invalid(why) => return Err(ApiError::InvalidRequest(why)),
     }
     state.forget(id);
-    db::audit(
-        &state.inner.pool,
-        &admin.0,
-        action,
-        Some(id.as_str()),
-        detail,
-    )
-    .await?;
-    tracing::info!(token_id = %admin.0, action, coupon = %id, "admin action");
-    if let Err(e) = rebuilt {
-        return Err(ApiError::unavailable(format!(
-            "coupon {id} changed in postgres; redis rebuild failed: {e}"
-        )));
-    }
     Ok(Json(counters(state, id).await?))
 }
 
 #[utoipa::path(
     post, path = "/v1/admin/coupons/{coupon_id}/stock", tag = "admin",
-    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+         description = "Names the change: a retry with the same key changes nothing twice")),
     request_body = AddStock,
     security(("admin_token" = [])),
     responses(
@@ -246,7 +261,7 @@ async fn apply(
         (status = 404, description = "`coupon_not_found`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 422, description = "`invalid_request` (the total would pass 1,000,000,000)", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (the total would pass 1,000,000,000), or `idempotency_key_reused` (the key named another change)", body = ErrorBody),
         (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
@@ -255,6 +270,7 @@ pub(crate) async fn add_stock(
     admin: Admin,
     State(state): State<AppState>,
     Path(coupon_id): Path<String>,
+    headers: HeaderMap,
     Body(body): Body<AddStock>,
 ) -> Result<Json<Counters>, ApiError> {
     let id = parse(CouponId::parse(coupon_id))?;
@@ -263,31 +279,32 @@ pub(crate) async fn add_stock(
             "add must be 1 to {MAX_STOCK}"
         )));
     }
-    let Some(total) = db::add_stock(&state.inner.pool, &id, body.add, MAX_STOCK).await? else {
-        return Err(match db::coupon(&state.inner.pool, &id).await? {
-            None => ApiError::CouponNotFound(id.to_string()),
-            Some(_) => ApiError::InvalidRequest(format!("the total would pass {MAX_STOCK}")),
-        });
+    let change = db::Change::AddStock {
+        units: body.add,
+        max_total: MAX_STOCK,
     };
     apply(
         &state,
         &admin,
+        &headers,
         &id,
-        "add_stock",
-        json!({ "add": body.add, "total_stock": total }),
+        change,
+        json!({ "add": body.add }),
     )
     .await
 }
 
 #[utoipa::path(
     post, path = "/v1/admin/coupons/{coupon_id}/close", tag = "admin",
-    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+         description = "Names the change: a retry with the same key changes nothing twice")),
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Closed: requests accepted from now on are `not_open`", body = Counters),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`coupon_not_found`", body = ErrorBody),
-        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`, or `idempotency_key_reused` (the key named another change)", body = ErrorBody),
         (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
@@ -296,21 +313,26 @@ pub(crate) async fn close(
     admin: Admin,
     State(state): State<AppState>,
     Path(coupon_id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Counters>, ApiError> {
     let id = parse(CouponId::parse(coupon_id))?;
-    let coupon = db::coupon(&state.inner.pool, &id)
-        .await?
-        .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
     let now = Utc::now().trunc_subsecs(6);
-    // An earlier end stays: closing never extends a window.
-    let ends_at = coupon.ends_at.map_or(now, |e| e.min(now));
-    db::set_ends_at(&state.inner.pool, &id, Some(ends_at)).await?;
-    apply(&state, &admin, &id, "close", json!({ "ends_at": ends_at })).await
+    apply(
+        &state,
+        &admin,
+        &headers,
+        &id,
+        db::Change::Close(now),
+        json!({ "at": now }),
+    )
+    .await
 }
 
 #[utoipa::path(
     post, path = "/v1/admin/coupons/{coupon_id}/reopen", tag = "admin",
-    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
+    params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+         description = "Names the change: a retry with the same key changes nothing twice")),
     request_body = Reopen,
     security(("admin_token" = [])),
     responses(
@@ -319,7 +341,7 @@ pub(crate) async fn close(
         (status = 404, description = "`coupon_not_found`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 422, description = "`invalid_request` (`ends_at` in the past or before `starts_at`)", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (`ends_at` in the past or before `starts_at`), or `idempotency_key_reused` (the key named another change)", body = ErrorBody),
         (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
     )
@@ -328,27 +350,25 @@ pub(crate) async fn reopen(
     admin: Admin,
     State(state): State<AppState>,
     Path(coupon_id): Path<String>,
+    headers: HeaderMap,
     Body(body): Body<Reopen>,
 ) -> Result<Json<Counters>, ApiError> {
     let id = parse(CouponId::parse(coupon_id))?;
-    let coupon = db::coupon(&state.inner.pool, &id)
-        .await?
-        .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
     let ends_at = body.ends_at.map(|e| e.trunc_subsecs(6));
-    if let Some(e) = ends_at {
-        if e <= Utc::now() {
-            return Err(ApiError::InvalidRequest(
-                "ends_at must be in the future".into(),
-            ));
-        }
-        if coupon.starts_at.is_some_and(|s| e < s) {
-            return Err(ApiError::InvalidRequest(
-                "ends_at must not be before starts_at".into(),
-            ));
-        }
+    if ends_at.is_some_and(|e| e <= Utc::now()) {
+        return Err(ApiError::InvalidRequest(
+            "ends_at must be in the future".into(),
+        ));
     }
-    db::set_ends_at(&state.inner.pool, &id, ends_at).await?;
-    apply(&state, &admin, &id, "reopen", json!({ "ends_at": ends_at })).await
+    apply(
+        &state,
+        &admin,
+        &headers,
+        &id,
+        db::Change::Reopen(ends_at),
+        json!({ "ends_at": ends_at }),
+    )
+    .await
 }
 
 /// Records a coupon's creation (called by the create handler).

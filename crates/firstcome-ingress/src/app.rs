@@ -99,7 +99,11 @@ impl AppState {
     /// `FIRSTCOME_SOLD_OUT_CHECK_MS` ago. Anything but a clear "stock is
     /// zero" (no state yet, Redis slow or down) answers false: the request
     /// then goes to the log, which decides it as always.
-    pub(crate) async fn sold_out(&self, id: &CouponId) -> bool {
+    ///
+    /// `total_stock` is the coupon's total as Postgres had it: a state built
+    /// with another total is behind an admin change (more stock) and says
+    /// nothing.
+    pub(crate) async fn sold_out(&self, id: &CouponId, total_stock: Option<i64>) -> bool {
         let fresh_for = Duration::from_millis(self.inner.cfg.sold_out_check_ms);
         if fresh_for.is_zero() {
             return false;
@@ -113,7 +117,7 @@ impl AppState {
         let mut redis = self.inner.redis.clone();
         let read = tokio::time::timeout(STOCK_READ_TIMEOUT, state::counters(&mut redis, &keys));
         let sold_out = match read.await {
-            Ok(Ok(Some(c))) => c.remaining <= 0,
+            Ok(Ok(Some(c))) => c.remaining <= 0 && total_stock.is_none_or(|t| t == c.total),
             Ok(Ok(None)) => false,
             // Not cached: the next request asks again.
             Ok(Err(_)) | Err(_) => return false,

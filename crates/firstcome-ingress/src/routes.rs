@@ -549,6 +549,7 @@ async fn admit(
 ) -> Result<IssueRequest, ApiError> {
     // Microseconds: what Postgres and the Lua script keep.
     let accepted_at = Utc::now().trunc_subsecs(6);
+    let mut total_stock = None;
     match state.coupon(&coupon_id).await {
         // Outside the coupon's window the request would be decided
         // `not_open`, so it is answered now and never appended.
@@ -559,7 +560,7 @@ async fn admit(
             state.inner.metrics.short_circuit("not_open");
             return Err(ApiError::NotOpen(coupon_id.to_string()));
         }
-        Ok(Some(_)) => {}
+        Ok(Some(c)) => total_stock = Some(i64::from(c.total_stock)),
         Ok(None) => return Err(ApiError::CouponNotFound(coupon_id.to_string())),
         // Postgres is down and this replica has not seen the coupon yet: a
         // coupon with a state in Redis exists, and the log, not Postgres,
@@ -578,7 +579,7 @@ async fn admit(
     // request appended later is decided `sold_out` (until an admin adds
     // stock, which this replica sees within FIRSTCOME_SOLD_OUT_CHECK_MS):
     // answering that now spares the log (docs/design.md).
-    if state.sold_out(&coupon_id).await {
+    if state.sold_out(&coupon_id, total_stock).await {
         state.inner.metrics.short_circuit("sold_out");
         return Err(ApiError::SoldOut(coupon_id.to_string()));
     }

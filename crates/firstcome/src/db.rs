@@ -424,37 +424,142 @@ pub async fn coupons_page(
     .await
 }
 
-/// Adds `units` to the coupon's stock, at most up to `max`; the new total,
-/// `None` when the coupon does not exist or the total would pass `max`.
-pub async fn add_stock(
-    pool: &PgPool,
-    id: &CouponId,
-    units: i64,
-    max: i64,
-) -> Result<Option<i32>, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE coupon SET total_stock = total_stock + $2
-         WHERE coupon_id = $1 AND total_stock + $2 <= $3 RETURNING total_stock",
-    )
-    .bind(id.as_str())
-    .bind(units)
-    .bind(max)
-    .fetch_optional(pool)
-    .await
+/// An admin change to a coupon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// More units, the total staying at most the given maximum.
+    AddStock {
+        /// Units to add.
+        units: i64,
+        /// Largest total allowed.
+        max_total: i64,
+    },
+    /// The window ends at this time, unless it ends earlier already.
+    Close(DateTime<Utc>),
+    /// The window ends at this time (`None`: no end).
+    Reopen(Option<DateTime<Utc>>),
 }
 
-/// Sets the end of the coupon's window; false when it does not exist.
-pub async fn set_ends_at(
+impl Change {
+    /// The `kind` stored in `coupon_change`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::AddStock { .. } => "add_stock",
+            Change::Close(_) => "close",
+            Change::Reopen(_) => "reopen",
+        }
+    }
+}
+
+/// What [`apply_change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeOutcome {
+    /// Applied now; the coupon as it is after it.
+    Applied(Coupon),
+    /// A change with this id was applied before (of this coupon and kind):
+    /// nothing changed.
+    AppliedBefore,
+    /// A change with this id was applied before, to another coupon or of
+    /// another kind.
+    IdTaken,
+    /// No such coupon.
+    NotFound,
+    /// Refused, nothing changed: the reason.
+    Invalid(String),
+}
+
+/// Applies an admin change exactly once: in one transaction, under the
+/// coupon row's lock, the coupon row changes, its `redis_epoch` moves (so a
+/// decision taken on the state before the change is refused by the fence
+/// and taken again on one built with it), and the change is recorded under
+/// `change_id` with the place in the log where it took effect, and in the
+/// audit table. A retry with the same id changes nothing.
+pub async fn apply_change(
     pool: &PgPool,
+    change_id: Uuid,
     id: &CouponId,
-    ends_at: Option<DateTime<Utc>>,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("UPDATE coupon SET ends_at = $2 WHERE coupon_id = $1")
-        .bind(id.as_str())
-        .bind(ends_at)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+    change: Change,
+    token_id: &str,
+    detail: serde_json::Value,
+) -> Result<ChangeOutcome, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let coupon: Option<Coupon> = sqlx::query_as(
+        "SELECT coupon_id, name, total_stock, starts_at, ends_at FROM coupon
+         WHERE coupon_id = $1 FOR UPDATE",
+    )
+    .bind(id.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(mut coupon) = coupon else {
+        return Ok(ChangeOutcome::NotFound);
+    };
+    let before: Option<(String, String)> =
+        sqlx::query_as("SELECT coupon_id, kind FROM coupon_change WHERE change_id = $1")
+            .bind(change_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some((coupon_id, kind)) = before {
+        return Ok(if coupon_id == id.as_str() && kind == change.kind() {
+            ChangeOutcome::AppliedBefore
+        } else {
+            ChangeOutcome::IdTaken
+        });
+    }
+    match change {
+        Change::AddStock { units, max_total } => {
+            let total = i64::from(coupon.total_stock) + units;
+            if total > max_total {
+                return Ok(ChangeOutcome::Invalid(format!(
+                    "the total would pass {max_total}"
+                )));
+            }
+            coupon.total_stock = i32::try_from(total).expect("max_total fits a Postgres integer");
+        }
+        // An earlier end stays: closing never extends a window.
+        Change::Close(at) => coupon.ends_at = Some(coupon.ends_at.map_or(at, |e| e.min(at))),
+        Change::Reopen(ends_at) => {
+            if let (Some(e), Some(s)) = (ends_at, coupon.starts_at)
+                && e < s
+            {
+                return Ok(ChangeOutcome::Invalid(
+                    "ends_at must not be before starts_at".into(),
+                ));
+            }
+            coupon.ends_at = ends_at;
+        }
+    }
+    sqlx::query(
+        "UPDATE coupon SET total_stock = $2, ends_at = $3, redis_epoch = redis_epoch + 1
+         WHERE coupon_id = $1",
+    )
+    .bind(id.as_str())
+    .bind(coupon.total_stock)
+    .bind(coupon.ends_at)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO coupon_change (change_id, coupon_id, kind, detail, token_id, after_offset)
+         VALUES ($1, $2, $3, $4, $5,
+                 (SELECT max(kafka_offset) FROM request_ledger WHERE coupon_id = $2))",
+    )
+    .bind(change_id)
+    .bind(id.as_str())
+    .bind(change.kind())
+    .bind(&detail)
+    .bind(token_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO admin_audit (token_id, action, coupon_id, detail) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(token_id)
+    .bind(change.kind())
+    .bind(id.as_str())
+    .bind(&detail)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(ChangeOutcome::Applied(coupon))
 }
 
 /// Decided requests of the coupon, by status.

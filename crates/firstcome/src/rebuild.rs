@@ -61,7 +61,7 @@ pub async fn coupon<C: ConnectionLike + Send>(
 /// [`coupon`] with deciding paused on the coupon meanwhile (workers hold its
 /// partition and retry; the install lifts the pause, which also lapses by
 /// itself after `pause`): how a rebuild runs while workers are live, for
-/// `redis rebuild` and for admin changes to a coupon. Anything decided on
+/// `redis rebuild`. Anything decided on
 /// the old state is refused by Postgres and decided again on the new one.
 pub async fn coupon_paused<C: ConnectionLike + Send>(
     pool: &PgPool,

@@ -383,6 +383,8 @@ pub struct Counters {
     pub remaining: i64,
     /// Users holding the coupon.
     pub issued: i64,
+    /// The total stock the state was built with (or changed to).
+    pub total: i64,
 }
 
 /// Reads a coupon's counters in one round trip; `None` when not initialized.
@@ -390,8 +392,9 @@ pub async fn counters<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &CouponKeys,
 ) -> Result<Option<Counters>, StateError> {
-    let (exists, remaining, issued): (bool, Option<i64>, i64) = redis::pipe()
+    let (exists, total, remaining, issued): (bool, Option<i64>, Option<i64>, i64) = redis::pipe()
         .hexists(&keys.meta, "epoch")
+        .hget(&keys.meta, "total")
         .get(&keys.stock)
         .scard(&keys.users)
         .query_async(conn)
@@ -399,6 +402,7 @@ pub async fn counters<C: ConnectionLike + Send>(
     Ok(exists.then(|| Counters {
         remaining: remaining.unwrap_or(0),
         issued: (issued - 1).max(0),
+        total: total.unwrap_or(0),
     }))
 }
 
