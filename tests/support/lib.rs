@@ -972,6 +972,67 @@ pub struct LogModel {
     pub unexplained: Vec<(i32, i64)>,
 }
 
+/// An admin change as the oracle applies it (see `coupon_change`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleChange {
+    /// More units.
+    AddStock(i64),
+    /// The window ends then, unless earlier already.
+    Close(chrono::DateTime<chrono::Utc>),
+    /// The window ends then (`None`: never).
+    Reopen(Option<chrono::DateTime<chrono::Utc>>),
+}
+
+/// What decides a coupon's requests: its stock and window at the start,
+/// and the admin changes with the log offset after which each applies, in
+/// the order they were applied.
+#[derive(Debug, Clone, Default)]
+pub struct CouponRules {
+    /// Stock at creation.
+    pub stock: i64,
+    /// Start of the window.
+    pub starts_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// End of the window.
+    pub ends_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// (highest offset stored before the change, the change).
+    pub changes: Vec<(Option<i64>, RuleChange)>,
+}
+
+impl CouponRules {
+    /// Reads a coupon's changes from `coupon_change`, onto its creation
+    /// stock and window.
+    pub async fn read(env: &TestEnv, coupon: &str, stock: i64) -> Self {
+        let rows: Vec<(String, Value, Option<i64>)> = sqlx::query_as(
+            "SELECT kind, detail, after_offset FROM coupon_change
+             WHERE coupon_id = $1 ORDER BY applied_at, change_id",
+        )
+        .bind(coupon)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        let time = |v: &Value| -> Option<chrono::DateTime<chrono::Utc>> {
+            v.as_str().map(|t| t.parse().unwrap())
+        };
+        let changes = rows
+            .into_iter()
+            .map(|(kind, detail, after)| {
+                let change = match kind.as_str() {
+                    "add_stock" => RuleChange::AddStock(detail["add"].as_i64().unwrap()),
+                    "close" => RuleChange::Close(time(&detail["at"]).unwrap()),
+                    "reopen" => RuleChange::Reopen(time(&detail["ends_at"])),
+                    other => panic!("unknown change {other}"),
+                };
+                (after, change)
+            })
+            .collect();
+        Self {
+            stock,
+            changes,
+            ..Self::default()
+        }
+    }
+}
+
 /// Replays the request log against the dead letters: a record whose
 /// position was dead-lettered decides nothing (a permanently failing one
 /// leaves its request `failed`, unless a replay decides it later); a record
@@ -979,6 +1040,25 @@ pub struct LogModel {
 /// every other record is decided at its place: duplicate, issued while
 /// stock lasts, then sold out.
 pub fn model(env: &TestEnv, coupons: &[(String, i64)]) -> LogModel {
+    let rules: HashMap<String, CouponRules> = coupons
+        .iter()
+        .map(|(c, s)| {
+            (
+                c.clone(),
+                CouponRules {
+                    stock: *s,
+                    ..CouponRules::default()
+                },
+            )
+        })
+        .collect();
+    model_with(env, &rules)
+}
+
+/// [`model`] with windows and admin changes: a change applies to the
+/// records of its coupon past its offset; a request accepted outside the
+/// window in force at its place is `not_open`.
+pub fn model_with(env: &TestEnv, rules: &HashMap<String, CouponRules>) -> LogModel {
     use firstcome::IssueRequest;
     let topic = &env.common.request_topic;
     let dead: HashMap<(i32, i64), String> = env
@@ -993,7 +1073,17 @@ pub fn model(env: &TestEnv, coupons: &[(String, i64)]) -> LogModel {
             (at, d.headers["firstcome.error.kind"].clone())
         })
         .collect();
-    let stock: HashMap<&str, i64> = coupons.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+    // Per coupon: stock, window, and the next change to apply.
+    type Live = (
+        i64,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        usize,
+    );
+    let mut live: HashMap<&str, Live> = rules
+        .iter()
+        .map(|(c, r)| (c.as_str(), (r.stock, r.starts_at, r.ends_at, 0)))
+        .collect();
     let mut m = LogModel::default();
     let mut holders: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
     for rec in env.read_request_log() {
@@ -1026,17 +1116,37 @@ pub fn model(env: &TestEnv, coupons: &[(String, i64)]) -> LogModel {
             .entry(r.coupon_id.to_string())
             .or_default()
             .insert(rec.partition);
-        let Some(&stock) = stock.get(r.coupon_id.as_str()) else {
+        let (Some(state), Some(rule)) = (
+            live.get_mut(r.coupon_id.as_str()),
+            rules.get(r.coupon_id.as_str()),
+        ) else {
             m.unexplained.push(at);
             continue;
         };
+        // The changes that took effect before this record's place.
+        while let Some((after, change)) = rule.changes.get(state.3) {
+            if after.is_some_and(|a| a >= rec.offset) {
+                break;
+            }
+            match change {
+                RuleChange::AddStock(n) => state.0 += n,
+                RuleChange::Close(t) => state.2 = Some(state.2.map_or(*t, |e| e.min(*t))),
+                RuleChange::Reopen(e) => state.2 = *e,
+            }
+            state.3 += 1;
+        }
         if matches!(m.expected.get(&id), Some((s, _, _)) if *s != "failed") {
             continue; // decided earlier in the log
         }
         let coupon = r.coupon_id.to_string();
         let users = holders.entry(coupon.clone()).or_default();
         let user = r.user_id.to_string();
-        let want = if users.contains(&user) {
+        let (stock, starts, ends, _) = *state;
+        let want = if starts.is_some_and(|s| r.accepted_at < s)
+            || ends.is_some_and(|e| r.accepted_at > e)
+        {
+            "not_open"
+        } else if users.contains(&user) {
             "duplicate"
         } else if (users.len() as i64) < stock {
             users.insert(user.clone());

@@ -14,7 +14,7 @@ use std::time::Duration;
 /// kernel hands out for `bind(0)` is also what it gives the next outgoing
 /// connection of any test, which could take it between this check and the
 /// server binding it (a private Postgres once failed to start so).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     const LOW: u16 = 20_000;
     const SPAN: u16 = 12_000;
     let start = uuid::Uuid::new_v4().as_u128() as u16 % SPAN;
@@ -110,6 +110,13 @@ impl PrivateRedis {
         self.kill();
         std::fs::remove_dir_all(&self.dir).unwrap();
         std::fs::create_dir_all(&self.dir).unwrap();
+        self.run().await;
+    }
+
+    /// `kill -9`, then starts it again on the same data: a Redis that lost
+    /// what its AOF had not written yet (up to its last second).
+    pub async fn restart_killed(&mut self) {
+        self.kill();
         self.run().await;
     }
 
