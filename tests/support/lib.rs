@@ -1160,6 +1160,30 @@ pub fn model_with(env: &TestEnv, rules: &HashMap<String, CouponRules>) -> LogMod
     m
 }
 
+/// Checks that the holders of `coupon` in `user_coupon` are exactly
+/// `winners` (the model's issued users), nobody twice; returns how many.
+pub async fn assert_holders(env: &TestEnv, coupon: &str, winners: &[String]) -> usize {
+    use std::collections::HashSet;
+    let issued: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
+            .bind(coupon)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let issued_set: HashSet<&String> = issued.iter().collect();
+    assert_eq!(
+        issued.len(),
+        issued_set.len(),
+        "nobody holds {coupon} twice"
+    );
+    assert_eq!(
+        issued_set,
+        winners.iter().collect(),
+        "the holders of {coupon} are its winners in log order"
+    );
+    issued.len()
+}
+
 /// [`check_promise`] after faults: `unconfirmed` requests (a 503 naming the
 /// request, or records written around the ingress) may or may not be in the
 /// log; those that are are decided like any other, those that are not are
@@ -1258,23 +1282,7 @@ pub async fn check_promise_with(
             "demand exceeds the stock of {coupon}"
         );
         // The issued users in Postgres are exactly the first `stock` distinct users.
-        let issued: Vec<String> =
-            sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
-                .bind(coupon)
-                .fetch_all(&env.pool)
-                .await
-                .unwrap();
-        let issued_set: HashSet<String> = issued.iter().cloned().collect();
-        assert_eq!(
-            issued.len(),
-            issued_set.len(),
-            "nobody holds {coupon} twice"
-        );
-        assert_eq!(
-            issued_set,
-            winners.into_iter().collect(),
-            "winners of {coupon}"
-        );
+        assert_holders(env, coupon, &winners).await;
         let (code, view) = client.get(&format!("/v1/coupons/{coupon}")).await;
         assert_eq!(code, 200);
         let (remaining, count) = (
