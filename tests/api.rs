@@ -719,8 +719,11 @@ async fn a_client_over_its_rate_limit_is_429_with_retry_after_and_others_are_not
     let mut cfg = env.ingress_config();
     cfg.rate_limit_per_sec = 1;
     cfg.rate_limit_burst = 2;
-    // Behind a proxy: the client is the header's first address.
+    // Behind a proxy (the test, at 127.0.0.1): the client is the rightmost
+    // hop of the header that is not the proxy; the left is the client's own
+    // writing and changes nothing.
     cfg.client_ip_header = Some("x-forwarded-for".into());
+    cfg.trusted_proxies = vec!["127.0.0.1".into()];
     let ingress = env.spawn_ingress_with(cfg).await;
     let client = env.client(&ingress);
     let get = |from: &'static str| {
@@ -730,10 +733,10 @@ async fn a_client_over_its_rate_limit_is_429_with_retry_after_and_others_are_not
             .header("x-forwarded-for", from)
             .send()
     };
-    for _ in 0..2 {
-        assert_eq!(get("10.1.1.1, 10.9.9.9").await.unwrap().status(), 200);
+    for claimed in ["6.6.6.1, 10.1.1.1", "6.6.6.2,10.1.1.1"] {
+        assert_eq!(get(claimed).await.unwrap().status(), 200);
     }
-    let limited = get("10.1.1.1").await.unwrap();
+    let limited = get("6.6.6.3, 10.1.1.1").await.unwrap();
     assert_eq!(
         limited
             .headers()

@@ -60,3 +60,58 @@ async fn every_benchmark_scenario_runs_and_reports() {
     assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifecycle_scenario_sells_retires_and_prunes_and_plots_it() {
+    let (_, _) = (ingress_binary(), worker_binary());
+    // Its sweep and `prune` trim the whole database: a Postgres of its own.
+    let pg = firstcome_suite::services::PrivatePostgres::start().await;
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    firstcome::db::migrate(&pool)
+        .await
+        .expect("migrations apply");
+    let out = std::env::temp_dir().join(firstcome_suite::unique("bench-life-"));
+    let mut cmd = tokio::process::Command::new(bench_binary());
+    cmd.args(["run", "--smoke", "--scenario", "lifecycle", "--out"])
+        .arg(&out);
+    for (k, v) in stack_env() {
+        cmd.env(k, v);
+    }
+    cmd.env("DATABASE_URL", pg.url());
+    cmd.stderr(std::process::Stdio::inherit());
+    let run = cmd.output().await.unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stdout)
+    );
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let life = &results["lifecycle"];
+    assert_eq!(life["coupons"], 6, "{life}");
+    assert_eq!(life["requests"], 1_200, "{life}");
+    assert_eq!(life["errors"], 0, "{life}");
+    // Three coupons of 100 units a round: 300 accepted at the least.
+    assert!(life["accepted"].as_u64().unwrap() >= 600, "{life}");
+    let pruned: Vec<u64> = life["pruned_rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        pruned.len() == 2 && pruned.iter().all(|n| *n >= 300),
+        "each round's ledger rows pruned: {pruned:?}"
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM coupon WHERE retired_epoch IS DISTINCT FROM redis_epoch",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "every sold coupon's state left Redis");
+    assert!(life["samples"].as_array().unwrap().len() >= 5, "{life}");
+    let svg = std::fs::read_to_string(out.join("lifecycle.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -3,69 +3,10 @@
 //! `firstcome::metrics::names` is exposed, and the worker's probes answer.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use firstcome::metrics::names;
-use firstcome_suite::TestEnv;
-
-/// One scrape: every sample line as `name{labels}` → value, and the raw text.
-struct Scrape {
-    samples: HashMap<String, f64>,
-    text: String,
-}
-
-impl Scrape {
-    async fn of(addr: SocketAddr) -> Self {
-        let answer = reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .expect("the metrics port answers");
-        assert_eq!(answer.status(), 200);
-        let content_type = answer.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        assert!(
-            content_type.starts_with("application/openmetrics-text"),
-            "{content_type}"
-        );
-        let text = answer.text().await.unwrap();
-        let samples = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                let (series, value) = l.rsplit_once(' ').expect("a sample is `series value`");
-                (series.to_owned(), value.parse().expect("a numeric value"))
-            })
-            .collect();
-        Self { samples, text }
-    }
-
-    /// The value of one series, 0 when absent.
-    fn get(&self, series: &str) -> f64 {
-        self.samples.get(series).copied().unwrap_or(0.0)
-    }
-
-    /// The sum over every series of `name` (all label sets).
-    fn sum(&self, name: &str) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(s, _)| s.split('{').next() == Some(name))
-            .map(|(_, v)| v)
-            .sum()
-    }
-
-    /// Whether the exposition names the metric (a sample, or its
-    /// `# TYPE` line for a family with no label set yet).
-    fn names(&self, exposed: &str) -> bool {
-        self.samples
-            .keys()
-            .any(|s| s.split('{').next() == Some(exposed))
-            || self.text.lines().any(|l| {
-                l.starts_with("# TYPE ") && exposed.starts_with(l.split(' ').nth(2).unwrap())
-            })
-    }
-}
+use firstcome_suite::{Scrape, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_burst_the_ingress_and_worker_metrics_add_up_with_each_other_and_postgres() {

@@ -312,3 +312,130 @@ async fn dlq_replay_puts_letters_back_resumes_changes_nothing_twice_and_refuses_
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_only_rows_past_the_retention_of_both_topics_and_refuses_a_shorter_cutoff() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let worker = env.spawn_worker().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("prune");
+    assert_eq!(client.create_coupon(&coupon, 3).await.0, 201);
+    for user in ["u0", "u1", "u2", "u3", "u4", "u5"] {
+        assert_eq!(client.issue(&coupon, user).await.0, 202);
+    }
+    env.wait_decided(&[coupon.as_str()], 6).await;
+    worker.stop().await;
+    ingress.stop().await;
+
+    // Four decisions 40 days old, two from now; a failure record and an
+    // audit row of each age.
+    let pool = &env.pool;
+    sqlx::query(
+        "UPDATE request_ledger SET decided_at = now() - interval '40 days' \
+         WHERE coupon_id = $1 AND user_id IN ('u0', 'u1', 'u2', 'u3')",
+    )
+    .bind(&coupon)
+    .execute(pool)
+    .await
+    .unwrap();
+    let (old_failure, new_failure) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    for (id, age) in [(old_failure, "40 days"), (new_failure, "1 day")] {
+        sqlx::query(
+            "INSERT INTO request_failure (request_id, failed_at, record, reason) \
+             VALUES ($1, now() - $2::interval, '\\x00', 'test')",
+        )
+        .bind(id)
+        .bind(age)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    for age in ["500 days", "10 days"] {
+        sqlx::query(
+            "INSERT INTO admin_audit (token_id, action, coupon_id, at) \
+             VALUES ('test', 'prune-test', $1, now() - $2::interval)",
+        )
+        .bind(&coupon)
+        .bind(age)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let count = |sql: &'static str| {
+        let coupon = coupon.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(coupon)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        }
+    };
+    let ledger = "SELECT count(*) FROM request_ledger WHERE coupon_id = $1";
+    let holders = "SELECT count(*) FROM user_coupon WHERE coupon_id = $1";
+    let audit = "SELECT count(*) FROM admin_audit WHERE coupon_id = $1 AND action = 'prune-test'";
+    let failures = |ids: [uuid::Uuid; 2]| async move {
+        sqlx::query_scalar::<_, uuid::Uuid>(
+            "SELECT request_id FROM request_failure WHERE request_id = ANY($1)",
+        )
+        .bind(ids.to_vec())
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    };
+
+    // The test topics keep records 7 days each (the broker's default): a
+    // cutoff under 14 days is refused and deletes nothing.
+    let out = env
+        .worker_command()
+        .args(["prune", "--older-than", "10d"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("retention of the topics together (14days)"),
+        "{stderr}"
+    );
+    assert_eq!((count(ledger).await, count(audit).await), (6, 2));
+    let out = env
+        .worker_command()
+        .args(["prune", "--older-than", "soon"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad duration is a usage error"
+    );
+    assert_eq!(count(ledger).await, 6);
+
+    let (code, printed) = worker_cli(&env, &["prune", "--older-than", "20d", "--json"]).await;
+    assert_eq!(code, 0, "{printed}");
+    let pruned: Value = serde_json::from_str(printed.trim()).expect("one JSON line");
+    assert!(pruned["ledger_rows"].as_u64().unwrap() >= 4, "{pruned}");
+    assert_eq!(pruned["audit_rows"], 0, "audit rows stay unless asked");
+    assert_eq!(count(ledger).await, 2, "only the 40-day-old rows went");
+    assert_eq!(
+        count(holders).await,
+        3,
+        "who holds the coupon is the record"
+    );
+    assert_eq!(
+        failures([old_failure, new_failure]).await,
+        vec![new_failure]
+    );
+    assert_eq!(count(audit).await, 2);
+
+    let (code, printed) = worker_cli(
+        &env,
+        &["prune", "--older-than", "20d", "--audit-older-than", "400d"],
+    )
+    .await;
+    assert_eq!(code, 0, "{printed}");
+    assert_eq!(count(audit).await, 1, "the 500-day-old audit row went");
+    assert_eq!(count(ledger).await, 2, "a second run finds nothing more");
+}

@@ -146,6 +146,12 @@ impl System {
             .env("FIRSTCOME_MAX_BATCH", "16")
             .env("FIRSTCOME_PARTITION_BUFFER", "64")
             .env("FIRSTCOME_SHUTDOWN_TIMEOUT_MS", "2000")
+            // A closed coupon's state leaves Redis 3 s later, while the
+            // nemesis may reopen it and late records still arrive (the
+            // soak's Postgres is its own, so the sweep sees only its
+            // coupons).
+            .env("FIRSTCOME_RETIRE_AFTER_SECS", "3")
+            .env("FIRSTCOME_RETIRE_INTERVAL_MS", "1000")
             .spawn()
             .expect("the worker binary starts")
     }

@@ -359,6 +359,7 @@ impl TestEnv {
             request_timeout_ms: 15_000,
             shutdown_timeout_ms: 5_000,
             max_in_flight: 4_096,
+            max_connections: 4_096,
             max_body_bytes: 16 * 1024,
             // Off: most tests check what the log decides for requests past
             // the stock; `api.rs` tests the short-circuit.
@@ -367,7 +368,9 @@ impl TestEnv {
             max_wait_ms: 10_000,
             rate_limit_per_sec: 0,
             rate_limit_burst: 20,
+            rate_limit_clients: 100_000,
             client_ip_header: None,
+            trusted_proxies: Vec::new(),
         }
     }
 
@@ -388,6 +391,11 @@ impl TestEnv {
             retry_initial_ms: 50,
             retry_max_ms: 1_000,
             shutdown_timeout_ms: 10_000,
+            // Off: a sweep retires the ended coupons of the whole database,
+            // other tests' too; tests/bounds.rs turns it on, on a Postgres
+            // of its own.
+            retire_after_secs: 600,
+            retire_interval_ms: 0,
         }
     }
 
@@ -477,7 +485,9 @@ impl TestEnv {
     /// key prefix; add the subcommand and its arguments.
     pub fn worker_command(&self) -> tokio::process::Command {
         let mut cmd = self.command(worker_binary());
-        cmd.env("FIRSTCOME_GROUP_ID", &self.group_id);
+        cmd.env("FIRSTCOME_GROUP_ID", &self.group_id)
+            // As in `worker_config`: a sweep reaches every test's coupons.
+            .env("FIRSTCOME_RETIRE_INTERVAL_MS", "0");
         cmd
     }
 
@@ -1489,5 +1499,66 @@ impl TestEnv {
             client,
             coupons,
         }
+    }
+}
+
+/// One scrape: every sample line as `name{labels}` → value, and the raw text.
+pub struct Scrape {
+    /// Every sample: `name{labels}` → value.
+    pub samples: HashMap<String, f64>,
+    /// The exposition as served.
+    pub text: String,
+}
+
+impl Scrape {
+    /// Scrapes the `/metrics` of the operations port at `addr`.
+    pub async fn of(addr: SocketAddr) -> Self {
+        let answer = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("the metrics port answers");
+        assert_eq!(answer.status(), 200);
+        let content_type = answer.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            content_type.starts_with("application/openmetrics-text"),
+            "{content_type}"
+        );
+        let text = answer.text().await.unwrap();
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').expect("a sample is `series value`");
+                (series.to_owned(), value.parse().expect("a numeric value"))
+            })
+            .collect();
+        Self { samples, text }
+    }
+
+    /// The value of one series, 0 when absent.
+    pub fn get(&self, series: &str) -> f64 {
+        self.samples.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// The sum over every series of `name` (all label sets).
+    pub fn sum(&self, name: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(s, _)| s.split('{').next() == Some(name))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Whether the exposition names the metric (a sample, or its
+    /// `# TYPE` line for a family with no label set yet).
+    pub fn names(&self, exposed: &str) -> bool {
+        self.samples
+            .keys()
+            .any(|s| s.split('{').next() == Some(exposed))
+            || self.text.lines().any(|l| {
+                l.starts_with("# TYPE ") && exposed.starts_with(l.split(' ').nth(2).unwrap())
+            })
     }
 }

@@ -147,6 +147,10 @@ pub async fn clean_up() -> anyhow::Result<()> {
          WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
         "DELETE FROM user_coupon x USING unnest($1::text[]) t \
          WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
+        "DELETE FROM coupon_change x USING unnest($1::text[]) t \
+         WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
+        "DELETE FROM admin_audit x USING unnest($1::text[]) t \
+         WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
         "DELETE FROM coupon x USING unnest($1::text[]) t \
          WHERE left(x.coupon_id, length(t) + 1) = t || '-'",
     ] {

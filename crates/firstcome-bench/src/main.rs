@@ -7,9 +7,11 @@
 //! - [`servers`]: this tool's bare-HTTP and seed-design servers
 //! - [`load`]: open- and closed-model load with HDR histograms
 //! - [`scenarios`]: what is measured
+//! - [`lifecycle`]: a thousand sales, memory and storage over time
 //! - [`report`]: JSON, Markdown table and SVG chart
 
 mod env;
+mod lifecycle;
 mod load;
 mod procs;
 mod report;
@@ -78,6 +80,9 @@ enum Scenario {
     Drain,
     FlashSale,
     SeedBaseline,
+    /// A thousand sales one after another (minutes; not in the default
+    /// set): memory and storage over time, `lifecycle.svg`.
+    Lifecycle,
 }
 
 #[tokio::main]
@@ -112,7 +117,11 @@ async fn run(
     out: PathBuf,
 ) -> anyhow::Result<()> {
     if which.is_empty() {
-        which = Scenario::value_variants().to_vec();
+        which = Scenario::value_variants()
+            .iter()
+            .copied()
+            .filter(|s| *s != Scenario::Lifecycle)
+            .collect();
     }
     let mut r = report::Results {
         machine: Some(report::Machine::probe()),
@@ -160,6 +169,14 @@ async fn run(
                 Scenario::SeedBaseline => {
                     r.seed_baseline = Some(scenarios::seed(size).await.with_context(context)?)
                 }
+                Scenario::Lifecycle => {
+                    let size = if smoke {
+                        lifecycle::LifecycleSize::SMOKE
+                    } else {
+                        lifecycle::LifecycleSize::FULL
+                    };
+                    r.lifecycle = Some(lifecycle::lifecycle(size).await.with_context(context)?)
+                }
             }
             Ok(())
         }
@@ -179,6 +196,12 @@ async fn run(
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&r)?)?;
     std::fs::write(out.join("results.md"), r.table())?;
     std::fs::write(out.join("latency.svg"), r.svg())?;
+    if let Some(l) = &r.lifecycle {
+        std::fs::write(out.join("lifecycle.svg"), l.svg())?;
+        std::fs::write(out.join("lifecycle.md"), l.table())?;
+        println!("{}", l.table());
+        anyhow::ensure!(l.errors == 0, "{} lifecycle requests failed", l.errors);
+    }
     println!("{}", r.table());
     eprintln!("[bench] results in {}", out.display());
     // A run that broke the promise is a failed run.

@@ -77,6 +77,8 @@ pub struct Results {
     pub flash_sale: Option<FlashSale>,
     /// `seed-baseline`.
     pub seed_baseline: Option<Seed>,
+    /// `lifecycle`.
+    pub lifecycle: Option<crate::lifecycle::Lifecycle>,
     /// The targets, judged.
     pub targets: Vec<Target>,
 }

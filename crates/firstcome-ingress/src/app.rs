@@ -22,8 +22,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngressConfig;
+use crate::connections::BoundedListener;
 use crate::error::ApiError;
 use crate::waiters::{self, Waiters};
+use axum::serve::ListenerExt;
 
 /// How long a replica trusts its copy of a coupon's definition.
 const COUPON_CACHE: Duration = Duration::from_secs(1);
@@ -223,6 +225,7 @@ impl Application {
             .map(redis::Client::open)
             .collect::<Result<Vec<_>, _>>()
             .context("REDIS_URL")?;
+        let metrics = IngressMetrics::new();
         Ok(Self {
             listener,
             ops,
@@ -237,8 +240,8 @@ impl Application {
                     lookups: Mutex::new(HashMap::new()),
                     pending_skip_until: Mutex::new(None),
                     stock_seen: Mutex::new(HashMap::new()),
-                    waiters: Arc::new(Waiters::default()),
-                    metrics: IngressMetrics::new(),
+                    waiters: Arc::new(Waiters::new(metrics.long_polls.clone())),
+                    metrics,
                     admin_tokens,
                     redis_clients,
                 }),
@@ -286,6 +289,13 @@ impl Application {
             shutdown.clone(),
         ));
         let stopping = shutdown.clone();
+        let listener = BoundedListener::new(
+            listener,
+            cfg.max_connections,
+            state.inner.metrics.connections.clone(),
+        )
+        // Only so that axum hands the client's address to the handlers.
+        .tap_io(|_| {});
         let serve = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -66,6 +66,12 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_MAX_IN_FLIGHT", default_value_t = 4_096)]
     pub max_in_flight: usize,
 
+    /// Most client connections held at once; past it the ingress accepts
+    /// no more until one closes (they wait in the kernel's queue), so what
+    /// the connections hold stays bounded under any load.
+    #[arg(long, env = "FIRSTCOME_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+
     /// How long the ingress trusts its last look at a coupon's stock in
     /// Redis. While the worker has the stock at zero, issue requests are
     /// answered `409 sold_out` without touching the log (they would all be
@@ -90,10 +96,22 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_RATE_LIMIT_BURST", default_value_t = 20)]
     pub rate_limit_burst: u32,
 
-    /// Header naming the client's address (its first entry), set by the
-    /// proxy in front (e.g. `x-forwarded-for`); unset: the TCP peer.
+    /// Clients the rate limit remembers at most; past it the client seen
+    /// longest ago is forgotten (it starts again with a full burst).
+    #[arg(long, env = "FIRSTCOME_RATE_LIMIT_CLIENTS", default_value_t = 100_000)]
+    pub rate_limit_clients: usize,
+
+    /// Header in which the proxies in front name the client's address
+    /// (e.g. `x-forwarded-for`); believed only from
+    /// `FIRSTCOME_TRUSTED_PROXIES`, read from the right. Unset: the TCP peer.
     #[arg(long, env = "FIRSTCOME_CLIENT_IP_HEADER")]
     pub client_ip_header: Option<String>,
+
+    /// The proxies in front, as addresses or CIDR blocks separated by commas
+    /// (e.g. `10.0.0.0/8,127.0.0.1`): the client is the rightmost hop of
+    /// `FIRSTCOME_CLIENT_IP_HEADER` that is not one of them.
+    #[arg(long, env = "FIRSTCOME_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
 
     /// Largest request body, in bytes; larger ones are answered `413`.
     #[arg(long, env = "FIRSTCOME_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
@@ -109,13 +127,16 @@ impl std::fmt::Debug for IngressConfig {
             .field("produce_timeout_ms", &self.produce_timeout_ms)
             .field("linger_ms", &self.linger_ms)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_connections", &self.max_connections)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("sold_out_check_ms", &self.sold_out_check_ms)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .field("max_wait_ms", &self.max_wait_ms)
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("rate_limit_clients", &self.rate_limit_clients)
             .field("client_ip_header", &self.client_ip_header)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +166,20 @@ impl IngressConfig {
                 message: "must be a header name".into(),
             });
         }
+        let trusted = self.trusted_proxy_nets()?;
+        if self.client_ip_header.is_some() && trusted.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_CLIENT_IP_HEADER",
+                message: "needs FIRSTCOME_TRUSTED_PROXIES: a header anyone may send names nobody"
+                    .into(),
+            });
+        }
+        if self.rate_limit_clients == 0 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_RATE_LIMIT_CLIENTS",
+                message: "must be at least 1".into(),
+            });
+        }
         if self.max_wait_ms >= self.request_timeout_ms {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_MAX_WAIT_MS",
@@ -154,6 +189,12 @@ impl IngressConfig {
         if self.idempotency_ttl_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_IDEMPOTENCY_TTL_SECS",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_MAX_CONNECTIONS",
                 message: "must be at least 1".into(),
             });
         }
@@ -170,6 +211,23 @@ impl IngressConfig {
             });
         }
         Ok(())
+    }
+
+    /// `FIRSTCOME_TRUSTED_PROXIES` parsed: a bare address is a block of one.
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| ConfigError::Invalid {
+                        key: "FIRSTCOME_TRUSTED_PROXIES",
+                        message: format!("{p:?} is neither an address nor a CIDR block"),
+                    })
+            })
+            .collect()
     }
 
     /// Every admin token with its id, `FIRSTCOME_ADMIN_TOKEN` first as `admin`.
@@ -234,7 +292,28 @@ mod tests {
     #[test]
     fn a_valid_configuration_passes_and_bad_values_name_their_key() {
         assert!(parse(&[]).validate().is_ok());
-        let cases: [(&[&str], &str); 9] = [
+        let behind_proxies = parse(&[
+            "--client-ip-header",
+            "x-forwarded-for",
+            "--trusted-proxies",
+            "10.0.0.0/8, 127.0.0.1,::1",
+        ]);
+        assert!(behind_proxies.validate().is_ok());
+        assert_eq!(behind_proxies.trusted_proxy_nets().unwrap().len(), 3);
+        let cases: [(&[&str], &str); 13] = [
+            (
+                &["--client-ip-header", "x-forwarded-for"],
+                "FIRSTCOME_CLIENT_IP_HEADER",
+            ),
+            (
+                &["--trusted-proxies", "10.0.0.0/8,proxy.local"],
+                "FIRSTCOME_TRUSTED_PROXIES",
+            ),
+            (
+                &["--rate-limit-clients", "0"],
+                "FIRSTCOME_RATE_LIMIT_CLIENTS",
+            ),
+            (&["--max-connections", "0"], "FIRSTCOME_MAX_CONNECTIONS"),
             (&["--admin-tokens", "ci"], "FIRSTCOME_ADMIN_TOKENS"),
             (
                 &["--admin-tokens", "c i=long-enough-token-1"],

@@ -13,10 +13,12 @@
 //! - [`openapi`]: the OpenAPI document, generated from the handlers
 //! - [`waiters`]: long polls woken by the worker's decisions
 //! - [`ratelimit`]: the per-client rate limit
+//! - [`connections`]: the bound on open connections
 
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod idempotency;
 pub mod openapi;

@@ -1,80 +1,196 @@
-//! A per-client rate limit on the API (off by default): a token bucket per
-//! client address, refilled at `FIRSTCOME_RATE_LIMIT_PER_SEC` and holding at
-//! most `FIRSTCOME_RATE_LIMIT_BURST`; past it the answer is `429
-//! rate_limited` with `Retry-After`. The client is the TCP peer, or the first
-//! address of `FIRSTCOME_CLIENT_IP_HEADER` (e.g. `x-forwarded-for`) behind a
-//! proxy that sets it. Each ingress replica counts on its own.
+//! A per-client rate limit on the API (off by default): GCRA (governor's
+//! token bucket) per client address, refilled at
+//! `FIRSTCOME_RATE_LIMIT_PER_SEC` and holding at most
+//! `FIRSTCOME_RATE_LIMIT_BURST`; past it the answer is `429 rate_limited`
+//! with `Retry-After`. Each ingress replica counts on its own.
+//!
+//! **Who the client is.** The TCP peer, unless the peer is one of
+//! `FIRSTCOME_TRUSTED_PROXIES` and `FIRSTCOME_CLIENT_IP_HEADER` is set: then
+//! the header's hops are read from the right (the hop the nearest proxy
+//! saw) and the first one that is not a trusted proxy is the client. The
+//! left of the header is whatever the client wrote, so it never decides:
+//! a client cannot name itself someone else by sending the header.
+//!
+//! **Bounded.** Clients live in an LRU of `FIRSTCOME_RATE_LIMIT_CLIENTS`
+//! entries: each request costs O(1), and past the bound the client seen
+//! longest ago is forgotten (it starts again with a full burst). A million
+//! addresses cost no more memory than the bound.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderName;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use ipnet::IpNet;
 
 use crate::error::ApiError;
 
-/// Buckets kept before idle ones are dropped.
-const MAX_CLIENTS: usize = 100_000;
+/// Each client's GCRA state (its theoretical arrival time), the least
+/// recently seen evicted first.
+pub struct Clients {
+    lru: Mutex<lru::LruCache<IpAddr, Nanos>>,
+}
+
+impl Clients {
+    fn new(capacity: NonZeroUsize) -> Self {
+        Self {
+            lru: Mutex::new(lru::LruCache::new(capacity)),
+        }
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpAddr> for Clients {
+    /// Not needed for the bound (the LRU keeps it), but part of the trait.
+    fn retain_recent(&self, drop_below: Nanos) {
+        let mut lru = self.lru.lock().expect("lock");
+        let stale: Vec<IpAddr> = lru
+            .iter()
+            .filter(|(_, at)| **at < drop_below)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in stale {
+            lru.pop(&ip);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lru.lock().expect("lock").len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lru.lock().expect("lock").is_empty()
+    }
+}
+
+impl StateStore for Clients {
+    type Key = IpAddr;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        // One lock for read and write, so the update is atomic.
+        let mut lru = self.lru.lock().expect("lock");
+        let (answer, state) = f(lru.get(key).copied())?;
+        lru.put(*key, state);
+        Ok(answer)
+    }
+}
+
+/// Where the client's address comes from.
+struct Source {
+    header: Option<HeaderName>,
+    trusted: Vec<IpNet>,
+}
+
+impl Source {
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client of a request that came from `peer` with `forwarded`
+    /// (the header's values, in order).
+    fn client<'a>(&self, peer: IpAddr, forwarded: impl Iterator<Item = &'a str>) -> IpAddr {
+        if self.header.is_none() || !self.trusts(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = forwarded
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                // A trusted proxy passed it on: look one hop further.
+                Ok(ip) if self.trusts(ip) => client = ip,
+                Ok(ip) => return ip,
+                // Garbage where an address should be: the proxy that wrote
+                // it last is as far as anyone can tell.
+                Err(_) => return client,
+            }
+        }
+        client
+    }
+}
 
 /// The limiter shared by every request.
-pub struct RateLimit {
-    per_sec: f64,
-    burst: f64,
-    header: Option<HeaderName>,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+pub struct RateLimit<C: Clock = DefaultClock> {
+    limiter: RateLimiter<IpAddr, Clients, C, NoOpMiddleware<C::Instant>>,
+    source: Source,
+}
+
+/// The settings of a limiter.
+pub struct Settings {
+    /// Requests per second per client; 0 is off.
+    pub per_sec: u32,
+    /// Requests a client may send at once.
+    pub burst: u32,
+    /// Clients remembered at most.
+    pub clients: usize,
+    /// The header proxies name the client in, if any.
+    pub header: Option<HeaderName>,
+    /// The proxies whose header is believed.
+    pub trusted: Vec<IpNet>,
 }
 
 impl RateLimit {
-    /// A limiter, or `None` when `per_sec` is 0 (off).
-    pub fn new(per_sec: u32, burst: u32, header: Option<HeaderName>) -> Option<Arc<Self>> {
-        (per_sec > 0).then(|| {
-            Arc::new(Self {
-                per_sec: f64::from(per_sec),
-                burst: f64::from(burst.max(1)),
-                header,
-                buckets: Mutex::new(HashMap::new()),
-            })
+    /// A limiter on the real clock, or `None` when it is off.
+    pub fn new(settings: Settings) -> Option<Arc<Self>> {
+        Self::with_clock(settings, DefaultClock::default()).map(Arc::new)
+    }
+}
+
+impl<C: Clock> RateLimit<C> {
+    /// A limiter on `clock`, or `None` when `per_sec` is 0 (off).
+    fn with_clock(settings: Settings, clock: C) -> Option<Self> {
+        let per_sec = NonZeroU32::new(settings.per_sec)?;
+        let burst = NonZeroU32::new(settings.burst).unwrap_or(NonZeroU32::MIN);
+        let capacity = NonZeroUsize::new(settings.clients).unwrap_or(NonZeroUsize::MIN);
+        Some(Self {
+            limiter: RateLimiter::new(
+                Quota::per_second(per_sec).allow_burst(burst),
+                Clients::new(capacity),
+                clock,
+            ),
+            source: Source {
+                header: settings.header,
+                trusted: settings.trusted,
+            },
         })
     }
 
     /// Takes a token for `client`; `Err(seconds)` until the next one.
-    fn take(&self, client: IpAddr, now: Instant) -> Result<(), u32> {
-        let mut buckets = self.buckets.lock().expect("lock");
-        if buckets.len() >= MAX_CLIENTS && !buckets.contains_key(&client) {
-            // Full buckets are the same as no bucket: drop those.
-            let (per_sec, burst) = (self.per_sec, self.burst);
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * per_sec < burst
-            });
-        }
-        let (tokens, at) = buckets.entry(client).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - *tokens) / self.per_sec).ceil().max(1.0) as u32)
-        }
+    fn take(&self, client: IpAddr) -> Result<(), u32> {
+        self.limiter.check_key(&client).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.limiter.clock().now());
+            wait.max(Duration::from_secs(1)).as_secs_f64().ceil() as u32
+        })
     }
 
-    fn client(&self, request: &axum::extract::Request) -> Option<IpAddr> {
-        if let Some(name) = &self.header {
-            return request
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-                .and_then(|v| v.trim().parse().ok());
-        }
-        request
+    fn client(&self, request: &axum::extract::Request) -> IpAddr {
+        // No peer (only in tests that serve without connect info): one client.
+        let peer = request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        let forwarded = self.source.header.as_ref().into_iter().flat_map(|name| {
+            request
+                .headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+        });
+        self.source.client(peer, forwarded)
     }
 }
 
@@ -84,9 +200,8 @@ pub async fn limit(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    // No address (a proxy that did not set the header) is one client.
-    let client = limit.client(&request).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    match limit.take(client, Instant::now()) {
+    let client = limit.client(&request);
+    match limit.take(client) {
         Ok(()) => next.run(request).await,
         Err(retry_after_secs) => ApiError::RateLimited { retry_after_secs }.into_response(),
     }
@@ -94,23 +209,84 @@ pub async fn limit(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use governor::clock::FakeRelativeClock;
 
     use super::*;
 
+    fn settings(per_sec: u32, burst: u32, clients: usize) -> Settings {
+        Settings {
+            per_sec,
+            burst,
+            clients,
+            header: None,
+            trusted: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_bucket_allows_its_burst_then_its_rate() {
-        let limit = RateLimit::new(2, 3, None).expect("on");
+        let clock = FakeRelativeClock::default();
+        let limit = RateLimit::with_clock(settings(2, 3, 100), clock.clone()).expect("on");
         let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
-        let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(limit.take(a, t0), Ok(()));
+            assert_eq!(limit.take(a), Ok(()));
         }
-        assert_eq!(limit.take(a, t0), Err(1));
-        assert_eq!(limit.take(b, t0), Ok(()), "clients are counted apart");
+        assert_eq!(limit.take(a), Err(1));
+        assert_eq!(limit.take(b), Ok(()), "clients are counted apart");
         // Half a second refills one token at 2/s.
-        assert_eq!(limit.take(a, t0 + Duration::from_millis(500)), Ok(()));
-        assert_eq!(limit.take(a, t0 + Duration::from_millis(500)), Err(1));
-        assert!(RateLimit::new(0, 10, None).is_none(), "0 is off");
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(limit.take(a), Ok(()));
+        assert_eq!(limit.take(a), Err(1));
+        assert!(RateLimit::new(settings(0, 10, 100)).is_none(), "0 is off");
+    }
+
+    #[test]
+    fn a_million_distinct_clients_stay_within_the_bound() {
+        let clock = FakeRelativeClock::default();
+        let limit = RateLimit::with_clock(settings(1, 2, 10_000), clock.clone()).expect("on");
+        let regular = IpAddr::from([192, 0, 2, 1]);
+        assert_eq!(limit.take(regular), Ok(()));
+        for i in 0..1_000_000u32 {
+            let fake = IpAddr::from((u128::from(i) + (1 << 100)).to_be_bytes());
+            assert_eq!(limit.take(fake), Ok(()), "a new client has its burst");
+            assert!(limit.limiter.len() <= 10_000);
+        }
+        assert_eq!(limit.limiter.len(), 10_000);
+        // The regular client, seen a million clients ago, was forgotten:
+        // it starts again with a full burst rather than being refused.
+        assert_eq!((limit.take(regular), limit.take(regular)), (Ok(()), Ok(())));
+        assert_eq!(limit.take(regular), Err(1));
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_hop_no_trusted_proxy_vouches_for() {
+        let source = Source {
+            header: Some(HeaderName::from_static("x-forwarded-for")),
+            trusted: vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.0.0.7");
+        let client = |peer, hops: &[&str]| source.client(peer, hops.iter().copied());
+        // What the client wrote on the left never counts.
+        assert_eq!(client(proxy, &["6.6.6.6, 203.0.113.9"]), ip("203.0.113.9"));
+        assert_eq!(
+            client(proxy, &["6.6.6.6", "203.0.113.9, 10.1.2.3"]),
+            ip("203.0.113.9"),
+            "headers in order, trusted hops skipped"
+        );
+        // A peer that is not a trusted proxy is the client, header or not.
+        assert_eq!(
+            client(ip("198.51.100.4"), &["10.0.0.1"]),
+            ip("198.51.100.4")
+        );
+        // Only trusted hops: the furthest one; no header: the proxy.
+        assert_eq!(client(proxy, &["10.9.9.9, 10.8.8.8"]), ip("10.9.9.9"));
+        assert_eq!(client(proxy, &[]), proxy);
+        // Garbage stops the walk at the last proxy that vouched.
+        assert_eq!(
+            client(proxy, &["203.0.113.9, junk, 10.1.2.3"]),
+            ip("10.1.2.3")
+        );
+        assert_eq!(client(ip("::1"), &["2001:db8::5"]), ip("2001:db8::5"));
     }
 }

@@ -47,13 +47,18 @@ pub fn router(state: AppState) -> Router {
     let cfg = &state.inner.cfg;
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
-    let rate_limit = RateLimit::new(
-        cfg.rate_limit_per_sec,
-        cfg.rate_limit_burst,
-        cfg.client_ip_header
+    let rate_limit = RateLimit::new(ratelimit::Settings {
+        per_sec: cfg.rate_limit_per_sec,
+        burst: cfg.rate_limit_burst,
+        clients: cfg.rate_limit_clients,
+        header: cfg
+            .client_ip_header
             .as_deref()
             .map(|h| HeaderName::try_from(h).expect("validated with the configuration")),
-    );
+        trusted: cfg
+            .trusted_proxy_nets()
+            .expect("validated with the configuration"),
+    });
     let mut api = Router::new()
         .route("/v1/coupons", post(create_coupon))
         .route("/v1/coupons/{coupon_id}", get(get_coupon))

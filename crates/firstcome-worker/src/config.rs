@@ -81,6 +81,17 @@ pub struct WorkerConfig {
     #[arg(long, env = "FIRSTCOME_PERMANENT_ATTEMPTS", default_value_t = 3)]
     pub permanent_attempts: u32,
 
+    /// How long after a coupon's window ended (or it was closed) its Redis
+    /// state may leave Redis, once every record of it is stored. Longer
+    /// than an ingress may still accept for it (its coupon cache, 1 s, and
+    /// a produce timeout), so the log holds no more records of it.
+    #[arg(long, env = "FIRSTCOME_RETIRE_AFTER_SECS", default_value_t = 600)]
+    pub retire_after_secs: u64,
+
+    /// How often the worker looks for coupon states to retire; 0 never.
+    #[arg(long, env = "FIRSTCOME_RETIRE_INTERVAL_MS", default_value_t = 60_000)]
+    pub retire_interval_ms: u64,
+
     /// Longest a graceful shutdown waits for the batches in hand.
     #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
     pub shutdown_timeout_ms: u64,

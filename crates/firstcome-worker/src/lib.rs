@@ -2,7 +2,7 @@
 //! requests in log order with one atomic Lua call per coupon and batch,
 //! persists every decision in Postgres, and dead-letters what it cannot
 //! process. Also the operator's tool: `migrate`, `topics`, `reconcile`,
-//! `redis rebuild` and `dlq list|show|replay`.
+//! `redis rebuild`, `dlq list|show|replay` and `prune`.
 //!
 //! # Layout
 //! - [`config`]: flags and environment variables, the retry schedule
@@ -12,14 +12,18 @@
 //! - [`reconcile`]: compare Redis with Postgres
 //! - [`rebuild`]: rebuild Redis from Postgres on demand
 //! - [`dlq`]: list, show and replay dead letters
+//! - [`prune`]: the retention of the ledger and the audit
+//! - [`retire`]: a coupon's Redis state leaves Redis after its sale
 
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod dlq;
 pub mod pipeline;
+pub mod prune;
 pub mod rebuild;
 pub mod reconcile;
+pub mod retire;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -157,7 +161,12 @@ impl Worker {
         let ops = self
             .ops
             .spawn(ops_router(self.shared.clone()), shutdown.clone());
-        consumer::run(self.shared, self.partitions, shutdown).await;
+        let retiring = tokio::spawn(retire::run(self.shared.clone(), shutdown.clone()));
+        consumer::run(self.shared, self.partitions, shutdown.clone()).await;
+        // The sweep stops with everything else; a run of it cut short
+        // leaves nothing half done.
+        shutdown.cancel();
+        retiring.abort();
         let _ = ops.await;
         tracing::info!("worker stopped");
         Ok(())

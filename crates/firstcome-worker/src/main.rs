@@ -48,6 +48,18 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Delete ledger rows, failure records (and audit rows) older than a
+    /// cutoff, in small batches, while everything runs. Refuses a cutoff
+    /// shorter than the topics' retention (see `docs/operations.md`).
+    Prune {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(flatten)]
+        opts: firstcome_worker::prune::PruneOptions,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create the request and dead-letter topics if they do not exist.
     Topics {
         #[command(flatten)]
@@ -186,6 +198,20 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => dlq(command),
+        Command::Prune { common, opts, json } => {
+            firstcome::telemetry::init(common.log_json);
+            common.validate()?;
+            let pruned = firstcome_worker::prune::prune(&common, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string(&pruned)?);
+            } else {
+                println!(
+                    "pruned {} ledger rows, {} failure records, {} audit rows",
+                    pruned.ledger_rows, pruned.failure_rows, pruned.audit_rows
+                );
+            }
+            Ok(())
+        }
         Command::Topics {
             common,
             partitions,

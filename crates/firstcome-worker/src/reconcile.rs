@@ -28,6 +28,9 @@ pub struct Report {
     pub redis_issued: Option<i64>,
     /// Units left in Redis.
     pub redis_remaining: Option<i64>,
+    /// Its sale is over and its state left Redis on purpose (see
+    /// [`crate::retire`]): no state in Redis is then no drift.
+    pub retired: bool,
     /// What differs; empty when the two agree.
     pub drift: Vec<String>,
 }
@@ -54,7 +57,9 @@ pub async fn reconcile<C: ConnectionLike + Send>(
         let pg_issued = pg_users.len() as i64;
         let observed = state::observe(redis, &keys.coupon(&id)).await?;
         let mut drift = Vec::new();
+        let retired = observed.is_none() && db::is_retired(pool, &id).await?;
         match &observed {
+            None if retired => {}
             None => drift.push("no state in Redis".to_owned()),
             Some(o) => {
                 let (epoch, seq) = db::fence(pool, &id).await?.unwrap_or_default();
@@ -107,6 +112,7 @@ pub async fn reconcile<C: ConnectionLike + Send>(
             pg_issued,
             redis_issued: observed.as_ref().map(|o| o.users.len() as i64),
             redis_remaining: observed.as_ref().map(|o| o.remaining),
+            retired,
             drift,
         });
     }
@@ -141,7 +147,9 @@ pub fn table(reports: &[Report]) -> String {
             r.pg_issued,
             opt(r.redis_issued),
             opt(r.redis_remaining),
-            if r.drift.is_empty() {
+            if r.retired {
+                "retired"
+            } else if r.drift.is_empty() {
                 "in sync"
             } else {
                 "DRIFT"

@@ -594,3 +594,143 @@ pub async fn audit(
     .await?;
     Ok(())
 }
+
+/// A table `prune` trims, with the column that dates its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prunable {
+    /// `request_ledger`, by `decided_at`.
+    Ledger,
+    /// `request_failure`, by `failed_at`.
+    Failures,
+    /// `admin_audit`, by `at`.
+    Audit,
+}
+
+impl Prunable {
+    /// One batch: the oldest rows dated before the cutoff, by key. The
+    /// ledger's is found by its `decided_at` index.
+    fn statement(self) -> &'static str {
+        match self {
+            Self::Ledger => {
+                "DELETE FROM request_ledger WHERE request_id IN \
+                 (SELECT request_id FROM request_ledger WHERE decided_at < $1 LIMIT $2)"
+            }
+            Self::Failures => {
+                "DELETE FROM request_failure WHERE request_id IN \
+                 (SELECT request_id FROM request_failure WHERE failed_at < $1 LIMIT $2)"
+            }
+            Self::Audit => {
+                "DELETE FROM admin_audit WHERE audit_id IN \
+                 (SELECT audit_id FROM admin_audit WHERE at < $1 LIMIT $2)"
+            }
+        }
+    }
+}
+
+/// Deletes the rows of `table` dated before `before`, `batch` rows per
+/// statement, each statement a transaction of its own: the table stays
+/// writable throughout and no lock is held longer than one batch. Returns
+/// the rows deleted.
+pub async fn prune(
+    pool: &PgPool,
+    table: Prunable,
+    before: DateTime<Utc>,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    loop {
+        let done = sqlx::query(table.statement())
+            .bind(before)
+            .bind(batch)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        deleted += done;
+        if done < u64::try_from(batch).unwrap_or(u64::MAX) {
+            return Ok(deleted);
+        }
+    }
+}
+
+/// A coupon whose sale is over and whose Redis state may still be there
+/// (see `firstcome-worker`'s `retire`).
+#[derive(Debug, Clone, FromRow)]
+pub struct RetireCandidate {
+    /// The coupon.
+    pub coupon_id: String,
+    /// Its epoch now.
+    pub redis_epoch: i64,
+    /// The partition its stored records were read from; `None` when none
+    /// was ever stored.
+    pub kafka_partition: Option<i32>,
+    /// The epoch at which `retire_offset` was read.
+    pub retire_epoch: Option<i64>,
+    /// The partition's end, read once the sale was over.
+    pub retire_offset: Option<i64>,
+}
+
+/// Coupons whose window ended more than `over_for` ago and whose state of
+/// the current epoch has not been retired, the longest over first.
+pub async fn retire_candidates(
+    pool: &PgPool,
+    over_for: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<RetireCandidate>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.coupon_id, c.redis_epoch, c.retire_epoch, c.retire_offset,
+                (SELECT l.kafka_partition FROM request_ledger l
+                  WHERE l.coupon_id = c.coupon_id LIMIT 1) AS kafka_partition
+           FROM coupon c
+          WHERE c.ends_at < now() - make_interval(secs => $1)
+            AND c.retired_epoch IS DISTINCT FROM c.redis_epoch
+          ORDER BY c.ends_at
+          LIMIT $2",
+    )
+    .bind(over_for.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Records the end of the coupon's partition, read at `epoch` once its sale
+/// was over; false when the epoch has moved since (look again later).
+pub async fn mark_retire_offset(
+    pool: &PgPool,
+    id: &str,
+    epoch: i64,
+    offset: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE coupon SET retire_epoch = $2, retire_offset = $3
+          WHERE coupon_id = $1 AND redis_epoch = $2",
+    )
+    .bind(id)
+    .bind(epoch)
+    .bind(offset)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records that the coupon's state of `epoch` left Redis.
+pub async fn mark_retired(pool: &PgPool, id: &str, epoch: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE coupon SET retired_epoch = $2 WHERE coupon_id = $1 AND redis_epoch = $2",
+    )
+    .bind(id)
+    .bind(epoch)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Whether the coupon's state of its current epoch was retired.
+pub async fn is_retired(pool: &PgPool, id: &CouponId) -> Result<bool, sqlx::Error> {
+    let retired: Option<bool> = sqlx::query_scalar(
+        "SELECT retired_epoch IS NOT DISTINCT FROM redis_epoch FROM coupon WHERE coupon_id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(retired.unwrap_or(false))
+}

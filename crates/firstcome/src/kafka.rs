@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -76,6 +76,33 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// How long each topic keeps its records (`retention.ms`); `None` for a
+/// topic that keeps them forever (`-1`).
+pub async fn retention(
+    common: &CommonConfig,
+    topics: &[&str],
+) -> anyhow::Result<Vec<Option<Duration>>> {
+    let admin: AdminClient<DefaultClientContext> = client_config(common)?.create()?;
+    let specifiers: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = admin.describe_configs(&specifiers, &opts).await?;
+    topics
+        .iter()
+        .zip(described)
+        .map(|(topic, result)| {
+            let config =
+                result.map_err(|code| anyhow::anyhow!("describing topic {topic}: {code}"))?;
+            let ms: i64 = config
+                .get("retention.ms")
+                .and_then(|e| e.value.as_deref())
+                .ok_or_else(|| anyhow::anyhow!("topic {topic} shows no retention.ms"))?
+                .parse()?;
+            Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+        })
+        .collect()
 }
 
 /// Reads a whole topic, every partition from its first to its last record at

@@ -37,6 +37,12 @@ pub mod names {
     pub const INGRESS_REQUEST_DURATION: &str = "firstcome_ingress_http_request_duration_seconds";
     /// Gauge: HTTP requests being served now.
     pub const INGRESS_IN_FLIGHT: &str = "firstcome_ingress_in_flight_requests";
+    /// Gauge: long polls (`GET /v1/issue-requests/{id}?wait_ms=N`) waiting
+    /// for a decision now.
+    pub const INGRESS_LONG_POLLS: &str = "firstcome_ingress_long_polls";
+    /// Gauge: client connections open now (at most
+    /// `FIRSTCOME_MAX_CONNECTIONS`).
+    pub const INGRESS_CONNECTIONS: &str = "firstcome_ingress_connections";
     /// Histogram: seconds from produce to the broker's acknowledgement.
     pub const INGRESS_PRODUCE_DURATION: &str = "firstcome_ingress_produce_duration_seconds";
     /// Counter: issue requests the broker acknowledged (answered `202`).
@@ -64,6 +70,9 @@ pub mod names {
     /// Counter: coupons rebuilt from Postgres because the fence found their
     /// Redis state stale (Redis and Postgres drifted apart).
     pub const WORKER_STATE_REBUILDS: &str = "firstcome_worker_state_rebuilds";
+    /// Counter: coupon states deleted from Redis after their sale (see
+    /// `firstcome-worker`'s `retire`).
+    pub const WORKER_STATES_RETIRED: &str = "firstcome_worker_states_retired";
     /// Gauge, `partition`: records behind the partition's end, as
     /// librdkafka last reported (`consumer_lag`, every statistics interval).
     pub const WORKER_CONSUMER_LAG: &str = "firstcome_worker_consumer_lag";
@@ -85,10 +94,13 @@ pub mod names {
             WORKER_RETRIES,
             WORKER_DEAD_LETTERS,
             WORKER_STATE_REBUILDS,
+            WORKER_STATES_RETIRED,
             WORKER_REBALANCES,
         ];
         let gauges = [
             INGRESS_IN_FLIGHT,
+            INGRESS_LONG_POLLS,
+            INGRESS_CONNECTIONS,
             WORKER_CONSUMER_LAG,
             WORKER_ASSIGNED_PARTITIONS,
             WORKER_PAUSED_PARTITIONS,
@@ -167,6 +179,10 @@ pub struct IngressMetrics {
     request_duration: Family<Label, Histogram, fn() -> Histogram>,
     /// HTTP requests being served now.
     pub in_flight: Gauge,
+    /// Long polls waiting now.
+    pub long_polls: Gauge,
+    /// Client connections open now.
+    pub connections: Gauge,
     produce_duration: Histogram,
     /// Issue requests the broker acknowledged.
     pub accepted: Counter,
@@ -183,6 +199,8 @@ impl IngressMetrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency),
             in_flight: Gauge::default(),
+            long_polls: Gauge::default(),
+            connections: Gauge::default(),
             produce_duration: latency(),
             accepted: Counter::default(),
             broker_errors: Family::default(),
@@ -203,6 +221,16 @@ impl IngressMetrics {
             INGRESS_IN_FLIGHT,
             "HTTP requests being served",
             m.in_flight.clone(),
+        );
+        registry.register(
+            INGRESS_LONG_POLLS,
+            "Long polls waiting for a decision",
+            m.long_polls.clone(),
+        );
+        registry.register(
+            INGRESS_CONNECTIONS,
+            "Client connections open",
+            m.connections.clone(),
         );
         registry.register(
             INGRESS_PRODUCE_DURATION,
@@ -287,6 +315,8 @@ pub struct WorkerMetrics {
     dead_letters: Family<Label, Counter>,
     /// Coupons rebuilt because the fence found their Redis state stale.
     pub state_rebuilds: Counter,
+    /// Coupon states deleted from Redis after their sale.
+    pub states_retired: Counter,
     consumer_lag: Family<[(&'static str, i32); 1], Gauge>,
     rebalances: Family<Label, Counter>,
     /// Partitions of the request topic this member owns.
@@ -315,6 +345,7 @@ impl WorkerMetrics {
             retries: Family::default(),
             dead_letters: Family::default(),
             state_rebuilds: Counter::default(),
+            states_retired: Counter::default(),
             consumer_lag: Family::default(),
             rebalances: Family::default(),
             assigned_partitions: Gauge::default(),
@@ -354,6 +385,11 @@ impl WorkerMetrics {
             WORKER_STATE_REBUILDS,
             "Coupons rebuilt from Postgres because their Redis state was stale",
             m.state_rebuilds.clone(),
+        );
+        registry.register(
+            WORKER_STATES_RETIRED,
+            "Coupon states deleted from Redis after their sale",
+            m.states_retired.clone(),
         );
         registry.register(
             WORKER_CONSUMER_LAG,

@@ -50,6 +50,7 @@ use crate::redis_conn::Connection;
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
 static UNDO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("undo.lua")));
 static INSTALL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("install.lua")));
+static RETIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("retire.lua")));
 
 /// How long a staging key of an unfinished build survives its builder.
 const STAGING_TTL_SECS: i64 = 3_600;
@@ -339,6 +340,42 @@ pub async fn install<C: ConnectionLike + Send>(
         .invoke_async(conn)
         .await?;
     Ok(installed == 1)
+}
+
+/// What [`retire`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// The state of that epoch is gone from Redis.
+    Deleted,
+    /// A state of a newer epoch is there (a rebuild came in between); kept.
+    Kept,
+    /// There was no state (what was left of a partial one is gone).
+    Absent,
+}
+
+/// Takes the coupon's state of `epoch` (or an older, stale one) out of
+/// Redis, atomically, with the ingress's count of its accepted requests. A later record of the coupon
+/// finds no state and rebuilds it from Postgres, as after any loss.
+pub async fn retire<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &CouponKeys,
+    epoch: i64,
+) -> Result<Retired, StateError> {
+    let found: i64 = RETIRE
+        .key(&keys.meta)
+        .key(&keys.stock)
+        .key(&keys.users)
+        .key(&keys.decided)
+        .key(&keys.accepted)
+        .arg(epoch)
+        .invoke_async(conn)
+        .await?;
+    match found {
+        1 => Ok(Retired::Deleted),
+        0 => Ok(Retired::Kept),
+        -1 => Ok(Retired::Absent),
+        other => Err(StateError::Protocol(format!("retire.lua answered {other}"))),
+    }
 }
 
 /// Stops decisions on the coupon for up to `ttl` (see [`Verdict::Paused`]);

@@ -1,0 +1,220 @@
+//! Nothing grows for good: what the ingress holds for a client's request is
+//! gone once the request is answered, and a coupon's Redis state leaves
+//! Redis after its sale.
+
+use std::time::Duration;
+
+use firstcome::metrics::names;
+use firstcome_suite::services::PrivatePostgres;
+use firstcome_suite::{Scrape, TestEnv, assert_holders};
+use futures::StreamExt;
+
+/// Long polls waiting now, as the ingress's `/metrics` counts its entries.
+async fn long_polls(ingress: &firstcome_suite::Running) -> f64 {
+    Scrape::of(ingress.metrics)
+        .await
+        .get(names::INGRESS_LONG_POLLS)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_long_polls_leave_nothing_registered_once_answered() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let poll = |wait_ms: u64| {
+        let client = client.clone();
+        async move {
+            let id = uuid::Uuid::new_v4();
+            let (code, _) = client
+                .get(&format!("/v1/issue-requests/{id}?wait_ms={wait_ms}"))
+                .await;
+            assert_eq!(code, 404, "nobody sent request {id}");
+        }
+    };
+
+    // Twenty long waits are counted while they wait...
+    let waiting: Vec<_> = (0..20).map(|_| tokio::spawn(poll(4_000))).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while long_polls(&ingress).await < 20.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the twenty polls never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and thousands of short ones, for ids nobody sent, come and go.
+    futures::stream::iter(0..3_000)
+        .for_each_concurrent(32, |_| poll(1))
+        .await;
+    for w in waiting {
+        w.await.expect("a poll answered");
+    }
+    assert_eq!(
+        long_polls(&ingress).await,
+        0.0,
+        "every answered poll took its entry with it"
+    );
+    ingress.stop().await;
+}
+
+/// Whether any key of the coupon's decision state is in Redis.
+async fn state_in_redis(env: &TestEnv, coupon: &str) -> bool {
+    let keys = firstcome::state::Keys::new(env.common.redis_prefix.clone())
+        .unwrap()
+        .coupon(&firstcome::CouponId::parse(coupon).unwrap());
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(&keys.meta)
+        .arg(&keys.stock)
+        .arg(&keys.users)
+        .arg(&keys.decided)
+        .query_async(&mut env.redis().await)
+        .await
+        .unwrap();
+    n > 0
+}
+
+/// Waits up to 60 s for the coupon's state to be in Redis (`true`) or not.
+async fn wait_state(env: &TestEnv, coupon: &str, present: bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while state_in_redis(env, coupon).await != present {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coupons_state_leaves_redis_after_its_sale_and_a_late_record_keeps_its_first_answer() {
+    let mut env = TestEnv::new().await;
+    // A sweep looks at every coupon of its database: a database of its own.
+    let pg = PrivatePostgres::start().await;
+    env.use_postgres(pg.url()).await;
+    let ingress = env.spawn_ingress().await;
+    let mut cfg = env.worker_config();
+    cfg.retire_after_secs = 0;
+    cfg.retire_interval_ms = 200;
+    let worker = env.spawn_worker_with(cfg).await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("sale");
+    let ends_at = chrono::Utc::now() + chrono::Duration::seconds(5);
+    let (code, body) = client
+        .create_coupon_with(serde_json::json!({
+            "coupon_id": coupon, "name": "a short sale", "total_stock": 2,
+            "starts_at": null, "ends_at": ends_at.to_rfc3339(),
+        }))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let mut first = None;
+    for user in ["u0", "u1", "u2", "u3"] {
+        let (code, body) = client.issue(&coupon, user).await;
+        assert_eq!(code, 202, "{body}");
+        first.get_or_insert(body["request_id"].as_str().unwrap().to_owned());
+    }
+    let first = first.unwrap();
+    env.wait_decided(&[coupon.as_str()], 4).await;
+    assert!(
+        state_in_redis(&env, &coupon).await,
+        "on sale, the state stays"
+    );
+    assert!(
+        chrono::Utc::now() < ends_at,
+        "the machine was too slow to see the sale open"
+    );
+
+    wait_state(
+        &env,
+        &coupon,
+        false,
+        "the state never left Redis after the sale",
+    )
+    .await;
+    let (retired, epoch): (Option<i64>, i64) =
+        sqlx::query_as("SELECT retired_epoch, redis_epoch FROM coupon WHERE coupon_id = $1")
+            .bind(&coupon)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(retired, Some(epoch));
+
+    // u0's record delivered again, and a record that came too late: the
+    // state is rebuilt from Postgres for them; u0 keeps its first answer.
+    let log = env.read_request_log();
+    let again = log
+        .iter()
+        .find(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap()).contains(&first))
+        .expect("u0's record is in the log");
+    // Accepted (by an ingress with a stale copy of the coupon) after the end.
+    let late_id = uuid::Uuid::now_v7().to_string();
+    let late = serde_json::json!({
+        "request_id": late_id, "coupon_id": coupon, "user_id": "u9",
+        "accepted_at": chrono::Utc::now().to_rfc3339(),
+    })
+    .to_string();
+    env.produce_raw(&[
+        (
+            std::str::from_utf8(again.key.as_deref().unwrap()).unwrap(),
+            std::str::from_utf8(again.payload.as_deref().unwrap()).unwrap(),
+        ),
+        (&coupon, &late),
+    ])
+    .await;
+    env.wait_decided(&[coupon.as_str()], 5).await;
+    let (code, status) = client.get(&format!("/v1/issue-requests/{first}")).await;
+    assert_eq!(
+        (code, &status["status"]),
+        (200, &serde_json::json!("issued"))
+    );
+    let (code, status) = client.get(&format!("/v1/issue-requests/{late_id}")).await;
+    assert_eq!(
+        (code, &status["status"]),
+        (200, &serde_json::json!("not_open"))
+    );
+    assert_holders(&env, &coupon, &["u0".to_owned(), "u1".to_owned()]).await;
+    // The state rebuilt for them leaves again.
+    wait_state(&env, &coupon, false, "the rebuilt state never left").await;
+
+    worker.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_connection_bound_the_ingress_takes_no_more_until_one_closes() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.ingress_config();
+    cfg.max_connections = 4;
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let addr = ingress.addr.unwrap();
+    let open = || async {
+        Scrape::of(ingress.metrics)
+            .await
+            .get(names::INGRESS_CONNECTIONS)
+    };
+
+    // Four idle connections take every place.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while open().await < 4.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "four connections never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A fifth waits in the kernel's queue: connected, never read.
+    let client = env.client(&ingress);
+    let fifth = tokio::spawn(async move { client.get("/healthz").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!fifth.is_finished(), "a fifth connection was served");
+    assert_eq!(open().await, 4.0);
+    // One closes: the fifth takes its place and is answered.
+    drop(idle.pop());
+    let (code, body) = tokio::time::timeout(Duration::from_secs(10), fifth)
+        .await
+        .expect("served once a place was free")
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    drop(idle);
+    ingress.stop().await;
+}
