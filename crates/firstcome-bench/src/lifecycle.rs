@@ -266,13 +266,7 @@ async fn sell(
     size: LifecycleSize,
     counts: &Arc<Counts>,
 ) -> anyhow::Result<()> {
-    let r = http
-        .post(format!("{base}/v1/coupons"))
-        .bearer_auth(&env.admin_token)
-        .json(&json!({ "coupon_id": id, "name": id, "total_stock": STOCK }))
-        .send()
-        .await?;
-    anyhow::ensure!(r.status() == 201, "creating coupon {id}: {}", r.status());
+    crate::scenarios::create_coupon(http, base, env, id, STOCK).await?;
     let (h, b, coupon, counts) = (http.clone(), base.to_owned(), id.to_owned(), counts.clone());
     load::closed(size.clients, size.requests_per_coupon, move |i| {
         let (h, b, coupon, counts) = (h.clone(), b.clone(), coupon.clone(), counts.clone());

@@ -31,30 +31,28 @@ pub fn free_addr() -> SocketAddr {
         .expect("a free local port")
 }
 
-/// Peak resident memory of process `pid` so far (`VmHWM`), in MiB.
-fn peak_rss_mib(pid: u32) -> Option<f64> {
+/// A memory figure of process `pid` from `/proc/PID/status` (`VmHWM:`,
+/// `VmRSS:`), in MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()?;
     Some(kb / 1024.0)
 }
 
+/// Peak resident memory of process `pid` so far (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
 /// Resident memory of process `pid` now (`VmRSS`), in MiB.
 pub fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    status_mib(pid, "VmRSS:")
 }
 
 /// CPU time process `pid` used so far (user + system), seconds.

@@ -202,7 +202,8 @@ pub async fn raw_http(size: Size) -> anyhow::Result<HttpCurve> {
     curve("c", size, || procs::own_server(&env, "serve-raw-http")).await
 }
 
-async fn create_coupon(
+/// Creates a coupon of `stock` units through the ingress, as the admin.
+pub(crate) async fn create_coupon(
     http: &reqwest::Client,
     base: &str,
     env: &BenchEnv,
