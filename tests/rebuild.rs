@@ -388,3 +388,31 @@ async fn the_fence_checks_a_store_against_what_a_concurrent_store_of_the_coupon_
             .unwrap();
     assert_eq!(held, ["a", "b", "c"], "late never got a unit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rebuild_waits_for_a_redis_that_is_not_back_yet() {
+    let mut env = TestEnv::new().await;
+    let mut redis = PrivateRedis::start().await;
+    env.use_redis(redis.url());
+    let ingress = env.spawn_ingress().await;
+    let coupon = env.coupon_id("late");
+    assert_eq!(env.client(&ingress).create_coupon(&coupon, 5).await.0, 201);
+    ingress.stop().await;
+
+    // Redis is down when the operator rebuilds (or still loading its data,
+    // which answers LOADING the same way): the tool waits for it.
+    redis.stop();
+    let started = {
+        let env = &env;
+        let coupon = coupon.clone();
+        async move { rebuild(env, &["--coupon", &coupon, "--wait-secs", "60"]).await }
+    };
+    let restart = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        redis.start_again().await;
+    };
+    let ((code, report, err), ()) = tokio::join!(started, restart);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(report[0]["coupon_id"], coupon.as_str(), "{report}");
+    assert_eq!(report[0]["remaining"], 5, "{report}");
+}

@@ -126,6 +126,16 @@ impl PrivateRedis {
             let _ = c.wait();
         }
     }
+
+    /// `kill -9`; [`PrivateRedis::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts it again on its data and port, after [`PrivateRedis::stop`].
+    pub async fn start_again(&mut self) {
+        self.run().await;
+    }
 }
 
 impl Drop for PrivateRedis {

@@ -90,6 +90,10 @@ enum RedisCommand {
         /// Longest a coupon stays paused, should this tool die half-way.
         #[arg(long, default_value_t = 60)]
         pause_secs: u64,
+        /// How long to wait for Redis to answer first (down, or still
+        /// loading its data after a restart: the usual moment to rebuild).
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
         /// JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
@@ -175,11 +179,13 @@ async fn main() -> anyhow::Result<()> {
                     common,
                     coupon,
                     pause_secs,
+                    wait_secs,
                     json,
                 },
         } => {
             firstcome::telemetry::init(common.log_json);
-            if let Err(e) = rebuild(&common, &coupon, pause_secs, json).await {
+            let waits = (pause_secs, wait_secs);
+            if let Err(e) = rebuild(&common, &coupon, waits, json).await {
                 eprintln!("error: {e:#}");
                 std::process::exit(2);
             }
@@ -262,7 +268,7 @@ async fn reconcile(
 async fn rebuild(
     common: &CommonConfig,
     coupons: &[String],
-    pause_secs: u64,
+    (pause_secs, wait_secs): (u64, u64),
     json: bool,
 ) -> anyhow::Result<()> {
     common.validate()?;
@@ -271,9 +277,9 @@ async fn rebuild(
         .map(|c| firstcome::CouponId::parse(c.as_str()))
         .collect::<Result<Vec<_>, _>>()?;
     let pool = common.connect_postgres().await?;
-    let mut redis = common
-        .connect_redis(std::time::Duration::from_secs(10))
-        .await?;
+    let mut redis =
+        firstcome_worker::rebuild::ready_redis(common, std::time::Duration::from_secs(wait_secs))
+            .await?;
     let reports = firstcome_worker::rebuild::rebuild(
         &pool,
         &mut redis,

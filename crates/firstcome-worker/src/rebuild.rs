@@ -35,6 +35,31 @@ pub struct Report {
     pub installed: bool,
 }
 
+/// A connection to a Redis that answers: waits up to `wait` for one that is
+/// down or still loading its data (it answers `LOADING` meanwhile), which is
+/// when an operator rebuilds, right after a restart or a restore.
+pub async fn ready_redis(
+    common: &firstcome::config::CommonConfig,
+    wait: Duration,
+) -> anyhow::Result<firstcome::redis_conn::RedisConn> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let attempt = async {
+            let mut conn = common.connect_redis(Duration::from_secs(10)).await?;
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            anyhow::Ok(conn)
+        };
+        match attempt.await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "redis does not answer yet; waiting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.context(format!("redis did not answer within {wait:?}"))),
+        }
+    }
+}
+
 /// Rebuilds the coupons `only`, or every coupon when it is empty, each
 /// paused for at most `pause`. Unknown coupons are refused before anything
 /// is touched.
