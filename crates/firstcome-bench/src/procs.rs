@@ -174,9 +174,10 @@ pub async fn serve(mut cmd: Command, addr: SocketAddr, what: &str) -> anyhow::Re
 }
 
 /// Settings of the binaries that the bench's own environment may override.
-const PASSED_ON: [&str; 8] = [
+const PASSED_ON: [&str; 9] = [
     "FIRSTCOME_SOLD_OUT_CHECK_MS",
     "FIRSTCOME_MAX_IN_FLIGHT",
+    "FIRSTCOME_MAX_CONNECTIONS",
     "FIRSTCOME_MAX_BATCH",
     "FIRSTCOME_PARTITION_BUFFER",
     "FIRSTCOME_COMMIT_INTERVAL_MS",

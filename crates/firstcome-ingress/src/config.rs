@@ -68,8 +68,11 @@ pub struct IngressConfig {
 
     /// Most client connections held at once; past it the ingress accepts
     /// no more until one closes (they wait in the kernel's queue), so what
-    /// the connections hold stays bounded under any load.
-    #[arg(long, env = "FIRSTCOME_MAX_CONNECTIONS", default_value_t = 4_096)]
+    /// the connections hold stays bounded under any load. Measured
+    /// (docs/benchmarks.md, "Memory"): through the overload step 1,024 held
+    /// 47 MiB but lowered the sustained rate, 2,048 held 76 MiB at the full
+    /// rate, 4,096 reached 128 MiB.
+    #[arg(long, env = "FIRSTCOME_MAX_CONNECTIONS", default_value_t = 2_048)]
     pub max_connections: usize,
 
     /// How long the ingress trusts its last look at a coupon's stock in
