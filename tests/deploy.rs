@@ -225,6 +225,7 @@ fn every_kustomize_overlay_renders_and_validates_against_the_kubernetes_schemas(
             ("PodDisruptionBudget", "firstcome-worker"),
             ("ScaledObject", "firstcome-worker"),
             ("Job", "firstcome-migrate"),
+            ("CronJob", "firstcome-prune"),
         ] {
             assert!(
                 kinds.contains(&(kind.to_owned(), name.to_owned())),
@@ -480,6 +481,8 @@ fn every_setting_compose_and_kubernetes_pass_is_one_the_binaries_read() {
                 || doc["kind"] == "StatefulSet"
             {
                 &doc["spec"]["template"]["spec"]
+            } else if doc["kind"] == "CronJob" {
+                &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
             } else {
                 continue;
             };
