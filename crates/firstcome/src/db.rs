@@ -607,8 +607,8 @@ pub enum Prunable {
 }
 
 impl Prunable {
-    /// One batch: the oldest rows dated before the cutoff, by key. The
-    /// ledger's is found by its `decided_at` index.
+    /// One batch: up to `$2` rows dated before the cutoff `$1`, by key (the
+    /// ledger's found by its `decided_at` index).
     fn statement(self) -> &'static str {
         match self {
             Self::Ledger => {
