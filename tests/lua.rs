@@ -430,3 +430,53 @@ async fn an_installed_state_has_every_key_even_before_anything_is_decided() {
         assert!(exists, "{key} is absent from a fresh state");
     }
 }
+
+#[tokio::test]
+async fn retire_deletes_a_state_of_its_epoch_or_older_and_keeps_a_newer_one() {
+    use firstcome::state::Retired;
+    let mut f = fixture(CouponSnapshot {
+        epoch: 5,
+        ..open_coupon(3)
+    })
+    .await;
+    let exists = |keys: &CouponKeys| {
+        let mut cmd = redis::cmd("EXISTS");
+        for k in [&keys.meta, &keys.stock, &keys.users, &keys.decided] {
+            cmd.arg(k);
+        }
+        cmd
+    };
+    // A sweep that read epoch 4 is behind a rebuild: the state stays.
+    let found = state::retire(&mut f.conn, &f.keys, 4).await.unwrap();
+    assert_eq!(found, Retired::Kept);
+    let n: i64 = exists(&f.keys).query_async(&mut f.conn).await.unwrap();
+    assert_eq!(n, 4);
+    // The epoch it read, or a later one (the state is stale): all four go.
+    let found = state::retire(&mut f.conn, &f.keys, 6).await.unwrap();
+    assert_eq!(found, Retired::Deleted);
+    let n: i64 = exists(&f.keys).query_async(&mut f.conn).await.unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(
+        state::retire(&mut f.conn, &f.keys, 6).await.unwrap(),
+        Retired::Absent
+    );
+    // What is left of a partial state (no meta) goes too.
+    let _: () = redis::cmd("SET")
+        .arg(&f.keys.stock)
+        .arg(1)
+        .query_async(&mut f.conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        state::retire(&mut f.conn, &f.keys, 6).await.unwrap(),
+        Retired::Absent
+    );
+    let n: i64 = exists(&f.keys).query_async(&mut f.conn).await.unwrap();
+    assert_eq!(n, 0);
+    // The next request finds no state, as after any loss.
+    let r = request(&f, "u1", Utc::now());
+    let verdict = state::decide(&mut f.conn, &f.keys, &[&r], Utc::now().trunc_subsecs(6))
+        .await
+        .unwrap();
+    assert!(matches!(verdict, Verdict::Uninitialized), "{verdict:?}");
+}
