@@ -127,13 +127,26 @@ async fn a_coupons_state_leaves_redis_after_its_sale_and_a_late_record_keeps_its
         "the state never left Redis after the sale",
     )
     .await;
-    let (retired, epoch): (Option<i64>, i64) =
-        sqlx::query_as("SELECT retired_epoch, redis_epoch FROM coupon WHERE coupon_id = $1")
-            .bind(&coupon)
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(retired, Some(epoch));
+    // The sweep deletes the state, then marks it retired in Postgres (the
+    // other order could mark a state retired that a failed delete left in
+    // Redis): the mark follows the delete, not with it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (retired, epoch): (Option<i64>, i64) =
+            sqlx::query_as("SELECT retired_epoch, redis_epoch FROM coupon WHERE coupon_id = $1")
+                .bind(&coupon)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        if retired == Some(epoch) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the state left Redis but Postgres never marked it retired: {retired:?} at epoch {epoch}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // u0's record delivered again, and a record that came too late: the
     // state is rebuilt from Postgres for them; u0 keeps its first answer.

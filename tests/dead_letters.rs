@@ -3,6 +3,7 @@
 //! cause is fixed a replay decides them at their new place in the log;
 //! replaying them again changes nothing.
 
+use firstcome_worker::deadletter::Header;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -112,6 +113,8 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
     }
     let letters = env.read_dead_letters();
     for l in &letters {
+        // Spelled out, as operators' tools know them: a renamed header
+        // fails here.
         for h in [
             "firstcome.error.kind",
             "firstcome.error.message",
@@ -126,11 +129,11 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
         ] {
             assert!(l.headers.contains_key(h), "{h} missing: {:?}", l.headers);
         }
-        assert_eq!(l.headers["firstcome.consumer.group"], env.group_id);
+        assert_eq!(l.headers[Header::ConsumerGroup.as_str()], env.group_id);
     }
     let failed = letters
         .iter()
-        .filter(|l| l.headers["firstcome.error.kind"] == "permanent_failure")
+        .filter(|l| l.headers[Header::ErrorKind.as_str()] == "permanent_failure")
         .collect::<Vec<_>>();
     assert!(
         failed
@@ -140,7 +143,8 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
     assert!(
         failed
             .iter()
-            .all(|l| l.headers["firstcome.error.message"].contains("refused by the test trigger"))
+            .all(|l| l.headers[Header::ErrorMessage.as_str()]
+                .contains("refused by the test trigger"))
     );
     // The request id header of the ingress's record stays on its dead letter.
     for l in &failed {
@@ -176,7 +180,7 @@ async fn poison_and_failing_records_are_dead_lettered_then_replayed_once_the_cau
     let replayed = env
         .read_request_log()
         .into_iter()
-        .filter(|r| r.headers.contains_key("firstcome.replay.count"))
+        .filter(|r| r.headers.contains_key(Header::ReplayCount.as_str()))
         .map(|r| r.headers.get(firstcome::record::REQUEST_ID_HEADER).cloned())
         .collect::<Vec<_>>();
     assert_eq!(replayed.len(), 2);

@@ -1,6 +1,7 @@
 //! The whole path: HTTP → Kafka → worker → Redis → Postgres, and back
 //! through the status and user endpoints.
 
+use firstcome_worker::deadletter::Header;
 use std::time::Duration;
 
 use firstcome_suite::{TestEnv, request_value};
@@ -186,7 +187,7 @@ async fn records_that_cannot_be_issue_requests_are_dead_lettered_and_block_nothi
     assert_eq!(letters.len(), bad.len(), "{letters:?}");
     let mut kinds: Vec<&str> = letters
         .iter()
-        .map(|l| l.headers["firstcome.error.kind"].as_str())
+        .map(|l| l.headers[Header::ErrorKind.as_str()].as_str())
         .collect();
     let mut want: Vec<&str> = bad.iter().map(|(_, _, kind)| *kind).collect();
     kinds.sort();
@@ -200,16 +201,16 @@ async fn records_that_cannot_be_issue_requests_are_dead_lettered_and_block_nothi
             .expect("the value is the original");
         assert_eq!(letter.key.as_deref(), Some(source.0.as_bytes()));
         assert_eq!(
-            letter.headers["firstcome.original.topic"],
+            letter.headers[Header::OriginalTopic.as_str()],
             env.common.request_topic
         );
-        assert_eq!(letter.headers["firstcome.consumer.group"], env.group_id);
+        assert_eq!(letter.headers[Header::ConsumerGroup.as_str()], env.group_id);
         assert!(
-            letter.headers["firstcome.original.offset"]
+            letter.headers[Header::OriginalOffset.as_str()]
                 .parse::<i64>()
                 .is_ok()
         );
-        assert!(!letter.headers["firstcome.error.message"].is_empty());
+        assert!(!letter.headers[Header::ErrorMessage.as_str()].is_empty());
     }
     // Nothing of the bad records reached the ledger.
     let rows: i64 =

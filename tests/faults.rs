@@ -1,6 +1,7 @@
 //! Faults injected for real: a service cut off through a TCP proxy, a
 //! private Postgres stopped, the worker killed.
 
+use firstcome_worker::deadletter::Header;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -326,11 +327,13 @@ async fn a_decision_postgres_refuses_for_good_is_undone_dead_lettered_and_failed
     let letters = env.read_dead_letters();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(
-        letters[0].headers["firstcome.error.kind"],
+        letters[0].headers[Header::ErrorKind.as_str()],
         "permanent_failure"
     );
-    assert_eq!(letters[0].headers["firstcome.error.attempts"], "3");
-    assert!(letters[0].headers["firstcome.error.message"].contains("refused by the test trigger"));
+    assert_eq!(letters[0].headers[Header::Attempts.as_str()], "3");
+    assert!(
+        letters[0].headers[Header::ErrorMessage.as_str()].contains("refused by the test trigger")
+    );
     let value: serde_json::Value =
         serde_json::from_slice(letters[0].payload.as_ref().unwrap()).unwrap();
     assert_eq!(value["request_id"], ids[1].as_str());

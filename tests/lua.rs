@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use firstcome::state::{self, CouponKeys, CouponSnapshot, Decision, Decisions, Keys, Verdict};
+use firstcome::status;
 use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
 use firstcome_suite::{TestEnv, stack_env, unique};
 
@@ -331,15 +332,15 @@ async fn a_pending_entry_never_overwrites_a_final_status_written_first() {
         status: Status::Issued,
         decided_at: Utc::now().trunc_subsecs(6),
     };
-    let final_status = state::RequestStatus::decided(&r, decision);
-    state::put_statuses(&mut conn, &keys, std::slice::from_ref(&final_status), ttl)
+    let final_status = status::RequestStatus::decided(&r, decision);
+    status::put_statuses(&mut conn, &keys, std::slice::from_ref(&final_status), ttl)
         .await
         .unwrap();
-    let wrote = state::put_pending(&mut conn, &keys, &state::RequestStatus::pending(&r), ttl)
+    let wrote = status::put_pending(&mut conn, &keys, &status::RequestStatus::pending(&r), ttl)
         .await
         .unwrap();
     assert!(!wrote);
-    let seen = state::get_status(&mut conn, &keys, r.request_id)
+    let seen = status::get_status(&mut conn, &keys, r.request_id)
         .await
         .unwrap();
     assert_eq!(seen, Some(final_status));
@@ -350,16 +351,16 @@ async fn a_pending_entry_never_overwrites_a_final_status_written_first() {
         ..r
     };
     assert!(
-        state::put_pending(&mut conn, &keys, &state::RequestStatus::pending(&r2), ttl)
+        status::put_pending(&mut conn, &keys, &status::RequestStatus::pending(&r2), ttl)
             .await
             .unwrap()
     );
-    let final2 = state::RequestStatus::decided(&r2, decision);
-    state::put_statuses(&mut conn, &keys, std::slice::from_ref(&final2), ttl)
+    let final2 = status::RequestStatus::decided(&r2, decision);
+    status::put_statuses(&mut conn, &keys, std::slice::from_ref(&final2), ttl)
         .await
         .unwrap();
     assert_eq!(
-        state::get_status(&mut conn, &keys, r2.request_id)
+        status::get_status(&mut conn, &keys, r2.request_id)
             .await
             .unwrap(),
         Some(final2)
@@ -373,7 +374,7 @@ async fn publishing_no_statuses_is_a_no_op_not_an_error() {
     let env = TestEnv::new().await;
     let mut conn = env.redis().await;
     let keys = env.common.keys().unwrap();
-    state::put_statuses(&mut conn, &keys, &[], std::time::Duration::from_secs(1))
+    status::put_statuses(&mut conn, &keys, &[], std::time::Duration::from_secs(1))
         .await
         .expect("an empty batch of statuses is fine");
 }

@@ -1,5 +1,6 @@
 //! The operator's commands of `firstcome-worker`, run as the real binary.
 
+use firstcome_worker::deadletter::Header;
 use std::time::Duration;
 
 use firstcome::CouponId;
@@ -238,13 +239,13 @@ async fn dlq_replay_puts_letters_back_resumes_changes_nothing_twice_and_refuses_
     let log = env.read_request_log();
     let replayed = log
         .iter()
-        .find(|r| r.headers.contains_key("firstcome.replay.count"))
+        .find(|r| r.headers.contains_key(Header::ReplayCount.as_str()))
         .expect("the replayed record is in the request topic");
     assert_eq!(replayed.key.as_deref(), Some(late.as_bytes()));
     assert_eq!(
         replayed
             .headers
-            .get("firstcome.replay.count")
+            .get(Header::ReplayCount.as_str())
             .map(String::as_str),
         Some("1")
     );
@@ -302,8 +303,8 @@ async fn dlq_replay_puts_letters_back_resumes_changes_nothing_twice_and_refuses_
     assert!(out.contains("1 replayed"), "{out}");
     wait_letters(3).await;
     let again = env.read_dead_letters().into_iter().last().unwrap();
-    assert_eq!(again.headers["firstcome.replay.count"], "1");
-    assert_eq!(again.headers["firstcome.error.kind"], "invalid_record");
+    assert_eq!(again.headers[Header::ReplayCount.as_str()], "1");
+    assert_eq!(again.headers[Header::ErrorKind.as_str()], "invalid_record");
     let (_, out) = worker_cli(&env, &replay_junk).await;
     assert!(
         out.contains("refused") && out.contains("1 refused"),

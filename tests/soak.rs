@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use firstcome_suite::services::{PrivateKafka, PrivatePostgres, PrivateRedis, signal};
-use firstcome_suite::{CouponRules, TestEnv, split};
+use firstcome_suite::{TestEnv, split};
 use serde_json::{Value, json};
 use tokio::process::Child;
 use tokio::time::Instant;
@@ -476,7 +476,10 @@ async fn check(
     let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
     let mut rules = HashMap::new();
     for (c, stock) in coupons {
-        rules.insert(c.clone(), CouponRules::read(env, c, *stock).await);
+        rules.insert(
+            c.clone(),
+            firstcome_suite::coupon_rules(env, c, *stock).await,
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     let m = loop {

@@ -961,213 +961,84 @@ pub async fn check_promise(
     check_promise_with(env, client, coupons, accepted, &Default::default(), limit).await;
 }
 
-/// The decisions the request log implies, replayed in log order.
-#[derive(Debug, Default)]
-pub struct LogModel {
-    /// Records in the log.
-    pub records: usize,
-    /// Request ids of every parseable record.
-    pub logged: std::collections::HashSet<String>,
-    /// Request id → (expected status, partition, offset of the deciding record).
-    pub expected: HashMap<String, (&'static str, i32, i64)>,
-    /// Per coupon: the users issued, in log order.
-    pub winners: HashMap<String, Vec<String>>,
-    /// Records that went to the dead-letter topic, by kind.
-    pub dead: HashMap<String, usize>,
-    /// Request ids of dead-lettered records that name one.
-    pub dead_ids: std::collections::HashSet<String>,
-    /// Per coupon: the partitions its records sit in.
-    pub partitions: HashMap<String, std::collections::HashSet<i32>>,
-    /// Log positions no dead letter explains though they cannot be decided.
-    pub unexplained: Vec<(i32, i64)>,
-}
-
+/// The decisions the request log implies: the oracle's replay
+/// ([`firstcome::oracle`]).
+pub type LogModel = firstcome::oracle::Replay;
 /// An admin change as the oracle applies it (see `coupon_change`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RuleChange {
-    /// More units.
-    AddStock(i64),
-    /// The window ends then, unless earlier already.
-    Close(chrono::DateTime<chrono::Utc>),
-    /// The window ends then (`None`: never).
-    Reopen(Option<chrono::DateTime<chrono::Utc>>),
-}
+pub type RuleChange = firstcome::oracle::Change;
+/// What decides a coupon's requests (see [`firstcome::oracle::Rules`]).
+pub type CouponRules = firstcome::oracle::Rules;
 
-/// What decides a coupon's requests: its stock and window at the start,
-/// and the admin changes with the log offset after which each applies, in
-/// the order they were applied.
-#[derive(Debug, Clone, Default)]
-pub struct CouponRules {
-    /// Stock at creation.
-    pub stock: i64,
-    /// Start of the window.
-    pub starts_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// End of the window.
-    pub ends_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// (highest offset stored before the change, the change).
-    pub changes: Vec<(Option<i64>, RuleChange)>,
-}
-
-impl CouponRules {
-    /// Reads a coupon's changes from `coupon_change`, onto its creation
-    /// stock and window.
-    pub async fn read(env: &TestEnv, coupon: &str, stock: i64) -> Self {
-        let rows: Vec<(String, Value, Option<i64>)> = sqlx::query_as(
-            "SELECT kind, detail, after_offset FROM coupon_change
-             WHERE coupon_id = $1 ORDER BY applied_at, change_id",
-        )
-        .bind(coupon)
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
-        let time = |v: &Value| -> Option<chrono::DateTime<chrono::Utc>> {
-            v.as_str().map(|t| t.parse().unwrap())
-        };
-        let changes = rows
-            .into_iter()
-            .map(|(kind, detail, after)| {
-                let change = match kind.as_str() {
-                    "add_stock" => RuleChange::AddStock(detail["add"].as_i64().unwrap()),
-                    "close" => RuleChange::Close(time(&detail["at"]).unwrap()),
-                    "reopen" => RuleChange::Reopen(time(&detail["ends_at"])),
-                    other => panic!("unknown change {other}"),
-                };
-                (after, change)
-            })
-            .collect();
-        Self {
-            stock,
-            changes,
-            ..Self::default()
-        }
+/// Reads a coupon's changes from `coupon_change`, onto its creation stock
+/// (its window is not read: tests that change windows pass their own).
+pub async fn coupon_rules(env: &TestEnv, coupon: &str, stock: i64) -> CouponRules {
+    let rows: Vec<(String, Value, Option<i64>)> = sqlx::query_as(
+        "SELECT kind, detail, after_offset FROM coupon_change
+         WHERE coupon_id = $1 ORDER BY applied_at, change_id",
+    )
+    .bind(coupon)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let time = |v: &Value| -> Option<chrono::DateTime<chrono::Utc>> {
+        v.as_str().map(|t| t.parse().unwrap())
+    };
+    let changes = rows
+        .into_iter()
+        .map(|(kind, detail, after)| {
+            let change = match kind.as_str() {
+                "add_stock" => RuleChange::AddStock(detail["add"].as_i64().unwrap()),
+                "close" => RuleChange::Close(time(&detail["at"]).unwrap()),
+                "reopen" => RuleChange::Reopen(time(&detail["ends_at"])),
+                other => panic!("unknown change {other}"),
+            };
+            (after, change)
+        })
+        .collect();
+    CouponRules {
+        changes,
+        ..CouponRules::stock(stock)
     }
 }
 
-/// Replays the request log against the dead letters: a record whose
-/// position was dead-lettered decides nothing (a permanently failing one
-/// leaves its request `failed`, unless a replay decides it later); a record
-/// of a request decided earlier in the log (a replay) decides nothing new;
-/// every other record is decided at its place: duplicate, issued while
-/// stock lasts, then sold out.
+/// Replays the request log against the dead letters with the oracle; each
+/// coupon has its stock and no window.
 pub fn model(env: &TestEnv, coupons: &[(String, i64)]) -> LogModel {
     let rules: HashMap<String, CouponRules> = coupons
         .iter()
-        .map(|(c, s)| {
-            (
-                c.clone(),
-                CouponRules {
-                    stock: *s,
-                    ..CouponRules::default()
-                },
-            )
-        })
+        .map(|(c, s)| (c.clone(), CouponRules::stock(*s)))
         .collect();
     model_with(env, &rules)
 }
 
-/// [`model`] with windows and admin changes: a change applies to the
-/// records of its coupon past its offset; a request accepted outside the
-/// window in force at its place is `not_open`.
+/// [`model`] with windows and admin changes.
 pub fn model_with(env: &TestEnv, rules: &HashMap<String, CouponRules>) -> LogModel {
-    use firstcome::IssueRequest;
+    use firstcome_worker::deadletter::Header;
     let topic = &env.common.request_topic;
     let dead: HashMap<(i32, i64), String> = env
         .read_dead_letters()
         .into_iter()
-        .filter(|d| d.headers.get("firstcome.original.topic") == Some(topic))
+        .filter(|d| d.headers.get(Header::OriginalTopic.as_str()) == Some(topic))
         .map(|d| {
             let at = (
-                d.headers["firstcome.original.partition"].parse().unwrap(),
-                d.headers["firstcome.original.offset"].parse().unwrap(),
+                d.headers[Header::OriginalPartition.as_str()]
+                    .parse()
+                    .unwrap(),
+                d.headers[Header::OriginalOffset.as_str()].parse().unwrap(),
             );
-            (at, d.headers["firstcome.error.kind"].clone())
+            (at, d.headers[Header::ErrorKind.as_str()].clone())
         })
         .collect();
-    // Per coupon: stock, window, and the next change to apply.
-    type Live = (
-        i64,
-        Option<chrono::DateTime<chrono::Utc>>,
-        Option<chrono::DateTime<chrono::Utc>>,
-        usize,
-    );
-    let mut live: HashMap<&str, Live> = rules
-        .iter()
-        .map(|(c, r)| (c.as_str(), (r.stock, r.starts_at, r.ends_at, 0)))
-        .collect();
-    let mut m = LogModel::default();
-    let mut holders: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
-    for rec in env.read_request_log() {
-        m.records += 1;
-        let at = (rec.partition, rec.offset);
-        let parsed = rec
-            .payload
-            .as_deref()
-            .and_then(|p| IssueRequest::from_json(p).ok())
-            .filter(|r| rec.key.as_deref() == Some(r.coupon_id.as_str().as_bytes()));
-        if let Some(kind) = dead.get(&at) {
-            *m.dead.entry(kind.clone()).or_default() += 1;
-            if let Some(r) = parsed {
-                let id = r.request_id.to_string();
-                m.logged.insert(id.clone());
-                m.dead_ids.insert(id.clone());
-                if kind == "permanent_failure" {
-                    m.expected.entry(id).or_insert(("failed", at.0, at.1));
-                }
-            }
-            continue;
-        }
-        let Some(r) = parsed else {
-            m.unexplained.push(at);
-            continue;
-        };
-        let id = r.request_id.to_string();
-        m.logged.insert(id.clone());
-        m.partitions
-            .entry(r.coupon_id.to_string())
-            .or_default()
-            .insert(rec.partition);
-        let (Some(state), Some(rule)) = (
-            live.get_mut(r.coupon_id.as_str()),
-            rules.get(r.coupon_id.as_str()),
-        ) else {
-            m.unexplained.push(at);
-            continue;
-        };
-        // The changes that took effect before this record's place.
-        while let Some((after, change)) = rule.changes.get(state.3) {
-            if after.is_some_and(|a| a >= rec.offset) {
-                break;
-            }
-            match change {
-                RuleChange::AddStock(n) => state.0 += n,
-                RuleChange::Close(t) => state.2 = Some(state.2.map_or(*t, |e| e.min(*t))),
-                RuleChange::Reopen(e) => state.2 = *e,
-            }
-            state.3 += 1;
-        }
-        if matches!(m.expected.get(&id), Some((s, _, _)) if *s != "failed") {
-            continue; // decided earlier in the log
-        }
-        let coupon = r.coupon_id.to_string();
-        let users = holders.entry(coupon.clone()).or_default();
-        let user = r.user_id.to_string();
-        let (stock, starts, ends, _) = *state;
-        let want = if starts.is_some_and(|s| r.accepted_at < s)
-            || ends.is_some_and(|e| r.accepted_at > e)
-        {
-            "not_open"
-        } else if users.contains(&user) {
-            "duplicate"
-        } else if (users.len() as i64) < stock {
-            users.insert(user.clone());
-            m.winners.entry(coupon).or_default().push(user);
-            "issued"
-        } else {
-            "sold_out"
-        };
-        m.expected.insert(id, (want, at.0, at.1));
-    }
-    m
+    let log = env
+        .read_request_log()
+        .into_iter()
+        .map(|rec| firstcome::oracle::Logged {
+            partition: rec.partition,
+            offset: rec.offset,
+            key: rec.key,
+            payload: rec.payload,
+        });
+    firstcome::oracle::replay(log, &dead, rules)
 }
 
 /// Checks that the holders of `coupon` in `user_coupon` are exactly

@@ -1,7 +1,7 @@
 //! The scenarios. Each takes a [`Size`] (full run or smoke) and returns what
 //! it measured; none asserts a speed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, SubsecRound, Utc};
 use firstcome::db::{self, Decided, TakenOn};
+use firstcome::oracle;
 use firstcome::state::{self, CouponSnapshot, Decision, Keys, Verdict};
 use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
 use futures::StreamExt;
@@ -768,28 +769,20 @@ async fn check_promise(
         firstcome::kafka::read_topic(&common, &common.request_topic, Duration::from_secs(120))
     })
     .await??;
-    let stock: HashMap<&str, i64> = coupons.iter().map(|(c, s)| (c.as_str(), *s)).collect();
-    let mut holders: HashMap<String, HashSet<String>> = HashMap::new();
-    let mut expected: HashMap<RequestId, &'static str> = HashMap::new();
-    for m in &log {
+    let rules: HashMap<String, oracle::Rules> = coupons
+        .iter()
+        .map(|(c, s)| (c.clone(), oracle::Rules::stock(*s)))
+        .collect();
+    let log = log.iter().map(|m| {
         use rdkafka::message::Message;
-        let Some(r) = m.payload().and_then(|p| IssueRequest::from_json(p).ok()) else {
-            continue;
-        };
-        let Some(&s) = stock.get(r.coupon_id.as_str()) else {
-            continue;
-        };
-        let users = holders.entry(r.coupon_id.to_string()).or_default();
-        let want = if users.contains(r.user_id.as_str()) {
-            "duplicate"
-        } else if (users.len() as i64) < s {
-            users.insert(r.user_id.to_string());
-            "issued"
-        } else {
-            "sold_out"
-        };
-        expected.insert(r.request_id, want);
-    }
+        oracle::Logged {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+        }
+    });
+    let expected = oracle::replay(log, &HashMap::new(), &rules).expected;
     let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
     let rows: Vec<(uuid::Uuid, String)> =
         sqlx::query_as("SELECT request_id, status FROM request_ledger WHERE coupon_id = ANY($1)")
@@ -800,7 +793,7 @@ async fn check_promise(
     let mut violations = 0u64;
     for (id, status) in &rows {
         *statuses.entry(status.clone()).or_default() += 1;
-        if expected.get(&RequestId::from(*id)).copied() != Some(status.as_str()) {
+        if expected.get(&id.to_string()).map(|e| e.0) != Some(status.as_str()) {
             violations += 1;
         }
     }

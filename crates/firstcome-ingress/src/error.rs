@@ -188,3 +188,63 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Every error answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+    /// On a `503 unavailable` for an issue request: the request that may or
+    /// may not have been appended.
+    #[schema(format = Uuid)]
+    pub request_id: Option<String>,
+    /// With `request_id`: where its status can be read.
+    pub status_url: Option<String>,
+}
+
+/// The machine-readable code and a human-readable message.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable; clients branch on it.
+    pub code: ErrorCode,
+    /// For people; may change.
+    pub message: String,
+}
+
+/// Every error code the API answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 401: admin token missing or wrong.
+    Unauthorized,
+    /// 422: malformed input; nothing changed.
+    InvalidRequest,
+    /// 422: the `Idempotency-Key` was used for another request.
+    IdempotencyKeyReused,
+    /// 409: the coupon id is taken.
+    CouponExists,
+    /// 404: no such coupon.
+    CouponNotFound,
+    /// 409: the coupon is sold out; nothing was appended.
+    SoldOut,
+    /// 409: outside the coupon's window; nothing was appended.
+    NotOpen,
+    /// 404: no such issue request.
+    RequestNotFound,
+    /// 404: no such endpoint.
+    NotFound,
+    /// 405: no such method on this endpoint.
+    MethodNotAllowed,
+    /// 413: body over the limit.
+    PayloadTooLarge,
+    /// 415: body not declared `application/json`.
+    UnsupportedMediaType,
+    /// 503: too many requests in flight; nothing was done.
+    Overloaded,
+    /// 429: over the per-client rate limit; nothing was done.
+    RateLimited,
+    /// 503: a dependency did not answer in time.
+    Unavailable,
+    /// 500: a bug; logged.
+    Internal,
+}

@@ -4,26 +4,27 @@
 //! and the log order is the first-come order.
 //!
 //! # Layout
-//! - [`admin`]: the admin operations and their audit
-//! - [`config`]: flags and environment variables
-//! - [`app`]: connecting, serving, graceful shutdown
-//! - [`routes`]: the handlers of the public API
-//! - [`error`]: the one error type and its JSON shape
-//! - [`idempotency`]: `Idempotency-Key` on issue requests
-//! - [`openapi`]: the OpenAPI document, generated from the handlers
+//! Modules sit in layers; each imports only from layers below it.
+//!
+//! - [`app`]: connecting, serving, graceful shutdown (the top)
+//! - [`http`]: the router, one module per resource, extractors, middleware
+//!   and the OpenAPI document
+//! - [`services`]: what the handlers share, built once by [`app`]
+//! - [`issue`]: the issue rule (admission, append, idempotency, pending)
 //! - [`waiters`]: long polls woken by the worker's decisions
-//! - [`ratelimit`]: the per-client rate limit
 //! - [`connections`]: the bound on open connections
+//! - [`metrics`]: what `/metrics` shows
+//! - [`config`], [`error`]: flags and environment variables; the one error
+//!   type and its JSON shape
 
-pub mod admin;
 pub mod app;
 pub mod config;
 pub mod connections;
 pub mod error;
-pub mod idempotency;
-pub mod openapi;
-pub mod ratelimit;
-pub mod routes;
+pub mod http;
+pub mod issue;
+pub mod metrics;
+pub mod services;
 pub mod waiters;
 
 pub use app::Application;

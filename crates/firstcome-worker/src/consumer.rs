@@ -19,9 +19,11 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use firstcome::metrics::WorkerMetrics;
+use crate::metrics::WorkerMetrics;
 use futures::StreamExt;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
@@ -30,7 +32,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{self, Rec, Shared};
+use crate::pipeline::{self, Shared};
+use crate::record::Rec;
 
 /// How often the poll loop reports itself alive (`/healthz`).
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -217,8 +220,12 @@ pub fn commit<C: Consumer<X>, X: ConsumerContext>(consumer: &C, when: &str) {
 
 /// Polls until `shutdown`, then lets the partition tasks finish the batches
 /// in hand (bounded by `grace`) and commits.
-pub async fn run(shared: Arc<Shared>, partitions: Partitions, shutdown: CancellationToken) {
-    let consumer = shared.consumer.clone();
+pub async fn run(
+    consumer: Arc<StreamConsumer<Rebalancer>>,
+    shared: Arc<Shared>,
+    partitions: Partitions,
+    shutdown: CancellationToken,
+) {
     let topic = shared.cfg.common.request_topic.clone();
     let mut paused: HashSet<i32> = HashSet::new();
     let mut resume_check = tokio::time::interval(RESUME_CHECK);

@@ -10,7 +10,9 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::deadletter::headers;
+use crate::deadletter::{self, Header};
+use crate::record::replay_count;
+use crate::retry::{Failure, Policy, RetryStep, Stop};
 
 /// One dead letter as the tool shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -60,11 +62,13 @@ impl DeadLetterView {
             offset: m.offset(),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             request_id,
-            kind: headers.get(headers::ERROR_KIND).cloned(),
-            message: headers.get(headers::ERROR_MESSAGE).cloned(),
-            attempts: headers.get(headers::ATTEMPTS).and_then(|a| a.parse().ok()),
+            kind: headers.get(Header::ErrorKind.as_str()).cloned(),
+            message: headers.get(Header::ErrorMessage.as_str()).cloned(),
+            attempts: headers
+                .get(Header::Attempts.as_str())
+                .and_then(|a| a.parse().ok()),
             last_failed_at: headers
-                .get(headers::LAST_FAILED_AT)
+                .get(Header::LastFailedAt.as_str())
                 .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
                 .map(|t| t.with_timezone(&Utc)),
             headers,
@@ -168,20 +172,6 @@ pub fn detail(l: &DeadLetterView) -> String {
     out
 }
 
-/// The replay count a record carries (0 when it has none).
-pub fn replay_count<M: Message>(m: &M) -> u32 {
-    header(m, headers::REPLAY_COUNT)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// A text header of a record.
-pub fn header<M: Message>(m: &M, key: &str) -> Option<String> {
-    let h = m.headers()?;
-    let value = h.iter().find(|h| h.key == key)?.value?;
-    std::str::from_utf8(value).ok().map(str::to_owned)
-}
-
 /// Options of `dlq replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayOptions {
@@ -233,12 +223,21 @@ pub async fn replay(
     report: &mut impl std::io::Write,
 ) -> anyhow::Result<ReplaySummary> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::FutureRecord;
     use rdkafka::{Offset, TopicPartitionList};
 
     const TIMEOUT: Duration = Duration::from_secs(30);
-    const REPLAY_SEND_ATTEMPTS: u32 = 5;
+    /// Five tries about a second apart, then the run stops (a later run
+    /// resumes where it stopped).
+    const REPLAY_RETRY: Policy<'static> = Policy {
+        backoff: crate::config::Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(1),
+        },
+        permanent_attempts: 1,
+        transient_attempts: Some(5),
+        metrics: None,
+    };
+    let never = tokio_util::sync::CancellationToken::new();
     let topic = &common.dlq_topic;
     let consumer: BaseConsumer = firstcome::kafka::client_config(common)?
         .set("group.id", &opts.group)
@@ -338,49 +337,21 @@ pub async fn replay(
             summary.replayed += 1;
             writeln!(report, "would replay {what} as replay {}", count + 1)?;
         } else {
-            let mut headers = OwnedHeaders::new();
-            if let Some(h) = m.headers() {
-                for h in h.iter() {
-                    let stripped = h.key == headers::REPLAY_COUNT
-                        || headers::ERROR_PREFIXES
-                            .iter()
-                            .any(|pre| h.key.starts_with(pre));
-                    if !stripped {
-                        headers = headers.insert(Header {
-                            key: h.key,
-                            value: h.value,
-                        });
-                    }
-                }
-            }
-            let next = (count + 1).to_string();
-            headers = headers.insert(Header {
-                key: headers::REPLAY_COUNT,
-                value: Some(next.as_bytes()),
-            });
             // A few tries, so a producer the broker stopped taking records
             // from is replaced (see `HealingProducer`) rather than ending the run.
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let mut record: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&common.request_topic).headers(headers.clone());
-                if let Some(k) = m.key() {
-                    record = record.key(k);
+            let send = || async {
+                let record = deadletter::replayed(&m, &common.request_topic);
+                producer
+                    .send(record, Duration::from_secs(10))
+                    .await
+                    .map_err(|e| Failure::Transient(anyhow::Error::new(e)))
+            };
+            match REPLAY_RETRY.run(RetryStep::Replay, &never, send).await {
+                Ok(()) => {}
+                Err(Stop::GaveUp { error, .. }) => {
+                    return Err(error.context(format!("replaying {p}/{o}")));
                 }
-                if let Some(v) = m.payload() {
-                    record = record.payload(v);
-                }
-                match producer.send(record, Duration::from_secs(10)).await {
-                    Ok(()) => break,
-                    Err(e) if attempt < REPLAY_SEND_ATTEMPTS => {
-                        tracing::warn!(error = %e, attempt, "replaying {p}/{o} failed, retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(e) => {
-                        return Err(anyhow::Error::new(e).context(format!("replaying {p}/{o}")));
-                    }
-                }
+                Err(Stop::Aborted) => unreachable!("a replay is never cancelled"),
             }
             summary.replayed += 1;
             writeln!(report, "replayed {what} as replay {}", count + 1)?;

@@ -7,8 +7,12 @@
 //! # Layout
 //! - [`config`]: flags and environment variables, the retry schedule
 //! - [`consumer`]: the poll loop, partition tasks, rebalances
-//! - [`pipeline`]: one batch from records to a stored offset
-//! - [`deadletter`]: dead-letter records and their headers
+//! - [`record`]: a consumed record, its headers, the request it holds
+//! - [`pipeline`]: one batch from records to a stored offset, in named steps
+//! - [`retry`]: the retry policy and the steps it counts
+//! - [`offsets`]: where the group's progress is stored and read
+//! - [`deadletter`]: dead-letter records and their headers, both ways
+//! - [`metrics`]: what `/metrics` shows
 //! - [`reconcile`]: compare Redis with Postgres
 //! - [`rebuild`]: rebuild Redis from Postgres on demand
 //! - [`dlq`]: list, show and replay dead letters
@@ -19,23 +23,27 @@ pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod dlq;
+pub mod metrics;
+pub mod offsets;
 pub mod pipeline;
 pub mod prune;
 pub mod rebuild;
 pub mod reconcile;
+pub mod record;
 pub mod retire;
+pub mod retry;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::metrics::WorkerMetrics;
 use anyhow::Context;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use firstcome::kafka;
-use firstcome::metrics::WorkerMetrics;
 use firstcome::ops::{self, Liveness, OpsServer};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde_json::json;
@@ -44,11 +52,15 @@ use tokio_util::sync::CancellationToken;
 pub use config::WorkerConfig;
 
 use crate::consumer::{Partitions, Rebalancer};
+use crate::offsets::GroupOffsets;
 use crate::pipeline::Shared;
+use firstcome::state::CouponState;
+use firstcome::status::StatusCache;
 
 /// A connected worker, subscribed and ready to poll.
 pub struct Worker {
     shared: Arc<Shared>,
+    consumer: Arc<StreamConsumer<Rebalancer>>,
     partitions: Partitions,
     ops: OpsServer,
 }
@@ -68,7 +80,7 @@ impl Worker {
         .context("creating the dead-letter producer")?;
 
         let ops = OpsServer::bind(cfg.metrics_listen).await?;
-        let metrics = WorkerMetrics::new(&deadletter::ErrorKind::ALL.map(|k| k.as_str()));
+        let metrics = WorkerMetrics::new();
         let partitions: Partitions = Arc::new(Mutex::new(HashMap::new()));
         let context = Rebalancer::new(
             cfg.common.request_topic.clone(),
@@ -121,17 +133,20 @@ impl Worker {
             .subscribe(&[&cfg.common.request_topic])
             .context("subscribing to the request topic")?;
         let keys = cfg.common.keys()?;
+        let consumer = Arc::new(consumer);
+        let offsets = GroupOffsets::new(consumer.clone(), cfg.common.request_topic.clone());
         Ok(Self {
             shared: Arc::new(Shared {
+                states: CouponState::new(redis.clone(), keys.clone()),
+                statuses: StatusCache::new(redis, keys, cfg.common.status_ttl()),
                 cfg,
                 pool,
-                redis,
-                keys,
                 dlq,
-                consumer: Arc::new(consumer),
+                offsets: Arc::new(offsets),
                 metrics,
                 liveness: Liveness::default(),
             }),
+            consumer,
             partitions,
             ops,
         })
@@ -140,7 +155,7 @@ impl Worker {
     /// The partitions of the request topic this worker owns, kept current
     /// across rebalances (for readiness checks and tests).
     pub fn assignment(&self) -> tokio::sync::watch::Receiver<BTreeSet<i32>> {
-        self.shared.consumer.context().assignment()
+        self.consumer.context().assignment()
     }
 
     /// The address of the operations port (`/metrics`, `/healthz`, `/readyz`).
@@ -162,7 +177,13 @@ impl Worker {
             .ops
             .spawn(ops_router(self.shared.clone()), shutdown.clone());
         let retiring = tokio::spawn(retire::run(self.shared.clone(), shutdown.clone()));
-        consumer::run(self.shared, self.partitions, shutdown.clone()).await;
+        consumer::run(
+            self.consumer,
+            self.shared,
+            self.partitions,
+            shutdown.clone(),
+        )
+        .await;
         // The sweep stops with everything else; a run of it cut short
         // leaves nothing half done.
         shutdown.cancel();
@@ -216,7 +237,7 @@ fn ops_router(shared: Arc<Shared>) -> Router {
                 };
                 let redis = async {
                     redis::cmd("PING")
-                        .query_async::<()>(&mut shared.redis.clone())
+                        .query_async::<()>(&mut shared.states.connection())
                         .await
                 };
                 let pg = matches!(tokio::time::timeout(READY_TIMEOUT, pg).await, Ok(Ok(())));

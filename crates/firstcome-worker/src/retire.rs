@@ -25,16 +25,12 @@ use std::time::Duration;
 use firstcome::CouponId;
 use firstcome::db::{self, RetireCandidate};
 use firstcome::state::{self, Retired};
-use rdkafka::consumer::Consumer;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Shared;
 
 /// Coupons looked at per sweep.
 const SWEEP_LIMIT: i64 = 100;
-/// How long a sweep waits for the broker.
-const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sweeps every `FIRSTCOME_RETIRE_INTERVAL_MS` until `stop`.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
@@ -95,8 +91,8 @@ async fn stored_through_end(shared: &Shared, c: &RetireCandidate) -> anyhow::Res
 /// Deletes the state of the candidate's epoch; whether it is now retired.
 async fn retire(shared: &Shared, c: &RetireCandidate) -> anyhow::Result<bool> {
     let id = CouponId::parse(c.coupon_id.clone())?;
-    let mut redis = shared.redis.clone();
-    match state::retire(&mut redis, &shared.keys.coupon(&id), c.redis_epoch).await? {
+    let mut redis = shared.states.connection();
+    match state::retire(&mut redis, &shared.states.keys().coupon(&id), c.redis_epoch).await? {
         Retired::Kept => Ok(false),
         found @ (Retired::Deleted | Retired::Absent) => {
             let marked = db::mark_retired(&shared.pool, &c.coupon_id, c.redis_epoch).await?;
@@ -107,34 +103,13 @@ async fn retire(shared: &Shared, c: &RetireCandidate) -> anyhow::Result<bool> {
 
 /// The offset the next record of `partition` will get.
 async fn high_watermark(shared: &Shared, partition: i32) -> anyhow::Result<i64> {
-    let (consumer, topic) = (
-        shared.consumer.clone(),
-        shared.cfg.common.request_topic.clone(),
-    );
-    let (_, high) = tokio::task::spawn_blocking(move || {
-        consumer.fetch_watermarks(&topic, partition, BROKER_TIMEOUT)
-    })
-    .await??;
-    Ok(high)
+    let offsets = shared.offsets.clone();
+    tokio::task::spawn_blocking(move || offsets.high_watermark(partition)).await?
 }
 
 /// The group's committed offset of `partition` (the next record to
 /// decide); 0 when none was committed.
 async fn committed(shared: &Shared, partition: i32) -> anyhow::Result<i64> {
-    let (consumer, topic) = (
-        shared.consumer.clone(),
-        shared.cfg.common.request_topic.clone(),
-    );
-    let offsets = tokio::task::spawn_blocking(move || {
-        let mut asked = TopicPartitionList::new();
-        asked.add_partition(&topic, partition);
-        consumer
-            .committed_offsets(asked, BROKER_TIMEOUT)
-            .map(|got| got.find_partition(&topic, partition).map(|e| e.offset()))
-    })
-    .await??;
-    Ok(match offsets {
-        Some(Offset::Offset(n)) => n,
-        _ => 0,
-    })
+    let offsets = shared.offsets.clone();
+    tokio::task::spawn_blocking(move || offsets.committed(partition)).await?
 }

@@ -4,12 +4,15 @@
 //! - [`ids`]: validated `CouponId`, `UserId`, `RequestId`
 //! - [`record`]: the Kafka record and the request statuses
 //! - [`redis_conn`]: one connection type for a single Redis or Redis Cluster
-//! - [`state`]: the Redis state, the decision Lua script and its wrapper
+//! - [`state`]: the coupon states in Redis, the Lua scripts and [`state::CouponState`]
+//! - [`status`]: the request-status cache in Redis, [`status::StatusCache`]
 //! - [`db`]: Postgres, the system of record, and its migrations
 //! - [`rebuild`]: a coupon's Redis state built from Postgres
 //! - [`kafka`]: client settings every producer and consumer starts from
 //! - [`config`]: connection settings both binaries share
-//! - [`metrics`], [`ops`]: Prometheus metrics and the operations port
+//! - [`metrics`], [`ops`]: Prometheus metric names and the operations port
+//! - [`oracle`]: the first-come rule as a pure function of the log, which
+//!   the tests, the soak and the benchmark check against
 //! - [`telemetry`], [`shutdown`]: process plumbing
 
 pub mod config;
@@ -18,11 +21,13 @@ pub mod ids;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
+pub mod oracle;
 pub mod rebuild;
 pub mod record;
 pub mod redis_conn;
 pub mod shutdown;
 pub mod state;
+pub mod status;
 pub mod telemetry;
 
 pub use ids::{CouponId, RequestId, UserId};

@@ -15,8 +15,8 @@
 //! - the set and the hash also hold a marker, the empty string (no id is
 //!   empty), so an installed state always has all four keys
 //! - `P coupon:{C}:next:{E}:users|decided`: a state of epoch `E` being built
-//! - `P req:{R}`            string: JSON [`RequestStatus`] of request `R`,
-//!   written `pending` by the ingress and final by the worker, with a TTL
+//! - `P req:{R}`            string: JSON status of request `R` (the cache of
+//!   [`crate::status`], which owns it)
 //!
 //! # The fence
 //! A coupon's state is only ever built from Postgres by [`install`], which
@@ -41,11 +41,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use redis::Script;
 use redis::aio::ConnectionLike;
-use serde::{Deserialize, Serialize};
 
 use crate::ids::{CouponId, RequestId, UserId};
 use crate::record::{IssueRequest, Status};
-use crate::redis_conn::Connection;
+use crate::redis_conn::RedisConn;
 
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
 static UNDO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("undo.lua")));
@@ -118,6 +117,71 @@ impl Keys {
     /// batch (space-separated), for the ingress's long polls.
     pub fn decided_channel(&self) -> String {
         format!("{}decided", self.prefix)
+    }
+}
+
+/// The coupon states under one key prefix: what the ingress reads and the
+/// worker decides on. Cheap to clone; clones share the connection. The
+/// functions below it take any connection, for tests that need a raw one.
+#[derive(Clone)]
+pub struct CouponState {
+    redis: RedisConn,
+    keys: Keys,
+}
+
+impl CouponState {
+    /// The states under `keys`.
+    pub fn new(redis: RedisConn, keys: Keys) -> Self {
+        Self { redis, keys }
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A clone of the connection, for an operation of its own.
+    pub fn connection(&self) -> RedisConn {
+        self.redis.clone()
+    }
+
+    /// Decides one coupon's requests in log order (see [`decide`]).
+    pub async fn decide(
+        &self,
+        coupon: &CouponId,
+        requests: &[&IssueRequest],
+        now: DateTime<Utc>,
+    ) -> Result<Verdict, StateError> {
+        decide(
+            &mut self.redis.clone(),
+            &self.keys.coupon(coupon),
+            requests,
+            now,
+        )
+        .await
+    }
+
+    /// Takes a request's decision back (see [`undo`]).
+    pub async fn undo(&self, request: &IssueRequest) -> Result<Option<Status>, StateError> {
+        undo(
+            &mut self.redis.clone(),
+            &self.keys.coupon(&request.coupon_id),
+            request,
+        )
+        .await
+    }
+
+    /// A coupon's live counters; `None` without a state.
+    pub async fn counters(&self, coupon: &CouponId) -> Result<Option<Counters>, StateError> {
+        counters(&mut self.redis.clone(), &self.keys.coupon(coupon)).await
+    }
+
+    /// How many requests for the coupon the ingress saw acknowledged.
+    pub async fn accepted(&self, coupon: &CouponId) -> Result<Option<i64>, StateError> {
+        Ok(redis::cmd("GET")
+            .arg(self.keys.coupon(coupon).accepted)
+            .query_async(&mut self.redis.clone())
+            .await?)
     }
 }
 
@@ -490,155 +554,6 @@ pub async fn observe<C: ConnectionLike + Send>(
         users: users.into_iter().filter(|u| !u.is_empty()).collect(),
         decided: (decided - 1).max(0),
     }))
-}
-
-/// What a status lookup answers; also the JSON kept under `req:{R}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestStatus {
-    /// The request.
-    pub request_id: RequestId,
-    /// Its coupon.
-    pub coupon_id: CouponId,
-    /// Its user.
-    pub user_id: UserId,
-    /// Where it stands.
-    pub status: Status,
-    /// When the ingress accepted it.
-    pub accepted_at: DateTime<Utc>,
-    /// When the worker decided it; `None` while pending.
-    pub decided_at: Option<DateTime<Utc>>,
-}
-
-impl RequestStatus {
-    /// The status of a request that was just accepted.
-    pub fn pending(r: &IssueRequest) -> Self {
-        Self {
-            request_id: r.request_id,
-            coupon_id: r.coupon_id.clone(),
-            user_id: r.user_id.clone(),
-            status: Status::Pending,
-            accepted_at: r.accepted_at,
-            decided_at: None,
-        }
-    }
-
-    /// The status of a decided request.
-    pub fn decided(r: &IssueRequest, d: Decision) -> Self {
-        Self {
-            status: d.status,
-            decided_at: Some(d.decided_at),
-            ..Self::pending(r)
-        }
-    }
-}
-
-/// Records a just-accepted request as pending, unless a status is there
-/// already: the worker may decide the request (and write its final status)
-/// before the ingress gets here, and a final status must never be
-/// overwritten by `pending`. Returns whether it wrote.
-pub async fn put_pending<C: Connection>(
-    conn: &mut C,
-    keys: &Keys,
-    status: &RequestStatus,
-    ttl: Duration,
-) -> Result<bool, StateError> {
-    let json = serde_json::to_string(status).expect("a RequestStatus always serializes");
-    let mut set = redis::cmd("SET");
-    set.arg(keys.request(status.request_id))
-        .arg(json)
-        .arg("NX")
-        .arg("EX")
-        .arg(ttl.as_secs().max(1));
-    let counter = keys.coupon(&status.coupon_id).accepted;
-    if conn.clustered() {
-        // The two keys live in different hash slots: two commands, sent
-        // together.
-        let mut other = conn.clone();
-        let mut incr = redis::cmd("INCR");
-        incr.arg(&counter);
-        let (written, _): (Option<String>, i64) =
-            futures::try_join!(set.query_async(conn), incr.query_async(&mut other))?;
-        return Ok(written.is_some());
-    }
-    // The count of accepted requests rides along (same round trip).
-    let (written, _): (Option<String>, i64) = redis::pipe()
-        .add_command(set)
-        .incr(counter, 1)
-        .query_async(conn)
-        .await?;
-    Ok(written.is_some())
-}
-
-/// Writes final status entries in one pipeline, each expiring after `ttl`.
-pub async fn put_statuses<C: Connection>(
-    conn: &mut C,
-    keys: &Keys,
-    statuses: &[RequestStatus],
-    ttl: Duration,
-) -> Result<(), StateError> {
-    // A batch of dead letters only has no status to write; Redis refuses an
-    // empty pipeline.
-    if statuses.is_empty() {
-        return Ok(());
-    }
-    let ttl = ttl.as_secs().max(1);
-    let mut ids = String::with_capacity(statuses.len() * 37);
-    for s in statuses {
-        if !ids.is_empty() {
-            ids.push(' ');
-        }
-        ids.push_str(&s.request_id.to_string());
-    }
-    let set = |s: &RequestStatus| {
-        let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(keys.request(s.request_id))
-            .arg(json)
-            .arg("EX")
-            .arg(ttl);
-        cmd
-    };
-    if conn.clustered() {
-        // Each status key has a hash slot of its own: one command each, all
-        // in flight together (the client pipelines them per node), and the
-        // publication once they are all written.
-        let writes = statuses.iter().map(|s| {
-            let mut c = conn.clone();
-            let cmd = set(s);
-            async move { cmd.exec_async(&mut c).await }
-        });
-        futures::future::try_join_all(writes).await?;
-        redis::cmd("PUBLISH")
-            .arg(keys.decided_channel())
-            .arg(ids)
-            .exec_async(conn)
-            .await?;
-        return Ok(());
-    }
-    let mut pipe = redis::pipe();
-    for s in statuses {
-        pipe.add_command(set(s)).ignore();
-    }
-    // After the statuses, so a woken long poll reads the final one.
-    pipe.publish(keys.decided_channel(), ids).ignore();
-    pipe.exec_async(conn).await?;
-    Ok(())
-}
-
-/// Reads a request's cached status.
-pub async fn get_status<C: ConnectionLike + Send>(
-    conn: &mut C,
-    keys: &Keys,
-    request: RequestId,
-) -> Result<Option<RequestStatus>, StateError> {
-    let json: Option<String> = redis::cmd("GET")
-        .arg(keys.request(request))
-        .query_async(conn)
-        .await?;
-    json.map(|j| {
-        serde_json::from_str(&j).map_err(|e| StateError::Protocol(format!("status entry: {e}")))
-    })
-    .transpose()
 }
 
 #[cfg(test)]

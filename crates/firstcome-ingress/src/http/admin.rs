@@ -12,20 +12,22 @@
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
 use firstcome::{CouponId, db};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::openapi::ErrorBody;
-use crate::routes::{Admin, Body, MAX_STOCK, parse};
+use crate::error::{ApiError, ErrorBody};
+use crate::http::coupons::MAX_STOCK;
+use crate::http::extract::{Admin, Body, Id, invalid};
+use crate::issue::idempotency;
+use crate::services::AppState;
 
 /// How long the courtesy rebuild after a change may take.
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,9 +36,19 @@ const CHANGE_NAMESPACE: uuid::Uuid = uuid::uuid!("5b0c35e4-6f7e-4c41-9a52-8d1f2f
 /// Largest page.
 const MAX_PAGE: i64 = 500;
 
+/// The routes of this resource.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/coupons", get(list_coupons))
+        .route("/v1/admin/coupons/{coupon_id}/counters", get(get_counters))
+        .route("/v1/admin/coupons/{coupon_id}/stock", post(add_stock))
+        .route("/v1/admin/coupons/{coupon_id}/close", post(close))
+        .route("/v1/admin/coupons/{coupon_id}/reopen", post(reopen))
+}
+
 /// A coupon as listed.
 #[derive(Serialize, ToSchema)]
-pub(crate) struct CouponSummary {
+pub struct CouponSummary {
     coupon_id: String,
     name: String,
     total_stock: i32,
@@ -46,7 +58,7 @@ pub(crate) struct CouponSummary {
 
 /// A page of coupons.
 #[derive(Serialize, ToSchema)]
-pub(crate) struct CouponPage {
+pub struct CouponPage {
     coupons: Vec<CouponSummary>,
     /// Pass as `after` for the next page; null on the last one.
     next_after: Option<String>,
@@ -56,7 +68,7 @@ pub(crate) struct CouponPage {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub(crate) struct PageQuery {
+pub struct PageQuery {
     /// Coupons per page, 1-500 (default 100).
     #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
@@ -90,9 +102,8 @@ pub(crate) async fn list_coupons(
         )));
     }
     let after = q.after.map(CouponId::parse).transpose();
-    let after = parse(after)?;
-    let page =
-        db::coupons_page(&state.inner.pool, after.as_ref().map(|a| a.as_str()), limit).await?;
+    let after = invalid(after)?;
+    let page = db::coupons_page(&state.pool, after.as_ref().map(|a| a.as_str()), limit).await?;
     let next_after = (page.len() as i64 == limit)
         .then(|| page.last().map(|c| c.coupon_id.clone()))
         .flatten();
@@ -113,7 +124,7 @@ pub(crate) async fn list_coupons(
 
 /// A coupon's counters.
 #[derive(Serialize, ToSchema)]
-pub(crate) struct Counters {
+pub struct Counters {
     coupon_id: String,
     total_stock: i32,
     /// Users holding it (Postgres).
@@ -131,24 +142,19 @@ pub(crate) struct Counters {
 }
 
 async fn counters(state: &AppState, id: &CouponId) -> Result<Counters, ApiError> {
-    let coupon = db::coupon(&state.inner.pool, id)
+    let coupon = db::coupon(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
-    let decided: std::collections::BTreeMap<String, i64> =
-        db::decided_counts(&state.inner.pool, id)
-            .await?
-            .into_iter()
-            .collect();
+    let decided: std::collections::BTreeMap<String, i64> = db::decided_counts(&state.pool, id)
+        .await?
+        .into_iter()
+        .collect();
     let issued = decided.get("issued").copied().unwrap_or(0);
     let total_decided: i64 = decided.values().sum();
-    let accepted: Option<i64> = redis::cmd("GET")
-        .arg(state.inner.keys.coupon(id).accepted)
-        .query_async(&mut state.inner.redis.clone())
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "accepted count unavailable");
-            None
-        });
+    let accepted: Option<i64> = state.states.accepted(id).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "accepted count unavailable");
+        None
+    });
     Ok(Counters {
         coupon_id: coupon.coupon_id,
         total_stock: coupon.total_stock,
@@ -177,16 +183,15 @@ async fn counters(state: &AppState, id: &CouponId) -> Result<Counters, ApiError>
 pub(crate) async fn get_counters(
     _admin: Admin,
     State(state): State<AppState>,
-    Path(coupon_id): Path<String>,
+    Id(id): Id<CouponId>,
 ) -> Result<Json<Counters>, ApiError> {
-    let id = parse(CouponId::parse(coupon_id))?;
     Ok(Json(counters(&state, &id).await?))
 }
 
 /// Units to add.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct AddStock {
+pub struct AddStock {
     #[schema(minimum = 1, maximum = 1_000_000_000, example = 50)]
     add: i64,
 }
@@ -194,7 +199,7 @@ pub(crate) struct AddStock {
 /// A new end of the window; null or absent: no end.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Reopen {
+pub struct Reopen {
     #[serde(default)]
     ends_at: Option<DateTime<Utc>>,
 }
@@ -202,7 +207,7 @@ pub(crate) struct Reopen {
 /// The id of a change: named by the client's `Idempotency-Key` (so a retry
 /// is the same change), else new.
 fn change_id(headers: &HeaderMap, id: &CouponId, action: &str) -> Result<uuid::Uuid, ApiError> {
-    Ok(match crate::idempotency::key(headers)? {
+    Ok(match idempotency::key(headers)? {
         Some(key) => uuid::Uuid::new_v5(
             &CHANGE_NAMESPACE,
             format!("{action}\n{id}\n{key}").as_bytes(),
@@ -222,15 +227,14 @@ async fn apply(
     detail: serde_json::Value,
 ) -> Result<Json<Counters>, ApiError> {
     let change_id = change_id(headers, id, change.kind())?;
-    let outcome =
-        db::apply_change(&state.inner.pool, change_id, id, change, &admin.0, detail).await?;
+    let outcome = db::apply_change(&state.pool, change_id, id, change, &admin.0, detail).await?;
     match outcome {
         db::ChangeOutcome::Applied(_) => {
             tracing::info!(token_id = %admin.0, action = change.kind(), coupon = %id, %change_id, "admin change applied");
-            let mut redis = state.inner.redis.clone();
+            let mut redis = state.states.connection();
             let rebuilt = tokio::time::timeout(
                 REBUILD_TIMEOUT,
-                firstcome::rebuild::coupon(&state.inner.pool, &mut redis, &state.inner.keys, id),
+                firstcome::rebuild::coupon(&state.pool, &mut redis, state.states.keys(), id),
             )
             .await;
             if !matches!(rebuilt, Ok(Ok(_))) {
@@ -244,7 +248,7 @@ async fn apply(
         db::ChangeOutcome::NotFound => return Err(ApiError::CouponNotFound(id.to_string())),
         db::ChangeOutcome::Invalid(why) => return Err(ApiError::InvalidRequest(why)),
     }
-    state.forget(id);
+    state.issue.forget(id);
     Ok(Json(counters(state, id).await?))
 }
 
@@ -269,11 +273,10 @@ async fn apply(
 pub(crate) async fn add_stock(
     admin: Admin,
     State(state): State<AppState>,
-    Path(coupon_id): Path<String>,
+    Id(id): Id<CouponId>,
     headers: HeaderMap,
     Body(body): Body<AddStock>,
 ) -> Result<Json<Counters>, ApiError> {
-    let id = parse(CouponId::parse(coupon_id))?;
     if !(1..=MAX_STOCK).contains(&body.add) {
         return Err(ApiError::InvalidRequest(format!(
             "add must be 1 to {MAX_STOCK}"
@@ -312,10 +315,9 @@ pub(crate) async fn add_stock(
 pub(crate) async fn close(
     admin: Admin,
     State(state): State<AppState>,
-    Path(coupon_id): Path<String>,
+    Id(id): Id<CouponId>,
     headers: HeaderMap,
 ) -> Result<Json<Counters>, ApiError> {
-    let id = parse(CouponId::parse(coupon_id))?;
     let now = Utc::now().trunc_subsecs(6);
     apply(
         &state,
@@ -349,11 +351,10 @@ pub(crate) async fn close(
 pub(crate) async fn reopen(
     admin: Admin,
     State(state): State<AppState>,
-    Path(coupon_id): Path<String>,
+    Id(id): Id<CouponId>,
     headers: HeaderMap,
     Body(body): Body<Reopen>,
 ) -> Result<Json<Counters>, ApiError> {
-    let id = parse(CouponId::parse(coupon_id))?;
     let ends_at = body.ends_at.map(|e| e.trunc_subsecs(6));
     if ends_at.is_some_and(|e| e <= Utc::now()) {
         return Err(ApiError::InvalidRequest(
@@ -369,22 +370,4 @@ pub(crate) async fn reopen(
         json!({ "ends_at": ends_at }),
     )
     .await
-}
-
-/// Records a coupon's creation (called by the create handler).
-pub(crate) async fn audit_created(
-    state: &AppState,
-    admin: &Admin,
-    id: &CouponId,
-    total_stock: i32,
-) -> Result<(), ApiError> {
-    db::audit(
-        &state.inner.pool,
-        &admin.0,
-        "create_coupon",
-        Some(id.as_str()),
-        json!({ "total_stock": total_stock }),
-    )
-    .await?;
-    Ok(())
 }

@@ -1,0 +1,141 @@
+//! `POST /v1/coupons/{coupon_id}/issue`: the request for a coupon. The rule
+//! itself is [`crate::issue`]; this handler adds `Idempotency-Key` around it
+//! and answers `202` once the record is in the log.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use firstcome::redis_conn::RedisConn;
+use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::http::extract::{Body, Id, invalid};
+use crate::issue::idempotency::{self, Prior};
+use crate::services::AppState;
+
+/// The routes of this resource.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/coupons/{coupon_id}/issue", post(issue))
+}
+
+/// Who asks.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct IssueBody {
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "alice")]
+    user_id: String,
+}
+
+/// The `202` answer: the request is in the log.
+#[derive(Serialize, ToSchema)]
+pub struct AcceptedView {
+    #[schema(value_type = String, format = Uuid)]
+    request_id: RequestId,
+    /// Always `pending`.
+    #[schema(value_type = String, example = "pending")]
+    status: Status,
+    /// Where to follow it.
+    #[schema(example = "/v1/issue-requests/0193c6a0-0000-7000-8000-000000000000")]
+    status_url: String,
+}
+
+#[utoipa::path(
+    post, path = "/v1/coupons/{coupon_id}/issue", tag = "issue",
+    params(
+        ("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+         description = "1-128 visible ASCII characters; a retry with the same key and user gets the same request back"),
+    ),
+    request_body = IssueBody,
+    responses(
+        (status = 202, description = "In the log; it will be decided", body = AcceptedView),
+        (status = 404, description = "`coupon_not_found`", body = ErrorBody),
+        (status = 409, description = "`sold_out` or `not_open`, answered at once; nothing appended", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_request` or `idempotency_key_reused`; nothing appended", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "`unavailable` (names the request, which may still be decided) or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip(state, body), fields(coupon_id = %coupon_id, request_id))]
+pub(crate) async fn issue(
+    State(state): State<AppState>,
+    Id(coupon_id): Id<CouponId>,
+    headers: HeaderMap,
+    Body(body): Body<IssueBody>,
+) -> Result<Response, ApiError> {
+    let user_id = invalid(UserId::parse(body.user_id))?;
+    let slot = idempotency::key(&headers)?.map(|key| {
+        let ttl = Duration::from_secs(state.cfg.idempotency_ttl_secs);
+        idempotency::Slot::new(&state.keys, &coupon_id, &key, ttl)
+    });
+    let mut redis = state.redis.clone();
+    let prior = match &slot {
+        Some(slot) => slot.prior(&mut redis, &coupon_id, &user_id).await?,
+        None => Prior::None,
+    };
+    let request = match prior {
+        Prior::Confirmed(id) => return Ok(accepted(id)),
+        Prior::Refused(refusal) => return Err(refusal.error(&coupon_id)),
+        Prior::Unconfirmed(request) => request,
+        Prior::None => {
+            let admitted = state.issue.admit(coupon_id.clone(), user_id.clone()).await;
+            let Some(slot) = &slot else {
+                return append_and_answer(&state, admitted?, None, &mut redis).await;
+            };
+            // The first attempt to claim the key fixes its answer (see
+            // `idempotency`); an answer that may change (503) fixes nothing.
+            let outcome = match &admitted {
+                Ok(request) => idempotency::Outcome::Admitted(request),
+                Err(e) => match idempotency::Refusal::of(e) {
+                    Some(refusal) => idempotency::Outcome::Refused(refusal),
+                    None => return Err(admitted.expect_err("matched an error")),
+                },
+            };
+            if slot.claim(&mut redis, &user_id, outcome).await? {
+                admitted?
+            } else {
+                match slot.prior(&mut redis, &coupon_id, &user_id).await? {
+                    Prior::Confirmed(id) => return Ok(accepted(id)),
+                    Prior::Refused(refusal) => return Err(refusal.error(&coupon_id)),
+                    Prior::Unconfirmed(first) => first,
+                    // Claimed and expired in between: as if alone.
+                    Prior::None => admitted?,
+                }
+            }
+        }
+    };
+    append_and_answer(&state, request, slot.as_ref(), &mut redis).await
+}
+
+/// Appends an admitted request, marks its key confirmed, and answers `202`.
+async fn append_and_answer(
+    state: &AppState,
+    request: IssueRequest,
+    slot: Option<&idempotency::Slot>,
+    redis: &mut RedisConn,
+) -> Result<Response, ApiError> {
+    tracing::Span::current().record("request_id", tracing::field::display(request.request_id));
+    state.issue.append(&request).await?;
+    if let Some(slot) = slot {
+        slot.confirm(redis, &request).await;
+    }
+    Ok(accepted(request.request_id))
+}
+
+/// The `202` answer.
+fn accepted(id: RequestId) -> Response {
+    let body = AcceptedView {
+        request_id: id,
+        status: Status::Pending,
+        status_url: format!("/v1/issue-requests/{id}"),
+    };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}

@@ -1,0 +1,129 @@
+//! `GET /v1/issue-requests/{request_id}`: where a request stands, from the
+//! status cache, else the ledger; with `?wait_ms=N` a long poll woken by the
+//! worker's decisions ([`crate::waiters`]).
+
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use firstcome::db;
+use firstcome::status::RequestStatus;
+use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::http::extract::Id;
+use crate::services::AppState;
+
+/// The routes of this resource.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/issue-requests/{request_id}", get(get_request))
+}
+
+/// `?wait_ms=N`: hold the lookup until the request is final or `N` ms pass.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Milliseconds to wait for a final status (at most the configured
+    /// maximum, 10,000 by default); absent or 0 answers at once.
+    #[param(minimum = 0, maximum = 10_000)]
+    wait_ms: Option<u64>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/issue-requests/{request_id}", tag = "issue",
+    params(("request_id" = String, Path, format = Uuid), WaitQuery),
+    responses(
+        (status = 200, description = "Where the request stands", body = RequestStatusView),
+        (status = 404, description = "`request_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(request_id = %id))]
+pub(crate) async fn get_request(
+    State(state): State<AppState>,
+    Id(id): Id<RequestId>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Json<RequestStatus>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let max = state.cfg.max_wait_ms;
+    let wait = match query.wait_ms {
+        Some(ms) if ms > max => {
+            return Err(ApiError::InvalidRequest(format!(
+                "wait_ms must be at most {max}"
+            )));
+        }
+        Some(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+        _ => None,
+    };
+    let Some(wait) = wait else {
+        return lookup(&state, id).await.map(Json);
+    };
+    // Registered before the first look, so a decision in between wakes it.
+    let waiter = state.waiters.register(id);
+    match lookup(&state, id).await {
+        Ok(s) if s.status != Status::Pending => return Ok(Json(s)),
+        // Pending, or not (yet) known: a request whose 503 hid a write, or
+        // whose pending entry was skipped, may still be decided.
+        Ok(_) | Err(ApiError::RequestNotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    waiter.wait(wait).await;
+    lookup(&state, id).await.map(Json)
+}
+
+/// A request's status: the cache, else the ledger.
+async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiError> {
+    match state.statuses.get(id).await {
+        Ok(Some(s)) => return Ok(s),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "redis status unavailable, reading the ledger"),
+    }
+    let corrupt = |e: String| ApiError::Internal(anyhow::anyhow!("ledger row {id}: {e}"));
+    let Some(row) = db::ledger_row(&state.pool, id).await? else {
+        // Failed, and the ledger refused even its `failed` row.
+        let (failed_at, record) = db::failure(&state.pool, id)
+            .await?
+            .ok_or_else(|| ApiError::RequestNotFound(id.to_string()))?;
+        let r = IssueRequest::from_json(&record).map_err(|e| corrupt(e.to_string()))?;
+        return Ok(RequestStatus {
+            status: Status::Failed,
+            decided_at: Some(failed_at),
+            ..RequestStatus::pending(&r)
+        });
+    };
+    Ok(RequestStatus {
+        request_id: id,
+        coupon_id: CouponId::parse(row.coupon_id).map_err(|e| corrupt(e.to_string()))?,
+        user_id: UserId::parse(row.user_id).map_err(|e| corrupt(e.to_string()))?,
+        status: row.status.parse().map_err(|e| corrupt(format!("{e}")))?,
+        accepted_at: row.accepted_at,
+        decided_at: Some(row.decided_at),
+    })
+}
+
+/// A status lookup.
+#[derive(Serialize, ToSchema)]
+#[schema(as = RequestStatus)]
+pub struct RequestStatusView {
+    /// The request.
+    #[schema(format = Uuid)]
+    pub request_id: String,
+    /// Its coupon.
+    pub coupon_id: String,
+    /// Its user.
+    pub user_id: String,
+    /// Where it stands.
+    pub status: firstcome::Status,
+    /// When the ingress accepted it.
+    pub accepted_at: DateTime<Utc>,
+    /// When the worker decided it; null while pending.
+    pub decided_at: Option<DateTime<Utc>>,
+}

@@ -1,0 +1,61 @@
+//! What every handler shares: the services of the ingress, built once by
+//! [`crate::app::Application::build`] and handed to the router.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use crate::metrics::IngressMetrics;
+use firstcome::kafka::HealingProducer;
+use firstcome::redis_conn::RedisConn;
+use firstcome::state::{CouponState, Keys};
+use firstcome::status::StatusCache;
+use sqlx::PgPool;
+
+use crate::config::IngressConfig;
+use crate::issue::Issue;
+use crate::waiters::Waiters;
+
+/// The handlers' state. Cheap to clone; derefs to [`Services`].
+#[derive(Clone)]
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    /// Shares `services` among the handlers.
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The ingress's services.
+pub struct Services {
+    /// The settings, for the limits handlers enforce.
+    pub cfg: IngressConfig,
+    /// Postgres: coupons, the ledger, the audit.
+    pub pool: PgPool,
+    /// The issue rule: admission and the append.
+    pub issue: Issue,
+    /// Coupon states in Redis: live counters, the admin rebuild.
+    pub states: CouponState,
+    /// Request statuses in Redis.
+    pub statuses: StatusCache,
+    /// The Redis connection itself, for the idempotency keys and `/readyz`.
+    pub redis: RedisConn,
+    /// The key layout, for the idempotency keys.
+    pub keys: Keys,
+    /// The request topic's producer, for `/readyz`.
+    pub producer: Arc<HealingProducer>,
+    /// Admin tokens as `(id, token)`; the id names the admin in the audit.
+    pub admin_tokens: Vec<(String, String)>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<IngressMetrics>,
+    /// Long polls waiting for decisions.
+    pub waiters: Arc<Waiters>,
+}

@@ -1,0 +1,207 @@
+//! The request-status cache in Redis: `pending` written by the ingress once
+//! the broker acknowledged a request, the final status written by the worker
+//! once Postgres stored the decision, each under `P req:{R}` with a TTL, and
+//! the ids of every stored batch published on `P decided` for long polls.
+//! Postgres stays the answer of record; a status missing here is read from
+//! the ledger.
+//!
+//! [`StatusCache`] is the handle both binaries use; the functions under it
+//! take any connection, for tests that need a raw one.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionLike;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{CouponId, RequestId, UserId};
+use crate::record::{IssueRequest, Status};
+use crate::redis_conn::{Connection, RedisConn};
+use crate::state::{Decision, Keys, StateError};
+
+/// The status cache of one key prefix, with the TTL of its entries. Cheap to
+/// clone; clones share the connection.
+#[derive(Clone)]
+pub struct StatusCache {
+    redis: RedisConn,
+    keys: Keys,
+    ttl: Duration,
+}
+
+impl StatusCache {
+    /// The cache under `keys`, entries kept for `ttl`.
+    pub fn new(redis: RedisConn, keys: Keys, ttl: Duration) -> Self {
+        Self { redis, keys, ttl }
+    }
+
+    /// A request's cached status.
+    pub async fn get(&self, request: RequestId) -> Result<Option<RequestStatus>, StateError> {
+        get_status(&mut self.redis.clone(), &self.keys, request).await
+    }
+
+    /// Records a just-accepted request as pending unless a status is there
+    /// already (see [`put_pending`]).
+    pub async fn put_pending(&self, request: &IssueRequest) -> Result<bool, StateError> {
+        let status = RequestStatus::pending(request);
+        put_pending(&mut self.redis.clone(), &self.keys, &status, self.ttl).await
+    }
+
+    /// Writes final statuses and announces them (see [`put_statuses`]).
+    pub async fn put_final(&self, statuses: &[RequestStatus]) -> Result<(), StateError> {
+        put_statuses(&mut self.redis.clone(), &self.keys, statuses, self.ttl).await
+    }
+
+    /// The channel the ids of stored batches are published on.
+    pub fn decided_channel(&self) -> String {
+        self.keys.decided_channel()
+    }
+}
+
+/// What a status lookup answers; also the JSON kept under `req:{R}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestStatus {
+    /// The request.
+    pub request_id: RequestId,
+    /// Its coupon.
+    pub coupon_id: CouponId,
+    /// Its user.
+    pub user_id: UserId,
+    /// Where it stands.
+    pub status: Status,
+    /// When the ingress accepted it.
+    pub accepted_at: DateTime<Utc>,
+    /// When the worker decided it; `None` while pending.
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+impl RequestStatus {
+    /// The status of a request that was just accepted.
+    pub fn pending(r: &IssueRequest) -> Self {
+        Self {
+            request_id: r.request_id,
+            coupon_id: r.coupon_id.clone(),
+            user_id: r.user_id.clone(),
+            status: Status::Pending,
+            accepted_at: r.accepted_at,
+            decided_at: None,
+        }
+    }
+
+    /// The status of a decided request.
+    pub fn decided(r: &IssueRequest, d: Decision) -> Self {
+        Self {
+            status: d.status,
+            decided_at: Some(d.decided_at),
+            ..Self::pending(r)
+        }
+    }
+}
+
+/// Records a just-accepted request as pending, unless a status is there
+/// already: the worker may decide the request (and write its final status)
+/// before the ingress gets here, and a final status must never be
+/// overwritten by `pending`. Returns whether it wrote.
+pub async fn put_pending<C: Connection>(
+    conn: &mut C,
+    keys: &Keys,
+    status: &RequestStatus,
+    ttl: Duration,
+) -> Result<bool, StateError> {
+    let json = serde_json::to_string(status).expect("a RequestStatus always serializes");
+    let mut set = redis::cmd("SET");
+    set.arg(keys.request(status.request_id))
+        .arg(json)
+        .arg("NX")
+        .arg("EX")
+        .arg(ttl.as_secs().max(1));
+    let counter = keys.coupon(&status.coupon_id).accepted;
+    if conn.clustered() {
+        // The two keys live in different hash slots: two commands, sent
+        // together.
+        let mut other = conn.clone();
+        let mut incr = redis::cmd("INCR");
+        incr.arg(&counter);
+        let (written, _): (Option<String>, i64) =
+            futures::try_join!(set.query_async(conn), incr.query_async(&mut other))?;
+        return Ok(written.is_some());
+    }
+    // The count of accepted requests rides along (same round trip).
+    let (written, _): (Option<String>, i64) = redis::pipe()
+        .add_command(set)
+        .incr(counter, 1)
+        .query_async(conn)
+        .await?;
+    Ok(written.is_some())
+}
+
+/// Writes final status entries in one pipeline, each expiring after `ttl`.
+pub async fn put_statuses<C: Connection>(
+    conn: &mut C,
+    keys: &Keys,
+    statuses: &[RequestStatus],
+    ttl: Duration,
+) -> Result<(), StateError> {
+    // A batch of dead letters only has no status to write; Redis refuses an
+    // empty pipeline.
+    if statuses.is_empty() {
+        return Ok(());
+    }
+    let ttl = ttl.as_secs().max(1);
+    let mut ids = String::with_capacity(statuses.len() * 37);
+    for s in statuses {
+        if !ids.is_empty() {
+            ids.push(' ');
+        }
+        ids.push_str(&s.request_id.to_string());
+    }
+    let set = |s: &RequestStatus| {
+        let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(keys.request(s.request_id))
+            .arg(json)
+            .arg("EX")
+            .arg(ttl);
+        cmd
+    };
+    if conn.clustered() {
+        // Each status key has a hash slot of its own: one command each, all
+        // in flight together (the client pipelines them per node), and the
+        // publication once they are all written.
+        let writes = statuses.iter().map(|s| {
+            let mut c = conn.clone();
+            let cmd = set(s);
+            async move { cmd.exec_async(&mut c).await }
+        });
+        futures::future::try_join_all(writes).await?;
+        redis::cmd("PUBLISH")
+            .arg(keys.decided_channel())
+            .arg(ids)
+            .exec_async(conn)
+            .await?;
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for s in statuses {
+        pipe.add_command(set(s)).ignore();
+    }
+    // After the statuses, so a woken long poll reads the final one.
+    pipe.publish(keys.decided_channel(), ids).ignore();
+    pipe.exec_async(conn).await?;
+    Ok(())
+}
+
+/// Reads a request's cached status.
+pub async fn get_status<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &Keys,
+    request: RequestId,
+) -> Result<Option<RequestStatus>, StateError> {
+    let json: Option<String> = redis::cmd("GET")
+        .arg(keys.request(request))
+        .query_async(conn)
+        .await?;
+    json.map(|j| {
+        serde_json::from_str(&j).map_err(|e| StateError::Protocol(format!("status entry: {e}")))
+    })
+    .transpose()
+}
