@@ -504,3 +504,23 @@ fn every_setting_compose_and_kubernetes_pass_is_one_the_binaries_read() {
         );
     }
 }
+
+#[test]
+fn kafka_cluster_ids_never_start_with_a_dash_which_the_format_tool_would_read_as_a_flag() {
+    // One id in 64 would, at random: a node then fails to format its
+    // storage and exits at start.
+    let script = root().join("scripts/kafka-node");
+    for _ in 0..500 {
+        let out = Command::new(&script).arg("cluster-id").output().unwrap();
+        assert!(out.status.success());
+        let id = String::from_utf8(out.stdout).unwrap();
+        let id = id.trim();
+        assert_eq!(id.len(), 22, "{id:?} is not 16 bytes in base64");
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "{id:?}"
+        );
+        assert!(!id.starts_with('-'), "{id:?}");
+    }
+}

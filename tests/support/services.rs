@@ -256,10 +256,15 @@ impl PrivateKafka {
         while kafka_starts(&log) <= before {
             let node = &mut self.nodes[i];
             if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                // The directory goes with the node: the log's end, here.
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                let format =
+                    std::fs::read_to_string(node.dir.join("format.log")).unwrap_or_default();
                 panic!(
-                    "kafka node {} exited at start ({status}); its log is {}",
+                    "kafka node {} exited at start ({status}); the end of its log:\n{}\n{format}",
                     node.id,
-                    log.display()
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
             assert!(
