@@ -231,3 +231,19 @@ async fn sigterm_lets_the_worker_finish_the_batch_in_hand_before_it_exits() {
     );
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_it_joins_leaves_the_group_cleanly_every_time() {
+    // librdkafka aborts, or hangs, when a consumer is closed while an
+    // assignment is still in progress (its issues 4527 and 4792): a worker
+    // stopped while it joined its group tripped it now and then. Each round
+    // stops one at another moment of its first join, the first rounds
+    // before it is assigned anything.
+    for round in 0..24u64 {
+        // A new topic and group each round: a first join, as in production.
+        let env = TestEnv::new().await;
+        let worker = env.spawn_worker().await;
+        tokio::time::sleep(Duration::from_millis(round * 20)).await;
+        worker.stop().await;
+    }
+}

@@ -302,6 +302,38 @@ pub async fn run(
         joined.await;
     }
     commit(consumer.as_ref(), "shutdown");
+    leave(consumer.as_ref(), grace.min(LEAVE_LIMIT)).await;
+}
+
+/// Longest a stopping worker serves its consumer to leave the group.
+const LEAVE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Leaves the group before the consumer is closed: unsubscribes, then
+/// serves the consumer (so the revoke runs) until nothing is assigned and a
+/// few more rounds pass quietly. librdkafka aborts
+/// (`rd_kafka_cgrp_terminated: assert: !rd_kafka_assignment_in_progress`)
+/// or hangs when a consumer is closed while an assignment is still in
+/// progress (its issues 4527 and 4792), which is where a worker stopped
+/// during its join would close it. Records that still arrive are dropped:
+/// their offsets are not stored, so they are read again by the next owner.
+async fn leave(consumer: &StreamConsumer<Rebalancer>, limit: Duration) {
+    /// Rounds of serving with nothing assigned before the close.
+    const QUIET_ROUNDS: u32 = 3;
+    consumer.unsubscribe();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut quiet = 0;
+    while quiet < QUIET_ROUNDS {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?limit,
+                "the group was not left in time; closing the consumer anyway"
+            );
+            return;
+        }
+        let _ = tokio::time::timeout(RESUME_CHECK * 5, consumer.recv()).await;
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        quiet = if assigned == 0 { quiet + 1 } else { 0 };
+    }
 }
 
 fn set_paused<C: Consumer<X>, X: ConsumerContext>(
