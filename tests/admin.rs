@@ -287,3 +287,40 @@ async fn an_admin_change_takes_effect_once_when_redis_fails_it_and_the_client_re
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_coupon_before_its_window_opens_ends_the_window_there_and_it_never_opens() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("early");
+    let starts_at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let (code, body) = client
+        .create_coupon_with(json!({
+            "coupon_id": coupon, "name": "not yet open", "total_stock": 5,
+            "starts_at": starts_at.to_rfc3339(), "ends_at": null,
+        }))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, closed) = admin_call(
+        &client.http,
+        &client.base,
+        &env.admin_token,
+        reqwest::Method::POST,
+        format!("/v1/admin/coupons/{coupon}/close"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{closed}");
+    assert_eq!(closed["starts_at"], closed["ends_at"], "{closed}");
+    let ends: chrono::DateTime<chrono::Utc> = closed["ends_at"].as_str().unwrap().parse().unwrap();
+    assert!(ends < starts_at, "{closed}");
+    // Past the window it was created with, the sale is still over.
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(2_100)).await;
+    let (code, err) = client.issue(&coupon, "ann").await;
+    assert_eq!(
+        (code, &err["error"]["code"]),
+        (409, &json!("not_open")),
+        "{err}"
+    );
+}

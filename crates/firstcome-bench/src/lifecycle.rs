@@ -38,6 +38,7 @@ use serde_json::json;
 use crate::env::BenchEnv;
 use crate::load::{self, Outcome};
 use crate::procs::{self, Proc};
+use crate::svg::{Frame, Line};
 
 /// How big the run is.
 #[derive(Debug, Clone, Copy)]
@@ -128,7 +129,7 @@ pub struct Lifecycle {
     pub pruned_rows: Vec<u64>,
     /// Every sample.
     pub samples: Vec<Sample>,
-    /// The phases.
+    /// When each phase began, for the plot's labels.
     pub marks: Vec<Mark>,
 }
 
@@ -492,7 +493,14 @@ impl Lifecycle {
     /// The samples over time, one line per measure, the marks as verticals.
     pub fn svg(&self) -> String {
         use std::fmt::Write;
-        let (w, h, left, bottom, top, right) = (860.0, 440.0, 60.0, 40.0, 30.0, 230.0);
+        let f = Frame {
+            w: 860.0,
+            h: 440.0,
+            left: 60.0,
+            bottom: 40.0,
+            top: 30.0,
+            right: 230.0,
+        };
         let t_max = self.samples.last().map_or(1.0, |s| s.t_s).max(1.0);
         type Measure = (&'static str, &'static str, fn(&Sample) -> Option<f64>);
         let measures: [Measure; 5] = [
@@ -508,71 +516,48 @@ impl Lifecycle {
         ];
         let v_max = measures
             .iter()
-            .flat_map(|(_, _, f)| self.samples.iter().filter_map(f))
+            .flat_map(|(_, _, g)| self.samples.iter().filter_map(g))
             .fold(1.0f64, f64::max)
             * 1.1;
-        let x = |t: f64| left + (w - left - right) * t / t_max;
-        let y = |v: f64| h - bottom - (h - bottom - top) * v / v_max;
-        let mut s = format!(
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="18" text-anchor="middle" font-size="14">Memory and storage over {} sales ({} requests)</text>
-"#,
-            (w - right + left) / 2.0,
-            self.coupons,
-            self.requests
-        );
+        let x = |t: f64| f.left + (f.w - f.left - f.right) * t / t_max;
+        let y = |v: f64| f.h - f.bottom - (f.h - f.bottom - f.top) * v / v_max;
+        let mut s = f.open(&format!(
+            "Memory and storage over {} sales ({} requests)",
+            self.coupons, self.requests
+        ));
         let step = nice_step(v_max);
         let mut v = 0.0;
         while v <= v_max {
-            let _ = writeln!(
-                s,
-                r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{v} MiB</text>"##,
-                w - right,
-                left - 6.0,
-                y(v) + 4.0,
-                y = y(v)
-            );
+            f.grid(&mut s, y(v), &format!("{v} MiB"));
             v += step;
         }
         for m in &self.marks {
             let _ = writeln!(
                 s,
-                r##"<line x1="{x}" x2="{x}" y1="{top}" y2="{}" stroke="#bbb" stroke-dasharray="4 3"/><text x="{x}" y="{ty}" font-size="10" transform="rotate(-90 {x} {ty})" text-anchor="end" dx="-4" dy="-3">{}</text>"##,
-                h - bottom,
+                r##"<line x1="{x}" x2="{x}" y1="{}" y2="{}" stroke="#bbb" stroke-dasharray="4 3"/><text x="{x}" y="{ty}" font-size="10" transform="rotate(-90 {x} {ty})" text-anchor="end" dx="-4" dy="-3">{}</text>"##,
+                f.top,
+                f.h - f.bottom,
                 m.what,
                 x = x(m.t_s),
-                ty = top + 4.0
+                ty = f.top + 4.0
             );
         }
-        for (i, (name, color, f)) in measures.iter().enumerate() {
-            let points: Vec<String> = self
+        for (i, (name, color, g)) in measures.iter().enumerate() {
+            let points: Vec<(f64, f64)> = self
                 .samples
                 .iter()
-                .filter_map(|p| f(p).map(|v| format!("{:.1},{:.1}", x(p.t_s), y(v))))
+                .filter_map(|p| g(p).map(|v| (x(p.t_s), y(v))))
                 .collect();
-            let _ = writeln!(
-                s,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
-                points.join(" ")
-            );
-            let ly = top + 20.0 + 18.0 * i as f64;
-            let _ = writeln!(
-                s,
-                r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}">{name}</text>"#,
-                w - right + 12.0,
-                w - right + 32.0,
-                w - right + 38.0,
-                ly + 4.0
-            );
+            let line = Line {
+                name,
+                color,
+                width: 1.5,
+                dash: "",
+            };
+            f.series(&mut s, &line, &points, f.top + 20.0 + 18.0 * i as f64);
         }
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">seconds (total {t_max:.0})</text>"#,
-            (w - right + left) / 2.0,
-            h - 8.0
-        );
-        s.push_str("</svg>\n");
+        f.caption(&mut s, f.h - 8.0, &format!("seconds (total {t_max:.0})"));
+        Frame::close(&mut s);
         s
     }
 }

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`env`]: a scenario's own topics, group and Redis prefix on the stack
 //! - [`procs`]: the binaries under test, as child processes
+//! - [`svg`]: the plots' frame, grid, lines and legend
 //! - [`servers`]: this tool's bare-HTTP and seed-design servers
 //! - [`load`]: open- and closed-model load with HDR histograms
 //! - [`scenarios`]: what is measured
@@ -17,6 +18,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod servers;
+mod svg;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

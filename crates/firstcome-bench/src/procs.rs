@@ -117,7 +117,8 @@ impl BrokerMeter {
 
 /// A running child and where it listens.
 pub struct Proc {
-    /// The process.
+    /// Killed when dropped (`kill_on_drop`), so a failed scenario leaves
+    /// no process behind.
     pub child: Child,
     /// Its HTTP address, if it serves.
     pub addr: Option<SocketAddr>,

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::scenarios::{Drain, FlashSale, HttpCurve, Rate, Seed};
+use crate::svg::{Frame, Line};
 
 /// The machine a run ran on.
 #[derive(Debug, Clone, Serialize)]
@@ -326,7 +327,14 @@ impl Results {
 
     /// Latency (p50, p99; log scale) against offered load, as SVG.
     pub fn svg(&self) -> String {
-        let (w, h, left, bottom, top, right) = (760.0, 420.0, 70.0, 50.0, 30.0, 170.0);
+        let f = Frame {
+            w: 760.0,
+            h: 420.0,
+            left: 70.0,
+            bottom: 50.0,
+            top: 30.0,
+            right: 170.0,
+        };
         let curves: Vec<(&str, &HttpCurve, &str)> = [
             ("raw-http", &self.raw_http, "#888888"),
             ("ingress", &self.ingress, "#1f77b4"),
@@ -339,27 +347,14 @@ impl Results {
             .flat_map(|(_, c, _)| c.steps.iter().map(|s| s.offered_per_s))
             .fold(1.0, f64::max);
         let (lo, hi) = (0.1f64.log10(), 10_000f64.log10());
-        let x = |r: f64| left + (w - left - right) * r / max_rate;
+        let x = |r: f64| f.left + (f.w - f.left - f.right) * r / max_rate;
         let y = |ms: f64| {
             let v = ms.clamp(0.1, 10_000.0).log10();
-            h - bottom - (h - bottom - top) * (v - lo) / (hi - lo)
+            f.h - f.bottom - (f.h - f.bottom - f.top) * (v - lo) / (hi - lo)
         };
-        let mut s = format!(
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="18" text-anchor="middle" font-size="14">Latency against offered load (open model)</text>
-"#,
-            (w - right + left) / 2.0
-        );
+        let mut s = f.open("Latency against offered load (open model)");
         for ms in [0.1, 1.0, 10.0, 100.0, 1_000.0, 10_000.0] {
-            let _ = writeln!(
-                s,
-                r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{ms} ms</text>"##,
-                w - right,
-                left - 6.0,
-                y(ms) + 4.0,
-                y = y(ms)
-            );
+            f.grid(&mut s, y(ms), &format!("{ms} ms"));
         }
         let ticks = 5;
         for i in 0..=ticks {
@@ -368,20 +363,15 @@ impl Results {
                 s,
                 r#"<text x="{}" y="{}" text-anchor="middle">{:.0}</text>"#,
                 x(r),
-                h - bottom + 18.0,
+                f.h - f.bottom + 18.0,
                 r
             );
         }
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">offered requests/s</text>"#,
-            (w - right + left) / 2.0,
-            h - 12.0
-        );
-        let mut legend = top + 10.0;
+        f.caption(&mut s, f.h - 12.0, "offered requests/s");
+        let mut legend = f.top + 10.0;
         for (name, c, color) in &curves {
             for (q, dash) in [("p50", ""), ("p99", "6,3")] {
-                let points: Vec<String> = c
+                let points: Vec<(f64, f64)> = c
                     .steps
                     .iter()
                     .map(|st| {
@@ -390,26 +380,20 @@ impl Results {
                         } else {
                             st.latency.p99_ms
                         };
-                        format!("{:.1},{:.1}", x(st.offered_per_s), y(v))
+                        (x(st.offered_per_s), y(v))
                     })
                     .collect();
-                let _ = writeln!(
-                    s,
-                    r#"<polyline fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}" points="{}"/>"#,
-                    points.join(" ")
-                );
-                let lx = w - right + 12.0;
-                let _ = writeln!(
-                    s,
-                    r#"<line x1="{lx}" x2="{}" y1="{legend}" y2="{legend}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/><text x="{}" y="{}">{name} {q}</text>"#,
-                    lx + 24.0,
-                    lx + 30.0,
-                    legend + 4.0
-                );
+                let line = Line {
+                    name: &format!("{name} {q}"),
+                    color,
+                    width: 2.0,
+                    dash,
+                };
+                f.series(&mut s, &line, &points, legend);
                 legend += 18.0;
             }
         }
-        s.push_str("</svg>\n");
+        Frame::close(&mut s);
         s
     }
 }

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use rdkafka::message::{Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 
-use crate::record::{Rec, replay_count};
+use crate::record::{REPLAY_COUNT_HEADER, Rec, Unreadable, replay_count};
 
 /// The headers of a dead letter, as named on the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ impl Header {
             Header::ConsumerGroup => "firstcome.consumer.group",
             Header::FirstFailedAt => "firstcome.failed_at.first",
             Header::LastFailedAt => "firstcome.failed_at.last",
-            Header::ReplayCount => "firstcome.replay.count",
+            Header::ReplayCount => REPLAY_COUNT_HEADER,
             Header::RequestId => firstcome::record::REQUEST_ID_HEADER,
         }
     }
@@ -128,6 +128,16 @@ impl ErrorKind {
     }
 }
 
+impl From<Unreadable> for DeadLetter {
+    fn from(why: Unreadable) -> Self {
+        let kind = match why {
+            Unreadable::NoValue | Unreadable::Invalid(_) => ErrorKind::InvalidRecord,
+            Unreadable::KeyMismatch { .. } => ErrorKind::KeyMismatch,
+        };
+        Self::new(kind, why.to_string())
+    }
+}
+
 /// A record the worker gives up on, with the reason.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -142,20 +152,6 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// A record whose value does not parse or validate.
-    pub fn invalid_record(e: impl std::fmt::Display) -> Self {
-        Self::new(ErrorKind::InvalidRecord, e.to_string())
-    }
-
-    /// A record whose key is not its coupon id.
-    pub fn key_mismatch(key: Option<&[u8]>, coupon: &str) -> Self {
-        let key = key.map(String::from_utf8_lossy);
-        Self::new(
-            ErrorKind::KeyMismatch,
-            format!("record key {key:?} differs from coupon_id {coupon:?}"),
-        )
-    }
-
     /// A record for a coupon Postgres does not know.
     pub fn unknown_coupon(coupon: &str) -> Self {
         Self::new(

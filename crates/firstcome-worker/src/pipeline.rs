@@ -183,7 +183,7 @@ fn parse(recs: &[Rec]) -> (Vec<Request<'_>>, Vec<Dead<'_>>) {
     for rec in recs {
         match rec.parse() {
             Ok(request) => requests.push(Request { rec, request }),
-            Err(letter) => dead.push((rec, letter)),
+            Err(why) => dead.push((rec, DeadLetter::from(why))),
         }
     }
     (requests, dead)
@@ -321,14 +321,11 @@ async fn decide_coupon(
     }
     // No state in Redis: build it from Postgres, or give up on a coupon
     // that does not exist.
-    let Some(built) = firstcome::rebuild::coupon(
-        &shared.pool,
-        &mut shared.states.connection(),
-        shared.states.keys(),
-        coupon,
-    )
-    .await
-    .context("building coupon state")?
+    let Some(built) = shared
+        .states
+        .rebuild(&shared.pool, coupon)
+        .await
+        .context("building coupon state")?
     else {
         return Ok(None);
     };
@@ -342,15 +339,12 @@ async fn decide_coupon(
 
 /// Rebuilds a coupon's Redis state from Postgres under a new epoch.
 async fn rebuild(shared: &Shared, coupon: &CouponId) -> anyhow::Result<()> {
-    let built = firstcome::rebuild::coupon(
-        &shared.pool,
-        &mut shared.states.connection(),
-        shared.states.keys(),
-        coupon,
-    )
-    .await
-    .context("rebuilding coupon state")?
-    .with_context(|| format!("coupon {coupon} is gone from postgres"))?;
+    let built = shared
+        .states
+        .rebuild(&shared.pool, coupon)
+        .await
+        .context("rebuilding coupon state")?
+        .with_context(|| format!("coupon {coupon} is gone from postgres"))?;
     tracing::info!(%coupon, epoch = built.epoch, issued = built.issued, decisions = built.decisions, "built coupon state from postgres");
     Ok(())
 }

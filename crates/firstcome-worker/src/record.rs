@@ -1,13 +1,39 @@
 //! A record of the request topic as the worker sees it: copied out of the
 //! consumer ([`Rec::from_message`]) so it can cross into a partition task,
 //! its headers read once, and parsed into an issue request whose key matches
-//! its coupon ([`Rec::parse`]), or into the dead letter that says why not.
+//! its coupon ([`Rec::parse`]), or into the reason it is not one
+//! ([`Unreadable`], which becomes a dead letter). It also owns the headers a
+//! request-topic record carries; the failure headers of a dead letter belong
+//! to [`crate::deadletter`].
 
 use firstcome::IssueRequest;
 use firstcome::record::REQUEST_ID_HEADER;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
-use crate::deadletter::{DeadLetter, Header};
+/// How many times a record was replayed from the dead-letter topic; absent
+/// on a record the ingress wrote.
+pub const REPLAY_COUNT_HEADER: &str = "firstcome.replay.count";
+
+/// Why a record holds no issue request.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    /// The record has no value.
+    #[error("record has no value")]
+    NoValue,
+    /// The value is not a valid issue request (not JSON, bad ids, missing
+    /// fields).
+    #[error("{0}")]
+    Invalid(serde_json::Error),
+    /// The key is not the coupon id of the value, so the record may sit in
+    /// the wrong partition and its place in the log means nothing.
+    #[error("record key {key:?} differs from coupon_id {coupon:?}")]
+    KeyMismatch {
+        /// The key, as text where it is.
+        key: Option<String>,
+        /// The value's coupon.
+        coupon: String,
+    },
+}
 
 /// A record copied out of the consumer.
 #[derive(Debug, Clone)]
@@ -47,17 +73,17 @@ impl Rec {
     }
 
     /// The issue request this record holds, whose key matches its coupon.
-    pub fn parse(&self) -> Result<IssueRequest, DeadLetter> {
-        let payload = self
-            .payload
-            .as_deref()
-            .ok_or_else(|| DeadLetter::invalid_record("record has no value"))?;
-        let request = IssueRequest::from_json(payload).map_err(DeadLetter::invalid_record)?;
+    pub fn parse(&self) -> Result<IssueRequest, Unreadable> {
+        let payload = self.payload.as_deref().ok_or(Unreadable::NoValue)?;
+        let request = IssueRequest::from_json(payload).map_err(Unreadable::Invalid)?;
         if self.key.as_deref() != Some(request.coupon_id.as_str().as_bytes()) {
-            return Err(DeadLetter::key_mismatch(
-                self.key.as_deref(),
-                request.coupon_id.as_str(),
-            ));
+            return Err(Unreadable::KeyMismatch {
+                key: self
+                    .key
+                    .as_deref()
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                coupon: request.coupon_id.to_string(),
+            });
         }
         Ok(request)
     }
@@ -65,7 +91,7 @@ impl Rec {
 
 /// The replay count a record carries (0 when it has none).
 pub fn replay_count<M: Message>(m: &M) -> u32 {
-    header(m, Header::ReplayCount.as_str())
+    header(m, REPLAY_COUNT_HEADER)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }

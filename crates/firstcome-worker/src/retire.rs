@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use firstcome::CouponId;
 use firstcome::db::{self, RetireCandidate};
-use firstcome::state::{self, Retired};
+use firstcome::state::Retired;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Shared;
@@ -91,8 +91,7 @@ async fn stored_through_end(shared: &Shared, c: &RetireCandidate) -> anyhow::Res
 /// Deletes the state of the candidate's epoch; whether it is now retired.
 async fn retire(shared: &Shared, c: &RetireCandidate) -> anyhow::Result<bool> {
     let id = CouponId::parse(c.coupon_id.clone())?;
-    let mut redis = shared.states.connection();
-    match state::retire(&mut redis, &shared.states.keys().coupon(&id), c.redis_epoch).await? {
+    match shared.states.retire(&id, c.redis_epoch).await? {
         Retired::Kept => Ok(false),
         found @ (Retired::Deleted | Retired::Absent) => {
             let marked = db::mark_retired(&shared.pool, &c.coupon_id, c.redis_epoch).await?;

@@ -18,6 +18,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Largest `total_stock` a coupon may have (the column is an `integer`).
+pub const MAX_STOCK: i64 = 1_000_000_000;
+
 /// A coupon campaign as stored.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct Coupon {
@@ -324,20 +327,16 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
         .collect()
 }
 
-/// A ledger row, as a status lookup needs it.
+/// A ledger row, as a status lookup needs it, decoded into domain types
+/// (see [`columns`]).
 #[derive(Debug, Clone, FromRow)]
+#[allow(missing_docs)] // the columns of `request_ledger`; the names say it all
 pub struct LedgerRow {
-    /// The request.
-    pub request_id: Uuid,
-    /// Its coupon.
-    pub coupon_id: String,
-    /// Its user.
-    pub user_id: String,
-    /// Its final status.
-    pub status: String,
-    /// When the ingress accepted it.
+    pub request_id: RequestId,
+    pub coupon_id: CouponId,
+    pub user_id: UserId,
+    pub status: Status,
     pub accepted_at: DateTime<Utc>,
-    /// When the worker decided it.
     pub decided_at: DateTime<Utc>,
 }
 
@@ -375,24 +374,32 @@ pub async fn record_failure(
     Ok(())
 }
 
-/// A request recorded by [`record_failure`]: when it failed, and its record.
+/// A request recorded by [`record_failure`]: when it failed, and the
+/// request its record holds.
 pub async fn failure(
     pool: &PgPool,
     id: RequestId,
-) -> Result<Option<(DateTime<Utc>, Vec<u8>)>, sqlx::Error> {
-    sqlx::query_as("SELECT failed_at, record FROM request_failure WHERE request_id = $1")
-        .bind(id.as_uuid())
-        .fetch_optional(pool)
-        .await
+) -> Result<Option<(DateTime<Utc>, IssueRequest)>, sqlx::Error> {
+    let row: Option<(DateTime<Utc>, Vec<u8>)> =
+        sqlx::query_as("SELECT failed_at, record FROM request_failure WHERE request_id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(at, record)| {
+        IssueRequest::from_json(&record)
+            .map(|r| (at, r))
+            .map_err(|e| sqlx::Error::Decode(format!("request_failure {id}: {e}").into()))
+    })
+    .transpose()
 }
 
 /// A coupon a user holds.
 #[derive(Debug, Clone, FromRow)]
 pub struct HeldCoupon {
     /// The coupon.
-    pub coupon_id: String,
+    pub coupon_id: CouponId,
     /// The request that won it.
-    pub request_id: Uuid,
+    pub request_id: RequestId,
     /// When it was issued.
     pub issued_at: DateTime<Utc>,
 }
@@ -515,8 +522,15 @@ pub async fn apply_change(
             }
             coupon.total_stock = i32::try_from(total).expect("max_total fits a Postgres integer");
         }
-        // An earlier end stays: closing never extends a window.
-        Change::Close(at) => coupon.ends_at = Some(coupon.ends_at.map_or(at, |e| e.min(at))),
+        // An earlier end stays: closing never extends a window. A close
+        // before the window opens ends it there (it starts and ends at the
+        // close): the sale never opens, and the window stays a window.
+        Change::Close(at) => {
+            coupon.ends_at = Some(coupon.ends_at.map_or(at, |e| e.min(at)));
+            if coupon.starts_at.is_some_and(|s| s > at) {
+                coupon.starts_at = Some(at);
+            }
+        }
         Change::Reopen(ends_at) => {
             if let (Some(e), Some(s)) = (ends_at, coupon.starts_at)
                 && e < s
@@ -529,11 +543,13 @@ pub async fn apply_change(
         }
     }
     sqlx::query(
-        "UPDATE coupon SET total_stock = $2, ends_at = $3, redis_epoch = redis_epoch + 1
+        "UPDATE coupon SET total_stock = $2, starts_at = $3, ends_at = $4,
+                           redis_epoch = redis_epoch + 1
          WHERE coupon_id = $1",
     )
     .bind(id.as_str())
     .bind(coupon.total_stock)
+    .bind(coupon.starts_at)
     .bind(coupon.ends_at)
     .execute(&mut *tx)
     .await?;
@@ -656,9 +672,9 @@ pub async fn prune(
 /// (see `firstcome-worker`'s `retire`).
 #[derive(Debug, Clone, FromRow)]
 pub struct RetireCandidate {
-    /// The coupon.
+    /// The coupon, as stored (parsed where its keys are needed).
     pub coupon_id: String,
-    /// Its epoch now.
+    /// The epoch whose state may be retired; a newer one is kept.
     pub redis_epoch: i64,
     /// The partition its stored records were read from; `None` when none
     /// was ever stored.
@@ -733,4 +749,55 @@ pub async fn is_retired(pool: &PgPool, id: &CouponId) -> Result<bool, sqlx::Erro
     .fetch_optional(pool)
     .await?;
     Ok(retired.unwrap_or(false))
+}
+
+/// Columns decoded into domain types: a row is checked once, here, and the
+/// layers above never parse its strings again. A value the type refuses is
+/// a `sqlx::Error::Decode` (the schema's CHECKs make it a bug).
+pub mod columns {
+    use sqlx::error::BoxDynError;
+    use sqlx::postgres::{PgTypeInfo, PgValueRef, Postgres};
+    use sqlx::{Decode, Type};
+
+    use crate::ids::{CouponId, RequestId, UserId};
+    use crate::record::Status;
+
+    macro_rules! text_column {
+        ($t:ty, $parse:expr) => {
+            impl Type<Postgres> for $t {
+                fn type_info() -> PgTypeInfo {
+                    <String as Type<Postgres>>::type_info()
+                }
+
+                fn compatible(ty: &PgTypeInfo) -> bool {
+                    <String as Type<Postgres>>::compatible(ty)
+                }
+            }
+
+            impl<'r> Decode<'r, Postgres> for $t {
+                fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                    let s = <String as Decode<'r, Postgres>>::decode(value)?;
+                    Ok($parse(s)?)
+                }
+            }
+        };
+    }
+
+    text_column!(CouponId, CouponId::parse);
+    text_column!(UserId, UserId::parse);
+    text_column!(Status, |s: String| s.parse::<Status>());
+
+    impl Type<Postgres> for RequestId {
+        fn type_info() -> PgTypeInfo {
+            <uuid::Uuid as Type<Postgres>>::type_info()
+        }
+    }
+
+    impl<'r> Decode<'r, Postgres> for RequestId {
+        fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+            Ok(RequestId::from(
+                <uuid::Uuid as Decode<'r, Postgres>>::decode(value)?,
+            ))
+        }
+    }
 }

@@ -12,7 +12,8 @@
 //! - otherwise `issued` while stock lasts, then `sold_out`.
 //!
 //! An admin change applies to the records of its coupon after the offset it
-//! names (`coupon_change.after_offset`). A record whose position was
+//! names (`coupon_change.after_offset`); a close ends the window then (and
+//! starts it there too, if it had not opened). A record whose position was
 //! dead-lettered decides nothing; a `permanent_failure` leaves its request
 //! `failed` unless a later copy of it is decided.
 
@@ -25,9 +26,10 @@ use crate::record::{IssueRequest, Status};
 /// One record of the request topic, as read back.
 #[derive(Debug, Clone)]
 pub struct Logged {
-    /// Its partition.
+    /// With `offset`, where the record sits: the order that decides, and
+    /// what a dead letter names.
     pub partition: i32,
-    /// Its place there.
+    /// See `partition`; admin changes take effect after an offset.
     pub offset: i64,
     /// The key, which must be the coupon id of the value.
     pub key: Option<Vec<u8>>,
@@ -112,7 +114,13 @@ impl Live<'_> {
             }
             match change {
                 Change::AddStock(n) => self.stock += n,
-                Change::Close(t) => self.ends_at = Some(self.ends_at.map_or(*t, |e| e.min(*t))),
+                Change::Close(t) => {
+                    self.ends_at = Some(self.ends_at.map_or(*t, |e| e.min(*t)));
+                    // Before the window opened: it starts and ends there.
+                    if self.starts_at.is_some_and(|s| s > *t) {
+                        self.starts_at = Some(*t);
+                    }
+                }
                 Change::Reopen(e) => self.ends_at = *e,
             }
             self.next += 1;
@@ -313,6 +321,19 @@ mod tests {
         };
         let m = replay(recs, &HashMap::new(), &one(rules));
         assert_eq!(statuses(&m, &ids), ["not_open", "not_open", "issued"]);
+    }
+
+    #[test]
+    fn a_close_before_the_window_opens_keeps_it_shut_past_its_old_start() {
+        let (recs, ids) = log(&[("a", 1), ("b", 12), ("c", 30)]);
+        let rules = Rules {
+            stock: 5,
+            starts_at: Some(at(10)),
+            changes: vec![(None, Change::Close(at(5)))],
+            ..Rules::default()
+        };
+        let m = replay(recs, &HashMap::new(), &one(rules));
+        assert_eq!(statuses(&m, &ids), ["not_open", "not_open", "not_open"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use crate::db;
 use crate::ids::CouponId;
-use crate::state::{self, Keys, StateError};
+use crate::state::{self, CouponState, Keys, StateError};
 
 /// A rebuild that did not finish; running it again is safe.
 #[derive(Debug, thiserror::Error)]
@@ -84,4 +84,16 @@ pub async fn coupon_paused<C: ConnectionLike + Send>(
         state::resume(conn, &ck).await?;
     }
     Ok(built)
+}
+
+impl CouponState {
+    /// Rebuilds a coupon's state from Postgres under a new epoch (see
+    /// [`coupon`]); `None` when Postgres does not know the coupon.
+    pub async fn rebuild(
+        &self,
+        pool: &PgPool,
+        id: &CouponId,
+    ) -> Result<Option<Rebuilt>, RebuildError> {
+        coupon(pool, &mut self.connection(), self.keys(), id).await
+    }
 }

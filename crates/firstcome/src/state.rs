@@ -102,21 +102,10 @@ impl Keys {
         }
     }
 
-    /// The status key of one request.
-    pub fn request(&self, request: RequestId) -> String {
-        format!("{}req:{{{request}}}", self.prefix)
-    }
-
-    /// The key remembering an `Idempotency-Key` of a coupon (in the coupon's
-    /// hash slot).
-    pub fn idempotency(&self, coupon: &CouponId, key: &str) -> String {
-        format!("{}idem:{{{coupon}}}:{key}", self.prefix)
-    }
-
-    /// The channel on which the worker publishes the ids of each stored
-    /// batch (space-separated), for the ingress's long polls.
-    pub fn decided_channel(&self) -> String {
-        format!("{}decided", self.prefix)
+    /// The prefix, for the keys other modules own (request statuses in
+    /// [`crate::status`], the ingress's idempotency keys).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 }
 
@@ -174,6 +163,12 @@ impl CouponState {
     /// A coupon's live counters; `None` without a state.
     pub async fn counters(&self, coupon: &CouponId) -> Result<Option<Counters>, StateError> {
         counters(&mut self.redis.clone(), &self.keys.coupon(coupon)).await
+    }
+
+    /// Deletes the coupon's state if it is of `epoch` or older (see
+    /// [`retire`]).
+    pub async fn retire(&self, coupon: &CouponId, epoch: i64) -> Result<Retired, StateError> {
+        retire(&mut self.redis.clone(), &self.keys.coupon(coupon), epoch).await
     }
 
     /// How many requests for the coupon the ingress saw acknowledged.

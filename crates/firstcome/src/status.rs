@@ -19,6 +19,20 @@ use crate::record::{IssueRequest, Status};
 use crate::redis_conn::{Connection, RedisConn};
 use crate::state::{Decision, Keys, StateError};
 
+/// The keys this module owns.
+impl Keys {
+    /// The status key of one request (`P req:{R}`).
+    pub fn request(&self, request: RequestId) -> String {
+        format!("{}req:{{{request}}}", self.prefix())
+    }
+
+    /// The channel on which the worker publishes the ids of each stored
+    /// batch (space-separated), for the ingress's long polls.
+    pub fn decided_channel(&self) -> String {
+        format!("{}decided", self.prefix())
+    }
+}
+
 /// The status cache of one key prefix, with the TTL of its entries. Cheap to
 /// clone; clones share the connection.
 #[derive(Clone)]
@@ -57,20 +71,16 @@ impl StatusCache {
     }
 }
 
-/// What a status lookup answers; also the JSON kept under `req:{R}`.
+/// What a status lookup answers; also the JSON kept under `req:{R}`. The
+/// fields are the request's and its decision's, named as in the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)] // the names say it all; `decided_at` is `None` while pending
 pub struct RequestStatus {
-    /// The request.
     pub request_id: RequestId,
-    /// Its coupon.
     pub coupon_id: CouponId,
-    /// Its user.
     pub user_id: UserId,
-    /// Where it stands.
     pub status: Status,
-    /// When the ingress accepted it.
     pub accepted_at: DateTime<Utc>,
-    /// When the worker decided it; `None` while pending.
     pub decided_at: Option<DateTime<Utc>>,
 }
 

@@ -18,13 +18,13 @@ use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
-use firstcome::{CouponId, db};
+use firstcome::CouponId;
+use firstcome::db::{self, MAX_STOCK};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::http::coupons::MAX_STOCK;
 use crate::http::extract::{Admin, Body, Id, invalid};
 use crate::issue::idempotency;
 use crate::services::AppState;
@@ -231,12 +231,8 @@ async fn apply(
     match outcome {
         db::ChangeOutcome::Applied(_) => {
             tracing::info!(token_id = %admin.0, action = change.kind(), coupon = %id, %change_id, "admin change applied");
-            let mut redis = state.states.connection();
-            let rebuilt = tokio::time::timeout(
-                REBUILD_TIMEOUT,
-                firstcome::rebuild::coupon(&state.pool, &mut redis, state.states.keys(), id),
-            )
-            .await;
+            let rebuilt =
+                tokio::time::timeout(REBUILD_TIMEOUT, state.states.rebuild(&state.pool, id)).await;
             if !matches!(rebuilt, Ok(Ok(_))) {
                 tracing::warn!(coupon = %id, "changed; redis state not rebuilt now, the next decision rebuilds it");
             }

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
 use firstcome::CouponId;
-use firstcome::db::{self, Coupon};
+use firstcome::db::{self, Coupon, MAX_STOCK};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -17,8 +17,6 @@ use crate::error::{ApiError, ErrorBody};
 use crate::http::extract::{Admin, Body, Id, invalid};
 use crate::services::AppState;
 
-/// Largest `total_stock` a coupon may have.
-pub const MAX_STOCK: i64 = 1_000_000_000;
 /// Longest coupon name, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
 

@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use firstcome::db;
 use firstcome::status::RequestStatus;
-use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
+use firstcome::{RequestId, Status};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -86,13 +86,11 @@ async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiErr
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "redis status unavailable, reading the ledger"),
     }
-    let corrupt = |e: String| ApiError::Internal(anyhow::anyhow!("ledger row {id}: {e}"));
     let Some(row) = db::ledger_row(&state.pool, id).await? else {
         // Failed, and the ledger refused even its `failed` row.
-        let (failed_at, record) = db::failure(&state.pool, id)
+        let (failed_at, r) = db::failure(&state.pool, id)
             .await?
             .ok_or_else(|| ApiError::RequestNotFound(id.to_string()))?;
-        let r = IssueRequest::from_json(&record).map_err(|e| corrupt(e.to_string()))?;
         return Ok(RequestStatus {
             status: Status::Failed,
             decided_at: Some(failed_at),
@@ -100,10 +98,10 @@ async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiErr
         });
     };
     Ok(RequestStatus {
-        request_id: id,
-        coupon_id: CouponId::parse(row.coupon_id).map_err(|e| corrupt(e.to_string()))?,
-        user_id: UserId::parse(row.user_id).map_err(|e| corrupt(e.to_string()))?,
-        status: row.status.parse().map_err(|e| corrupt(format!("{e}")))?,
+        request_id: row.request_id,
+        coupon_id: row.coupon_id,
+        user_id: row.user_id,
+        status: row.status,
         accepted_at: row.accepted_at,
         decided_at: Some(row.decided_at),
     })

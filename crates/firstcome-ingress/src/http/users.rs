@@ -44,8 +44,8 @@ pub(crate) async fn user_coupons(
     Ok(Json(
         held.into_iter()
             .map(|h| HeldCouponView {
-                coupon_id: h.coupon_id,
-                request_id: h.request_id,
+                coupon_id: h.coupon_id.to_string(),
+                request_id: h.request_id.as_uuid(),
                 issued_at: h.issued_at,
             })
             .collect(),

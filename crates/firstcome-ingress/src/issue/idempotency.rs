@@ -148,7 +148,8 @@ impl Slot {
     /// The slot of `key` for `coupon`.
     pub fn new(keys: &Keys, coupon: &CouponId, key: &str, ttl: Duration) -> Self {
         Self {
-            redis_key: keys.idempotency(coupon, key),
+            // In the coupon's hash slot, beside its state.
+            redis_key: format!("{}idem:{{{coupon}}}:{key}", keys.prefix()),
             ttl,
         }
     }
