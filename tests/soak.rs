@@ -530,23 +530,7 @@ async fn check(
             "in the ledger, never sent: {id} ({coupon}, {user})"
         );
     }
-    let mismatches: Vec<_> = m
-        .expected
-        .iter()
-        .filter(|(id, (want, p, o))| got.get(*id) != Some(&((*want).to_owned(), *p, *o)))
-        .take(5)
-        .map(|(id, want)| (id, want, got.get(id)))
-        .collect();
-    assert!(
-        mismatches.is_empty(),
-        "decisions differ from log order and the admin changes (id, expected, ledger): \
-         {mismatches:?}"
-    );
-    assert_eq!(
-        got.len(),
-        m.expected.len(),
-        "no ledger row without a log record"
-    );
+    firstcome_suite::assert_decisions_match(&m, &got, "log order and the admin changes");
 
     for (coupon, _) in coupons {
         let winners = m.winners.get(coupon).cloned().unwrap_or_default();

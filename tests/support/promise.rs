@@ -99,6 +99,32 @@ pub fn model_with(env: &TestEnv, rules: &HashMap<String, CouponRules>) -> LogMod
     firstcome::oracle::replay(log, &dead, rules)
 }
 
+/// The ledger (`request id -> (status, partition, offset)`) holds exactly
+/// the decisions the oracle replayed, each at its place in the log; `rule`
+/// names what the replay followed, for the message.
+pub fn assert_decisions_match(
+    m: &LogModel,
+    ledger: &HashMap<String, (String, i32, i64)>,
+    rule: &str,
+) {
+    let mismatches: Vec<_> = m
+        .expected
+        .iter()
+        .filter(|(id, (want, p, o))| ledger.get(*id) != Some(&((*want).to_owned(), *p, *o)))
+        .take(5)
+        .map(|(id, want)| (id, want, ledger.get(id)))
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "decisions differ from {rule} (id, expected, ledger): {mismatches:?}"
+    );
+    assert_eq!(
+        ledger.len(),
+        m.expected.len(),
+        "no ledger row without a log record"
+    );
+}
+
 /// Checks that the holders of `coupon` in `user_coupon` are exactly
 /// `winners` (the model's issued users), nobody twice; returns how many.
 pub async fn assert_holders(env: &TestEnv, coupon: &str, winners: &[String]) -> usize {
@@ -191,22 +217,7 @@ pub async fn check_promise_with(
         .into_iter()
         .map(|(id, status, p, o)| (id.to_string(), (status, p, o)))
         .collect();
-    let mismatches: Vec<_> = m
-        .expected
-        .iter()
-        .filter(|(id, (want, p, o))| got.get(*id) != Some(&((*want).to_owned(), *p, *o)))
-        .take(5)
-        .map(|(id, want)| (id, want, got.get(id)))
-        .collect();
-    assert!(
-        mismatches.is_empty(),
-        "decisions differ from log order (id, expected, ledger): {mismatches:?}"
-    );
-    assert_eq!(
-        got.len(),
-        m.expected.len(),
-        "no ledger row without a log record"
-    );
+    assert_decisions_match(&m, &got, "log order");
 
     for (coupon, stock) in coupons {
         assert_eq!(

@@ -14,12 +14,11 @@ pub struct LogRecord {
     /// Its value.
     pub payload: Option<Vec<u8>>,
     /// Its headers, as text.
-    pub headers: HashMap<String, String>,
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// Reads a whole topic from the beginning to the high watermark of each partition.
 pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
-    use rdkafka::message::Headers;
     firstcome::kafka::read_topic(common, topic, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("reading {topic}: {e:#}"))
         .into_iter()
@@ -28,17 +27,7 @@ pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
-            headers: m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            let value = String::from_utf8_lossy(h.value.unwrap_or_default());
-                            (h.key.to_owned(), value.into_owned())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: firstcome::kafka::text_headers(&m),
         })
         .collect()
 }

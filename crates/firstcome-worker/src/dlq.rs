@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use firstcome::config::CommonConfig;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -41,17 +41,7 @@ pub struct DeadLetterView {
 
 impl DeadLetterView {
     fn from_message(m: &OwnedMessage) -> Self {
-        let headers: BTreeMap<String, String> = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                        (h.key.to_owned(), v.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = firstcome::kafka::text_headers(m);
         let value = m.payload().map(|p| String::from_utf8_lossy(p).into_owned());
         let request_id = value
             .as_deref()

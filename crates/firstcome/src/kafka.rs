@@ -154,6 +154,23 @@ pub fn read_topic(
     Ok(out)
 }
 
+/// A record's headers as text (lossy UTF-8; a header without a value maps
+/// to ""), for people and checks; the worker's own parsing of headers it
+/// acts on lives in `record` and `deadletter`.
+pub fn text_headers(m: &impl Message) -> std::collections::BTreeMap<String, String> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let value = String::from_utf8_lossy(h.value.unwrap_or_default());
+                    (h.key.to_owned(), value.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A producer that replaces itself after a fatal error.
 ///
 /// An idempotent producer recovers from a broker outage by itself: records
