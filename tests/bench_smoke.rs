@@ -75,6 +75,76 @@ async fn every_benchmark_scenario_runs_and_reports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instruction_counts_come_out_by_layer_and_each_layer_holds_the_ones_it_nests() {
+    let (_, _) = (ingress_binary(), worker_binary());
+    let out = std::env::temp_dir().join(firstcome_suite::unique("bench-count-"));
+    let mut cmd = tokio::process::Command::new(bench_binary());
+    cmd.args([
+        "count", "--smoke", "--target", "ingress", "--target", "worker",
+    ])
+    .arg("--out")
+    .arg(&out)
+    .stderr(std::process::Stdio::inherit());
+    for (k, v) in stack_env() {
+        cmd.env(k, v);
+    }
+    let run = cmd.output().await.unwrap();
+    assert!(
+        run.status.success(),
+        "{} (callgrind comes with the Debian package valgrind, which scripts/stack up installs)",
+        String::from_utf8_lossy(&run.stdout)
+    );
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out.join("count.json")).unwrap()).unwrap();
+    assert!(
+        results["machine"]["cpu"].is_string(),
+        "{}",
+        results["machine"]
+    );
+    let counts = results["counts"].as_array().unwrap();
+    assert_eq!(counts.len(), 2);
+    // The steps of the path nest: (inner, outer) by their place in the
+    // list, the outermost inside the whole process (`None`). In the
+    // ingress: HTTP > middleware > handler > admission, append > pending
+    // write; in the worker: partition loop > batch > decide, store, publish.
+    let ingress: &[(usize, Option<usize>)] = &[
+        (0, None),
+        (1, Some(0)),
+        (2, Some(1)),
+        (3, Some(2)),
+        (4, Some(2)),
+        (5, Some(4)),
+    ];
+    let worker: &[(usize, Option<usize>)] = &[
+        (0, None),
+        (1, Some(0)),
+        (2, Some(1)),
+        (3, Some(1)),
+        (4, Some(1)),
+    ];
+    let table = std::fs::read_to_string(out.join("count.md")).unwrap();
+    for (count, units, nesting) in [(&counts[0], 200, ingress), (&counts[1], 800, worker)] {
+        assert_eq!(count["units"], units, "{count}");
+        let layers = count["layers"].as_array().unwrap();
+        let cost = |i: Option<usize>| match i {
+            Some(i) => layers[i]["per_unit"].as_f64().unwrap(),
+            None => count["per_unit"].as_f64().unwrap(),
+        };
+        for &(inner, outer) in nesting {
+            assert!(
+                cost(Some(inner)) > 0.0 && cost(Some(inner)) <= cost(outer),
+                "{} counts {} instructions, more than the {} that hold it: {count}",
+                layers[inner]["layer"],
+                cost(Some(inner)),
+                cost(outer)
+            );
+        }
+        assert!(table.contains(count["target"].as_str().unwrap()), "{table}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lifecycle_scenario_sells_retires_and_prunes_and_plots_it() {
     // Its sweep and `prune` trim the whole database: a Postgres of its own.
     let pg = firstcome_suite::services::PrivatePostgres::start().await;

@@ -5,7 +5,7 @@ use super::*;
 /// A thin HTTP client of the public API.
 #[derive(Clone)]
 pub struct Client {
-    /// The client.
+    /// The connection pool, for requests the helpers below do not cover.
     pub http: reqwest::Client,
     /// `http://host:port`.
     pub base: String,

@@ -60,7 +60,7 @@ pub fn signal(pid: u32, signal: &str) {
 
 /// A Redis server of its own, with AOF like the local stack.
 pub struct PrivateRedis {
-    /// Its port.
+    /// A free port found at start, on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
@@ -459,7 +459,7 @@ fn pg_tool(tool: &str) -> Command {
 
 /// A Postgres server of its own.
 pub struct PrivatePostgres {
-    /// Its port.
+    /// A free port found at start, on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
 }

@@ -5,15 +5,16 @@ use super::*;
 /// A record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct LogRecord {
-    /// Its partition.
+    /// With `offset`, the record's place in the log: the order the oracle
+    /// replays, and what the ledger must name.
     pub partition: i32,
-    /// Its offset.
+    /// See `partition`.
     pub offset: i64,
-    /// Its key.
+    /// The coupon id, which decides the partition.
     pub key: Option<Vec<u8>>,
-    /// Its value.
+    /// The request (JSON), or a poison record's bytes.
     pub payload: Option<Vec<u8>>,
-    /// Its headers, as text.
+    /// The request-id header and, in a dead letter, the error headers.
     pub headers: std::collections::BTreeMap<String, String>,
 }
 

@@ -2,6 +2,7 @@
 //! services, the raw limits under it and the design it replaces.
 //!
 //! # Layout
+//! - [`count`]: instructions per request and per record, by layer (callgrind)
 //! - [`env`]: a scenario's own topics, group and Redis prefix on the stack
 //! - [`procs`]: the binaries under test, as child processes
 //! - [`svg`]: the plots' frame, grid, lines and legend
@@ -11,6 +12,7 @@
 //! - [`lifecycle`]: a thousand sales, memory and storage over time
 //! - [`report`]: JSON, Markdown table and SVG chart
 
+mod count;
 mod env;
 mod lifecycle;
 mod load;
@@ -57,6 +59,20 @@ enum Command {
         #[arg(long)]
         sale_requests: Option<u64>,
     },
+    /// Count the instructions per accepted request (ingress, raw-http) and
+    /// per decided record (worker) under callgrind, by layer; writes
+    /// count.json and count.md.
+    Count {
+        /// What to count (repeatable); all when absent.
+        #[arg(long = "target", value_enum)]
+        targets: Vec<CountTarget>,
+        /// A few hundred requests, to check the tool works.
+        #[arg(long)]
+        smoke: bool,
+        /// Where to write the results.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// The bare HTTP handler (used by the raw-http scenario).
     ServeRawHttp {
         /// Address to listen on.
@@ -87,12 +103,24 @@ enum Scenario {
     Lifecycle,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CountTarget {
+    RawHttp,
+    Ingress,
+    Worker,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_init();
     match Cli::parse().command {
         Command::ServeRawHttp { listen } => servers::raw_http(listen).await,
         Command::ServeSeed { listen } => servers::seed(listen).await,
+        Command::Count {
+            targets,
+            smoke,
+            out,
+        } => count(targets, smoke, out).await,
         Command::Run {
             scenarios,
             smoke,
@@ -106,6 +134,48 @@ async fn main() -> anyhow::Result<()> {
             run(scenarios, size, smoke, out).await
         }
     }
+}
+
+async fn count(mut targets: Vec<CountTarget>, smoke: bool, out: PathBuf) -> anyhow::Result<()> {
+    if targets.is_empty() {
+        targets = CountTarget::value_variants().to_vec();
+    }
+    let size = if smoke {
+        count::CountSize::SMOKE
+    } else {
+        count::CountSize::FULL
+    };
+    let dir = out.join("callgrind");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let machine = report::Machine::probe();
+    let started = chrono::Utc::now().to_rfc3339();
+    let mut counts = Vec::new();
+    for t in targets {
+        let outcome = match t {
+            CountTarget::RawHttp => count::raw_http(size, &dir).await,
+            CountTarget::Ingress => count::ingress(size, &dir).await,
+            CountTarget::Worker => count::worker(size, &dir).await,
+        };
+        if let Err(e) = env::clean_up().await {
+            eprintln!("[bench] cleaning up after a count: {e:#}");
+        }
+        let c = outcome?;
+        eprintln!("{}", c.table());
+        counts.push(c);
+    }
+    let md: String = std::iter::once(format!(
+        "Machine: {machine}. Size: {}. Started {started}.\n\n",
+        if smoke { "smoke" } else { "full" }
+    ))
+    .chain(counts.iter().map(|c| c.table() + "\n"))
+    .collect();
+    std::fs::write(
+        out.join("count.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "machine": machine, "counts": counts }))?,
+    )?;
+    std::fs::write(out.join("count.md"), md)?;
+    eprintln!("[bench] counts in {}", out.display());
+    Ok(())
 }
 
 fn tracing_init() {

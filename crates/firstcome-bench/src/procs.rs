@@ -152,12 +152,22 @@ impl Proc {
 }
 
 /// Starts `cmd` and waits until `GET /healthz` on `addr` answers.
-pub async fn serve(mut cmd: Command, addr: SocketAddr, what: &str) -> anyhow::Result<Proc> {
+pub async fn serve(cmd: Command, addr: SocketAddr, what: &str) -> anyhow::Result<Proc> {
+    serve_within(cmd, addr, what, Duration::from_secs(60)).await
+}
+
+/// [`serve`], waiting at most `limit`.
+pub async fn serve_within(
+    mut cmd: Command,
+    addr: SocketAddr,
+    what: &str,
+    limit: Duration,
+) -> anyhow::Result<Proc> {
     let child = cmd
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {what}"))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + limit;
     while reqwest::get(format!("http://{addr}/healthz"))
         .await
         .is_err()

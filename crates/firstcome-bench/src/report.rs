@@ -22,6 +22,16 @@ pub struct Machine {
     pub kernel: String,
 }
 
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} × {}, {} GiB, Linux {}",
+            self.cpus, self.cpu, self.memory_gib, self.kernel
+        )
+    }
+}
+
 impl Machine {
     /// Reads `/proc`.
     pub fn probe() -> Self {
@@ -209,8 +219,8 @@ impl Results {
         if let Some(m) = &self.machine {
             let _ = writeln!(
                 out,
-                "Machine: {} × {}, {} GiB, Linux {}. Size: {}. Started {}.\n",
-                m.cpus, m.cpu, m.memory_gib, m.kernel, self.size, self.started_at
+                "Machine: {m}. Size: {}. Started {}.\n",
+                self.size, self.started_at
             );
         }
         let _ = writeln!(out, "| scenario | result |\n|---|---|");

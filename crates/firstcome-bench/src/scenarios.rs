@@ -58,14 +58,14 @@ impl Size {
     };
 }
 
-fn http() -> reqwest::Client {
+pub(crate) fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(usize::MAX)
         .build()
         .expect("an HTTP client")
 }
 
-fn issue(
+pub(crate) fn issue(
     http: &reqwest::Client,
     base: &str,
     coupon: &str,
@@ -252,7 +252,7 @@ impl Rate {
     }
 }
 
-fn request(coupon: &CouponId, user: String) -> IssueRequest {
+pub(crate) fn request(coupon: &CouponId, user: String) -> IssueRequest {
     IssueRequest {
         request_id: RequestId::new(),
         coupon_id: coupon.clone(),
@@ -261,7 +261,7 @@ fn request(coupon: &CouponId, user: String) -> IssueRequest {
     }
 }
 
-fn producer(env: &BenchEnv) -> anyhow::Result<FutureProducer> {
+pub(crate) fn producer(env: &BenchEnv) -> anyhow::Result<FutureProducer> {
     // The ingress's settings (`FIRSTCOME_PRODUCE_LINGER_MS` default 2).
     Ok(firstcome::kafka::producer_config(
         &env.common(),
@@ -272,7 +272,7 @@ fn producer(env: &BenchEnv) -> anyhow::Result<FutureProducer> {
 }
 
 /// Writes `records` to the request topic with at most 10,000 in flight.
-async fn produce(
+pub(crate) async fn produce(
     producer: &FutureProducer,
     topic: &str,
     records: Vec<IssueRequest>,
@@ -413,7 +413,7 @@ pub async fn raw_redis(size: Size) -> anyhow::Result<Rate> {
     Ok(rate)
 }
 
-async fn bench_coupon(pool: &sqlx::PgPool, id: &str, stock: i32) -> anyhow::Result<()> {
+pub(crate) async fn bench_coupon(pool: &sqlx::PgPool, id: &str, stock: i32) -> anyhow::Result<()> {
     let inserted = db::insert_coupon(
         pool,
         &db::Coupon {
@@ -496,7 +496,7 @@ async fn ledger_span(
         .await?)
 }
 
-async fn wait_ledger(
+pub(crate) async fn wait_ledger(
     pool: &sqlx::PgPool,
     coupons: &[String],
     n: i64,

@@ -96,7 +96,7 @@ impl Frame {
 
 /// How a series is drawn and named.
 pub struct Line<'a> {
-    /// Its legend.
+    /// The series' name in the legend.
     pub name: &'a str,
     /// Stroke colour.
     pub color: &'a str,

@@ -24,7 +24,8 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/coupons/{coupon_id}/issue", post(issue))
 }
 
-/// Who asks.
+/// The body of an issue request: the user who asks, nothing else (the
+/// coupon is in the path, the time is the ingress's).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct IssueBody {

@@ -18,7 +18,8 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/openapi.json", get(openapi_json))
 }
 
-/// The document.
+/// The OpenAPI document of the public API, served at `/openapi.json`; the
+/// suite checks it against `docs/openapi.json` and fuzzes every operation.
 #[derive(OpenApi)]
 #[openapi(
     info(

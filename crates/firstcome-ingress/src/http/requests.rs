@@ -111,14 +111,14 @@ async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiErr
 #[derive(Serialize, ToSchema)]
 #[schema(as = RequestStatus)]
 pub struct RequestStatusView {
-    /// The request.
+    /// The id the 202 answer gave.
     #[schema(format = Uuid)]
     pub request_id: String,
-    /// Its coupon.
+    /// The coupon asked for.
     pub coupon_id: String,
-    /// Its user.
+    /// The user who asked.
     pub user_id: String,
-    /// Where it stands.
+    /// Where it stands: `pending` until the worker decides it, then final.
     pub status: firstcome::Status,
     /// When the ingress accepted it.
     pub accepted_at: DateTime<Utc>,

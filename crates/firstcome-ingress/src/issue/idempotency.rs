@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 
-/// The header.
+/// The request header that carries a client's idempotency key (lower
+/// case: how `http` compares header names).
 pub const HEADER: &str = "idempotency-key";
 /// Longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 128;

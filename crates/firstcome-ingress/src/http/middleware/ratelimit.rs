@@ -194,7 +194,8 @@ impl<C: Clock> RateLimit<C> {
     }
 }
 
-/// The middleware.
+/// Answers `429 rate_limited` with `Retry-After` when the client has
+/// used up its rate; any other request goes on to the handler.
 pub async fn limit(
     State(limit): State<Arc<RateLimit>>,
     request: axum::extract::Request,
