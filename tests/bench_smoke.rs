@@ -7,14 +7,24 @@ use serde_json::Value;
 /// `firstcome-bench run --smoke` with `args`, on the stack (on the
 /// Postgres at `database_url` if given): where it wrote, and results.json.
 async fn smoke_run(args: &[&str], database_url: Option<String>) -> (std::path::PathBuf, Value) {
+    let mut all = vec!["run", "--smoke"];
+    all.extend_from_slice(args);
+    bench(&all, database_url, "results.json", "").await
+}
+
+/// `firstcome-bench ARGS --out DIR` on the stack: DIR, and the JSON file
+/// `results` it wrote there. `hint` follows a failure's output.
+async fn bench(
+    args: &[&str],
+    database_url: Option<String>,
+    results: &str,
+    hint: &str,
+) -> (std::path::PathBuf, Value) {
     // The tool runs the ingress and worker binaries built next to it.
     let (_, _) = (ingress_binary(), worker_binary());
     let out = std::env::temp_dir().join(firstcome_suite::unique("bench-smoke-"));
     let mut cmd = tokio::process::Command::new(bench_binary());
-    cmd.args(["run", "--smoke"])
-        .args(args)
-        .arg("--out")
-        .arg(&out);
+    cmd.args(args).arg("--out").arg(&out);
     for (k, v) in stack_env() {
         cmd.env(k, v);
     }
@@ -27,11 +37,11 @@ async fn smoke_run(args: &[&str], database_url: Option<String>) -> (std::path::P
     let run = cmd.output().await.unwrap();
     assert!(
         run.status.success(),
-        "{}",
+        "{}{hint}",
         String::from_utf8_lossy(&run.stdout)
     );
     let results: Value =
-        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(out.join(results)).unwrap()).unwrap();
     (out, results)
 }
 
@@ -76,26 +86,15 @@ async fn every_benchmark_scenario_runs_and_reports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instruction_counts_come_out_by_layer_and_each_layer_holds_the_ones_it_nests() {
-    let (_, _) = (ingress_binary(), worker_binary());
-    let out = std::env::temp_dir().join(firstcome_suite::unique("bench-count-"));
-    let mut cmd = tokio::process::Command::new(bench_binary());
-    cmd.args([
-        "count", "--smoke", "--target", "ingress", "--target", "worker",
-    ])
-    .arg("--out")
-    .arg(&out)
-    .stderr(std::process::Stdio::inherit());
-    for (k, v) in stack_env() {
-        cmd.env(k, v);
-    }
-    let run = cmd.output().await.unwrap();
-    assert!(
-        run.status.success(),
-        "{} (callgrind comes with the Debian package valgrind, which scripts/stack up installs)",
-        String::from_utf8_lossy(&run.stdout)
-    );
-    let results: Value =
-        serde_json::from_slice(&std::fs::read(out.join("count.json")).unwrap()).unwrap();
+    let (out, results) = bench(
+        &[
+            "count", "--smoke", "--target", "ingress", "--target", "worker",
+        ],
+        None,
+        "count.json",
+        " (callgrind comes with the Debian package valgrind, which scripts/stack up installs)",
+    )
+    .await;
     assert!(
         results["machine"]["cpu"].is_string(),
         "{}",

@@ -491,7 +491,7 @@ async fn count_http(
 /// The ingress's layers. The first ones are parts of the request's path,
 /// each with all it calls (so the handler's count holds admission's);
 /// after them come libraries, wherever they are called from.
-pub const INGRESS_LAYERS: &[Layer] = &[
+const INGRESS_STEPS: &[Layer] = &[
     step(
         "HTTP connection (hyper: parsing, writing; axum: routing), all below",
         &[":axum::serve::handle_connection"],
@@ -533,15 +533,23 @@ pub const INGRESS_LAYERS: &[Layer] = &[
         "librdkafka: its threads (batches, produce requests, acks) and calls",
         &[":rd_kafka_"],
     ),
+];
+
+/// Libraries both binaries run, wherever called.
+const LIBRARIES: &[Layer] = &[
     layer(
         "redis-rs: the multiplexed connection's task",
         &["redis::aio::multiplexed_connection"],
     ),
     layer(
-        "tracing: spans and the access line",
+        "tracing: spans and logs (`RUST_LOG=warn`)",
         &[":tracing_subscriber::", ":tracing_core::", ":tracing::"],
     ),
     layer("metrics (prometheus-client)", &[":prometheus_client::"]),
+];
+
+/// What every Rust HTTP or JSON program spends on, wherever called.
+const BASICS: &[Layer] = &[
     layer("JSON (serde_json)", &[":serde_json::"]),
     layer(
         "text formatting (core::fmt: format!, to_string)",
@@ -587,11 +595,18 @@ pub async fn ingress(size: CountSize, dir: &Path) -> anyhow::Result<Count> {
         "ingress",
     )
     .await?;
-    count_http("ingress", server, &coupon, size, INGRESS_LAYERS).await
+    count_http(
+        "ingress",
+        server,
+        &coupon,
+        size,
+        &[INGRESS_STEPS, LIBRARIES, BASICS].concat(),
+    )
+    .await
 }
 
 /// The bare HTTP handler's layers.
-pub const RAW_HTTP_LAYERS: &[Layer] = &[
+const RAW_HTTP_STEPS: &[Layer] = &[
     step(
         "HTTP connection (hyper: parsing, writing; axum: routing), all below",
         &[":axum::serve::handle_connection"],
@@ -602,15 +617,6 @@ pub const RAW_HTTP_LAYERS: &[Layer] = &[
             ":firstcome_bench::servers::raw_http::issue",
             "firstcome-bench/src/servers.rs:<F as axum::handler::Handler",
         ],
-    ),
-    layer("JSON (serde_json)", &[":serde_json::"]),
-    layer(
-        "text formatting (core::fmt: format!, to_string)",
-        &[":core::fmt::write", ":alloc::fmt::format"],
-    ),
-    layer(
-        "allocator (glibc malloc, free, realloc)",
-        &["malloc/malloc.c:"],
     ),
 ];
 
@@ -632,14 +638,14 @@ pub async fn raw_http(size: CountSize, dir: &Path) -> anyhow::Result<Count> {
         server,
         &env.coupon("hot"),
         size,
-        RAW_HTTP_LAYERS,
+        &[RAW_HTTP_STEPS, BASICS].concat(),
     )
     .await
 }
 
 /// The worker's layers: the batch's steps, each with all it calls, then
 /// libraries wherever they are called from.
-pub const WORKER_LAYERS: &[Layer] = &[
+const WORKER_STEPS: &[Layer] = &[
     step(
         "a partition's loop (its queue, batches), all below",
         &[":firstcome_worker::consumer::partition_loop"],
@@ -673,24 +679,6 @@ pub const WORKER_LAYERS: &[Layer] = &[
     layer(
         "sqlx: the Postgres protocol",
         &[":sqlx_postgres::", ":sqlx_core::"],
-    ),
-    layer(
-        "redis-rs: the multiplexed connection's task",
-        &["redis::aio::multiplexed_connection"],
-    ),
-    layer(
-        "tracing: spans and logs",
-        &[":tracing_subscriber::", ":tracing_core::", ":tracing::"],
-    ),
-    layer("metrics (prometheus-client)", &[":prometheus_client::"]),
-    layer("JSON (serde_json)", &[":serde_json::"]),
-    layer(
-        "text formatting (core::fmt: format!, to_string)",
-        &[":core::fmt::write", ":alloc::fmt::format"],
-    ),
-    layer(
-        "allocator (glibc malloc, free, realloc)",
-        &["malloc/malloc.c:"],
     ),
 ];
 
@@ -746,7 +734,7 @@ pub async fn worker(size: CountSize, dir: &Path) -> anyhow::Result<Count> {
         "decided record",
         measured,
         &profile,
-        WORKER_LAYERS,
+        &[WORKER_STEPS, LIBRARIES, BASICS].concat(),
     ))
 }
 
