@@ -133,9 +133,17 @@ impl From<Uuid> for RequestId {
     }
 }
 
+impl RequestId {
+    /// The id as text (hyphenated, lower case) in `buf`, without a
+    /// formatter: keys and channel messages are built from it per record.
+    pub fn encode<'b>(&self, buf: &'b mut [u8; 36]) -> &'b str {
+        self.0.hyphenated().encode_lower(buf)
+    }
+}
+
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        f.write_str(self.encode(&mut [0; 36]))
     }
 }
 
@@ -176,5 +184,15 @@ mod tests {
         let id = RequestId::new();
         assert_eq!(RequestId::parse(&id.to_string()), Ok(id));
         assert!(RequestId::parse("nope").is_err());
+    }
+
+    #[test]
+    fn a_request_id_is_written_as_its_uuid_hyphenated_in_lower_case() {
+        for _ in 0..100 {
+            let id = RequestId::new();
+            let text = id.as_uuid().hyphenated().to_string();
+            assert_eq!(id.to_string(), text);
+            assert_eq!(format!("{id}"), text);
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`metrics`], [`ops`]: Prometheus metric names and the operations port
 //! - [`oracle`]: the first-come rule as a pure function of the log, which
 //!   the tests, the soak and the benchmark check against
+//! - [`time`]: timestamps written as chrono writes them, for less
 //! - [`telemetry`], [`shutdown`]: process plumbing
 
 pub mod config;
@@ -29,6 +30,7 @@ pub mod shutdown;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+pub mod time;
 
 pub use ids::{CouponId, RequestId, UserId};
 pub use record::{IssueRequest, Status};

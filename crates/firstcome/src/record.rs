@@ -27,6 +27,7 @@ pub struct IssueRequest {
     /// Who asks for the coupon.
     pub user_id: UserId,
     /// When the ingress accepted the request; the coupon's window is judged on it.
+    #[serde(serialize_with = "crate::time::serialize")]
     pub accepted_at: DateTime<Utc>,
 }
 

@@ -23,7 +23,14 @@ use crate::state::{Decision, Keys, StateError};
 impl Keys {
     /// The status key of one request (`P req:{R}`).
     pub fn request(&self, request: RequestId) -> String {
-        format!("{}req:{{{request}}}", self.prefix())
+        // Built by hand: one per status written or read.
+        let prefix = self.prefix();
+        let mut key = String::with_capacity(prefix.len() + 42);
+        key.push_str(prefix);
+        key.push_str("req:{");
+        key.push_str(request.encode(&mut [0; 36]));
+        key.push('}');
+        key
     }
 
     /// The channel on which the worker publishes the ids of each stored
@@ -80,7 +87,9 @@ pub struct RequestStatus {
     pub coupon_id: CouponId,
     pub user_id: UserId,
     pub status: Status,
+    #[serde(serialize_with = "crate::time::serialize")]
     pub accepted_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::time::serialize_option")]
     pub decided_at: Option<DateTime<Utc>>,
 }
 
@@ -162,7 +171,7 @@ pub async fn put_statuses<C: Connection>(
         if !ids.is_empty() {
             ids.push(' ');
         }
-        ids.push_str(&s.request_id.to_string());
+        ids.push_str(s.request_id.encode(&mut [0; 36]));
     }
     let set = |s: &RequestStatus| {
         let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
