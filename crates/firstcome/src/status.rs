@@ -133,7 +133,7 @@ pub async fn put_pending<C: Connection>(
         .arg("NX")
         .arg("EX")
         .arg(ttl.as_secs().max(1));
-    let counter = keys.coupon(&status.coupon_id).accepted;
+    let counter = keys.accepted(&status.coupon_id);
     if conn.clustered() {
         // The two keys live in different hash slots: two commands, sent
         // together.
