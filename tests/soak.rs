@@ -507,18 +507,8 @@ async fn check(
         .collect();
     assert!(undecided.is_empty(), "202 but never final: {undecided:?}");
 
-    let ledger: Vec<(uuid::Uuid, String, i32, i64, String, String)> = sqlx::query_as(
-        "SELECT request_id, status, kafka_partition, kafka_offset, coupon_id, user_id
-         FROM request_ledger WHERE coupon_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
-    let got: HashMap<String, (String, i32, i64)> = ledger
-        .iter()
-        .map(|(id, s, p, o, _, _)| (id.to_string(), (s.clone(), *p, *o)))
-        .collect();
+    let ledger = firstcome_suite::ledger_rows(env, &ids).await;
+    let got = firstcome_suite::decisions(&ledger);
     // Every logged request the client did not learn the id of was one it
     // sent without an answer.
     for (id, _, _, _, coupon, user) in &ledger {

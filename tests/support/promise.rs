@@ -99,6 +99,30 @@ pub fn model_with(env: &TestEnv, rules: &HashMap<String, CouponRules>) -> LogMod
     firstcome::oracle::replay(log, &dead, rules)
 }
 
+/// A ledger row as the checks read it: request id, status, partition,
+/// offset, coupon, user.
+pub type LedgerEntry = (uuid::Uuid, String, i32, i64, String, String);
+
+/// Every ledger row of `coupons`.
+pub async fn ledger_rows(env: &TestEnv, coupons: &[&str]) -> Vec<LedgerEntry> {
+    sqlx::query_as(
+        "SELECT request_id, status, kafka_partition, kafka_offset, coupon_id, user_id
+         FROM request_ledger WHERE coupon_id = ANY($1)",
+    )
+    .bind(coupons)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// `request id -> (status, partition, offset)` of ledger rows, as
+/// [`assert_decisions_match`] takes them.
+pub fn decisions(rows: &[LedgerEntry]) -> HashMap<String, (String, i32, i64)> {
+    rows.iter()
+        .map(|(id, s, p, o, _, _)| (id.to_string(), (s.clone(), *p, *o)))
+        .collect()
+}
+
 /// The ledger (`request id -> (status, partition, offset)`) holds exactly
 /// the decisions the oracle replayed, each at its place in the log; `rule`
 /// names what the replay followed, for the message.
@@ -205,18 +229,7 @@ pub async fn check_promise_with(
 
     // Every request got exactly the decision its place in the log implies,
     // once, and the ledger says where that place was.
-    let ledger: Vec<(uuid::Uuid, String, i32, i64)> = sqlx::query_as(
-        "SELECT request_id, status, kafka_partition, kafka_offset
-         FROM request_ledger WHERE coupon_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
-    let got: HashMap<String, (String, i32, i64)> = ledger
-        .into_iter()
-        .map(|(id, status, p, o)| (id.to_string(), (status, p, o)))
-        .collect();
+    let got = decisions(&ledger_rows(env, &ids).await);
     assert_decisions_match(&m, &got, "log order");
 
     for (coupon, stock) in coupons {

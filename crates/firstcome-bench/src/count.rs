@@ -350,8 +350,11 @@ struct Counted {
     out: PathBuf,
 }
 
-/// Wraps `cmd`'s program in `valgrind --tool=callgrind`, writing to `out`.
-fn under_callgrind(cmd: &Command, out: &Path) -> Command {
+/// Wraps `cmd`'s program in `valgrind --tool=callgrind`, writing to
+/// `DIR/WHAT.callgrind` (returned) with no dump of an earlier run there.
+fn under_callgrind(cmd: &Command, dir: &Path, what: &str) -> (Command, PathBuf) {
+    let out = dir.join(format!("{what}.callgrind"));
+    let _ = std::fs::remove_file(format!("{}.1", out.display()));
     let std = cmd.as_std();
     let mut c = Command::new("valgrind");
     c.args([
@@ -370,7 +373,7 @@ fn under_callgrind(cmd: &Command, out: &Path) -> Command {
             c.env(k, v);
         }
     }
-    c
+    (c, out)
 }
 
 impl Counted {
@@ -434,9 +437,7 @@ async fn serve_counted(
     what: &str,
 ) -> anyhow::Result<Counted> {
     let addr = procs::free_addr();
-    let out = dir.join(format!("{what}.callgrind"));
-    let _ = std::fs::remove_file(format!("{}.1", out.display()));
-    let cmd = under_callgrind(&cmd(addr)?, &out);
+    let (cmd, out) = under_callgrind(&cmd(addr)?, dir, what);
     let proc = procs::serve_within(cmd, addr, what, Duration::from_secs(300)).await?;
     let pid = proc.child.id().context("the server exited")?;
     Ok(Counted { proc, pid, out })
@@ -700,9 +701,7 @@ pub async fn worker(size: CountSize, dir: &Path) -> anyhow::Result<Count> {
             .collect()
     };
     scenarios::produce(&producer, &env.request_topic, records("w", warm)).await?;
-    let out = dir.join("worker.callgrind");
-    let _ = std::fs::remove_file(format!("{}.1", out.display()));
-    let mut cmd = under_callgrind(&procs::command(&env, "firstcome-worker")?, &out);
+    let (mut cmd, out) = under_callgrind(&procs::command(&env, "firstcome-worker")?, dir, "worker");
     cmd.arg("run");
     let child = cmd
         .kill_on_drop(true)
