@@ -557,8 +557,8 @@ const BASICS: &[Layer] = &[
         &[":core::fmt::write", ":alloc::fmt::format"],
     ),
     layer(
-        "allocator (glibc malloc, free, realloc)",
-        &["malloc/malloc.c:"],
+        "allocator (mimalloc, and glibc's malloc in librdkafka)",
+        &["malloc/malloc.c:", "/c_src/mimalloc/", "/mimalloc-0."],
     ),
 ];
 

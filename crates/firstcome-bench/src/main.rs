@@ -29,6 +29,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use scenarios::Size;
 
+/// mimalloc, as in the binaries it measures: the bare-HTTP server and the
+/// load generator run on the same allocator as the ingress.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "firstcome-bench",
