@@ -498,10 +498,13 @@ const INGRESS_STEPS: &[Layer] = &[
         &[":axum::serve::handle_connection"],
     ),
     step(
-        "middleware (edge, in-flight bound, rate limit, access line), all below",
+        "middleware (the edge: rate limit, in-flight bound, headers, metrics, access line), all below",
         &[
             ":firstcome_ingress::http::middleware::edge",
             "firstcome-ingress/src/http/middleware/mod.rs:<axum::middleware::from_fn::FromFn",
+            // The edge is the ingress's only `from_fn` layer, and inlined
+            // into it.
+            "/src/middleware/from_fn.rs:<axum::middleware::from_fn::FromFn",
         ],
     ),
     step(

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - [`extract`]: validated bodies, path ids and the admin token
-//! - [`middleware`]: the edge, the in-flight bound, the rate limit
+//! - [`middleware`]: the edge (rate limit, in-flight bound, headers, metrics,
+//!   access line)
 //! - [`coupons`], [`issue`], [`requests`], [`users`], [`admin`], [`health`]:
 //!   the resources
 //! - [`openapi`]: the document, generated from the resources' annotations
@@ -34,44 +35,35 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::error::ApiError;
 use crate::services::AppState;
+use middleware::Edge;
 use middleware::ratelimit::{self, RateLimit};
 
 /// The whole API on one router, so tests can serve it on any listener.
 pub fn router(state: AppState) -> Router {
     let cfg = &state.cfg;
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
-    let rate_limit = RateLimit::new(ratelimit::Settings {
-        per_sec: cfg.rate_limit_per_sec,
-        burst: cfg.rate_limit_burst,
-        clients: cfg.rate_limit_clients,
-        header: cfg
-            .client_ip_header
-            .as_deref()
-            .map(|h| HeaderName::try_from(h).expect("validated with the configuration")),
-        trusted: cfg
-            .trusted_proxy_nets()
-            .expect("validated with the configuration"),
+    let edge = Arc::new(Edge {
+        app: state.clone(),
+        in_flight: Semaphore::new(cfg.max_in_flight),
+        rate_limit: RateLimit::new(ratelimit::Settings {
+            per_sec: cfg.rate_limit_per_sec,
+            burst: cfg.rate_limit_burst,
+            clients: cfg.rate_limit_clients,
+            header: cfg
+                .client_ip_header
+                .as_deref()
+                .map(|h| HeaderName::try_from(h).expect("validated with the configuration")),
+            trusted: cfg
+                .trusted_proxy_nets()
+                .expect("validated with the configuration"),
+        }),
     });
-    let mut api = Router::new()
+    Router::new()
         .merge(coupons::routes())
         .merge(issue::routes())
         .merge(requests::routes())
         .merge(users::routes())
         .merge(admin::routes())
-        .route_layer(axum::middleware::from_fn_with_state(
-            in_flight,
-            middleware::shed_load,
-        ));
-    // Checked before the in-flight bound: a client over its rate takes no slot.
-    if let Some(limit) = rate_limit {
-        api = api.route_layer(axum::middleware::from_fn_with_state(
-            limit,
-            ratelimit::limit,
-        ));
-    }
-    Router::new()
-        .merge(api)
         .merge(health::routes())
         .merge(openapi::routes())
         .fallback(|| async { ApiError::NotFound })
@@ -81,10 +73,7 @@ pub fn router(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::edge,
-        ))
+        .layer(axum::middleware::from_fn_with_state(edge, middleware::edge))
         .with_state(state)
 }
 

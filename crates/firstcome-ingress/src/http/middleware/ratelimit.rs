@@ -18,13 +18,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::ConnectInfo;
 use axum::http::HeaderName;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
@@ -145,8 +143,8 @@ pub struct Settings {
 
 impl RateLimit {
     /// A limiter on the real clock, or `None` when it is off.
-    pub fn new(settings: Settings) -> Option<Arc<Self>> {
-        Self::with_clock(settings, DefaultClock::default()).map(Arc::new)
+    pub fn new(settings: Settings) -> Option<Self> {
+        Self::with_clock(settings, DefaultClock::default())
     }
 }
 
@@ -192,19 +190,12 @@ impl<C: Clock> RateLimit<C> {
         });
         self.source.client(peer, forwarded)
     }
-}
 
-/// Answers `429 rate_limited` with `Retry-After` when the client has
-/// used up its rate; any other request goes on to the handler.
-pub async fn limit(
-    State(limit): State<Arc<RateLimit>>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    let client = limit.client(&request);
-    match limit.take(client) {
-        Ok(()) => next.run(request).await,
-        Err(retry_after_secs) => ApiError::RateLimited { retry_after_secs }.into_response(),
+    /// Takes a token for the request's client, or refuses it with `429
+    /// rate_limited` and `Retry-After`.
+    pub fn check(&self, request: &axum::extract::Request) -> Result<(), ApiError> {
+        self.take(self.client(request))
+            .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })
     }
 }
 
