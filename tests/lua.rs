@@ -336,10 +336,11 @@ async fn a_pending_entry_never_overwrites_a_final_status_written_first() {
     status::put_statuses(&mut conn, &keys, std::slice::from_ref(&final_status), ttl)
         .await
         .unwrap();
-    let wrote = status::put_pending(&mut conn, &keys, &status::RequestStatus::pending(&r), ttl)
+    let pending = status::RequestStatus::pending(&r);
+    let wrote = status::put_pending(&mut conn, &keys, std::slice::from_ref(&pending), ttl)
         .await
         .unwrap();
-    assert!(!wrote);
+    assert_eq!(wrote, 0);
     let seen = status::get_status(&mut conn, &keys, r.request_id)
         .await
         .unwrap();
@@ -350,10 +351,12 @@ async fn a_pending_entry_never_overwrites_a_final_status_written_first() {
         request_id: RequestId::new(),
         ..r
     };
-    assert!(
-        status::put_pending(&mut conn, &keys, &status::RequestStatus::pending(&r2), ttl)
+    let pending2 = status::RequestStatus::pending(&r2);
+    assert_eq!(
+        status::put_pending(&mut conn, &keys, std::slice::from_ref(&pending2), ttl)
             .await
-            .unwrap()
+            .unwrap(),
+        1
     );
     let final2 = status::RequestStatus::decided(&r2, decision);
     status::put_statuses(&mut conn, &keys, std::slice::from_ref(&final2), ttl)
@@ -365,6 +368,67 @@ async fn a_pending_entry_never_overwrites_a_final_status_written_first() {
             .unwrap(),
         Some(final2)
     );
+}
+
+#[tokio::test]
+async fn pending_entries_written_together_each_keep_a_final_status_and_count_per_coupon() {
+    // The ingress writes the pending entries of many requests in one round
+    // trip: each entry is still written only where no status is, and each
+    // coupon's accepted count grows by its own requests.
+    let env = TestEnv::new().await;
+    let mut conn = env.redis().await;
+    let keys = env.common.keys().unwrap();
+    let ttl = std::time::Duration::from_secs(60);
+    let request = |coupon: &str, user: &str| IssueRequest {
+        request_id: RequestId::new(),
+        coupon_id: CouponId::parse(coupon).unwrap(),
+        user_id: UserId::parse(user).unwrap(),
+        accepted_at: Utc::now().trunc_subsecs(6),
+    };
+    let (a, b) = (env.coupon_id("a"), env.coupon_id("b"));
+    let requests = [
+        request(&a, "u1"),
+        request(&b, "u1"),
+        request(&a, "u2"),
+        request(&a, "u3"),
+    ];
+    // The worker already decided the second request of coupon a.
+    let decision = Decision {
+        status: Status::SoldOut,
+        decided_at: Utc::now().trunc_subsecs(6),
+    };
+    let decided = status::RequestStatus::decided(&requests[2], decision);
+    status::put_statuses(&mut conn, &keys, std::slice::from_ref(&decided), ttl)
+        .await
+        .unwrap();
+    let pending: Vec<_> = requests
+        .iter()
+        .map(status::RequestStatus::pending)
+        .collect();
+    let wrote = status::put_pending(&mut conn, &keys, &pending, ttl)
+        .await
+        .unwrap();
+    assert_eq!(wrote, 3);
+    for (r, want) in requests
+        .iter()
+        .zip([&pending[0], &pending[1], &decided, &pending[3]])
+    {
+        let seen = status::get_status(&mut conn, &keys, r.request_id)
+            .await
+            .unwrap();
+        assert_eq!(seen.as_ref(), Some(want));
+    }
+    let mut counts = Vec::new();
+    for coupon in [&a, &b] {
+        let key = keys.accepted(&CouponId::parse(coupon).unwrap());
+        let n: Option<i64> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        counts.push(n);
+    }
+    assert_eq!(counts, [Some(3), Some(1)]);
 }
 
 #[tokio::test]

@@ -13,12 +13,14 @@
 //! - [`metrics`], [`ops`]: Prometheus metric names and the operations port
 //! - [`oracle`]: the first-come rule as a pure function of the log, which
 //!   the tests, the soak and the benchmark check against
-//! - [`time`]: timestamps written as chrono writes them, for less
+//! - [`time`]: timestamps written as chrono writes them, for less; `json`:
+//!   the record and the status written as serde_json writes them, for less
 //! - [`telemetry`], [`shutdown`]: process plumbing
 
 pub mod config;
 pub mod db;
 pub mod ids;
+mod json;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

@@ -32,11 +32,6 @@ pub struct IssueRequest {
 }
 
 impl IssueRequest {
-    /// The JSON value written to Kafka.
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an IssueRequest always serializes")
-    }
-
     /// Parses a record value, validating every id.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)

@@ -60,11 +60,10 @@ impl StatusCache {
         get_status(&mut self.redis.clone(), &self.keys, request).await
     }
 
-    /// Records a just-accepted request as pending unless a status is there
-    /// already (see [`put_pending`]).
-    pub async fn put_pending(&self, request: &IssueRequest) -> Result<bool, StateError> {
-        let status = RequestStatus::pending(request);
-        put_pending(&mut self.redis.clone(), &self.keys, &status, self.ttl).await
+    /// Records just-accepted requests as pending, each unless a status is
+    /// there already (see [`put_pending`]); how many were written.
+    pub async fn put_pending(&self, statuses: &[RequestStatus]) -> Result<usize, StateError> {
+        put_pending(&mut self.redis.clone(), &self.keys, statuses, self.ttl).await
     }
 
     /// Writes final statuses and announces them (see [`put_statuses`]).
@@ -116,41 +115,66 @@ impl RequestStatus {
     }
 }
 
-/// Records a just-accepted request as pending, unless a status is there
-/// already: the worker may decide the request (and write its final status)
-/// before the ingress gets here, and a final status must never be
-/// overwritten by `pending`. Returns whether it wrote.
+/// Records just-accepted requests as pending, each unless a status is
+/// there already: the worker may decide a request (and write its final
+/// status) before the ingress gets here, and a final status must never be
+/// overwritten by `pending`. Each coupon's count of accepted requests rides
+/// along. One round trip for the lot (on a cluster, one per node). Returns
+/// how many were written.
 pub async fn put_pending<C: Connection>(
     conn: &mut C,
     keys: &Keys,
-    status: &RequestStatus,
+    statuses: &[RequestStatus],
     ttl: Duration,
-) -> Result<bool, StateError> {
-    let json = serde_json::to_string(status).expect("a RequestStatus always serializes");
-    let mut set = redis::cmd("SET");
-    set.arg(keys.request(status.request_id))
-        .arg(json)
-        .arg("NX")
-        .arg("EX")
-        .arg(ttl.as_secs().max(1));
-    let counter = keys.accepted(&status.coupon_id);
-    if conn.clustered() {
-        // The two keys live in different hash slots: two commands, sent
-        // together.
-        let mut other = conn.clone();
-        let mut incr = redis::cmd("INCR");
-        incr.arg(&counter);
-        let (written, _): (Option<String>, i64) =
-            futures::try_join!(set.query_async(conn), incr.query_async(&mut other))?;
-        return Ok(written.is_some());
+) -> Result<usize, StateError> {
+    let ttl = ttl.as_secs().max(1);
+    let set = |s: &RequestStatus| {
+        let json = s.to_json();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(keys.request(s.request_id))
+            .arg(json)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl);
+        cmd
+    };
+    // Requests of one coupon come in runs (a flash sale is one coupon).
+    let mut accepted: Vec<(&CouponId, i64)> = Vec::new();
+    for s in statuses {
+        match accepted.iter_mut().find(|(c, _)| *c == &s.coupon_id) {
+            Some((_, n)) => *n += 1,
+            None => accepted.push((&s.coupon_id, 1)),
+        }
     }
-    // The count of accepted requests rides along (same round trip).
-    let (written, _): (Option<String>, i64) = redis::pipe()
-        .add_command(set)
-        .incr(counter, 1)
-        .query_async(conn)
-        .await?;
-    Ok(written.is_some())
+    if conn.clustered() {
+        // Each status key has a hash slot of its own: one command each, all
+        // in flight together (the client pipelines them per node).
+        let writes = statuses.iter().map(|s| {
+            let mut c = conn.clone();
+            let cmd = set(s);
+            async move { cmd.query_async::<Option<String>>(&mut c).await }
+        });
+        let counts = accepted.iter().map(|(coupon, n)| {
+            let mut c = conn.clone();
+            let mut cmd = redis::cmd("INCRBY");
+            cmd.arg(keys.accepted(coupon)).arg(*n);
+            async move { cmd.query_async::<i64>(&mut c).await }
+        });
+        let (written, _) = futures::try_join!(
+            futures::future::try_join_all(writes),
+            futures::future::try_join_all(counts)
+        )?;
+        return Ok(written.iter().filter(|w| w.is_some()).count());
+    }
+    let mut pipe = redis::pipe();
+    for s in statuses {
+        pipe.add_command(set(s));
+    }
+    for (coupon, n) in &accepted {
+        pipe.incr(keys.accepted(coupon), *n).ignore();
+    }
+    let written: Vec<Option<String>> = pipe.query_async(conn).await?;
+    Ok(written.iter().filter(|w| w.is_some()).count())
 }
 
 /// Writes final status entries in one pipeline, each expiring after `ttl`.
@@ -174,7 +198,7 @@ pub async fn put_statuses<C: Connection>(
         ids.push_str(s.request_id.encode(&mut [0; 36]));
     }
     let set = |s: &RequestStatus| {
-        let json = serde_json::to_string(s).expect("a RequestStatus always serializes");
+        let json = s.to_json();
         let mut cmd = redis::cmd("SET");
         cmd.arg(keys.request(s.request_id))
             .arg(json)

@@ -12,11 +12,11 @@ use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Serializer;
 
 /// Longest text: `YYYY-MM-DDTHH:MM:SS.fffffffffZ`.
-const MAX_LEN: usize = 30;
+pub(crate) const MAX_LEN: usize = 30;
 
 /// Writes `t` into `buf`, returning the text; `None` for what chrono writes
 /// differently (years outside 0..=9999, a leap second), left to chrono.
-fn write<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; MAX_LEN]) -> Option<&'b str> {
+pub(crate) fn write<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; MAX_LEN]) -> Option<&'b str> {
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
     let nanos = t.nanosecond();
     if nanos >= 1_000_000_000 {
