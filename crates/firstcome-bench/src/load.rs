@@ -2,7 +2,15 @@
 //!
 //! The open model sends at a fixed arrival rate whatever the answers do, and
 //! times each request from the moment it *should* have been sent, so a slow
-//! server cannot hide its queueing (no coordinated omission). The closed
+//! server cannot hide its queueing (no coordinated omission). It keeps at
+//! most [`CONNECTIONS`] requests on the wire, as `wrk -c` does: a request
+//! that finds them all busy waits its turn in the client, and the wait
+//! counts in its latency. (Unbounded, the client opened a connection per
+//! waiting request past the server's ceiling: thousands of connects beyond
+//! the server's accept queue, whose SYNs the kernel dropped and the client
+//! resent after 1, 3, 7 and 15 s, so a 5 s step took 35 s and the answers
+//! fell to a tenth of the ceiling; wrk with 3,000 connections saw no such
+//! fall. docs/benchmarks.md, "Overload".) The closed
 //! model keeps a fixed number of clients busy, for bursts ("everyone presses
 //! the button at once").
 
@@ -13,11 +21,16 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 
-/// Requests in flight beyond which the open model counts a send as dropped
-/// rather than piling up without bound.
+/// Requests in flight (on the wire or waiting for it) beyond which the open
+/// model counts a send as dropped rather than piling up without bound.
 const MAX_IN_FLIGHT: usize = 20_000;
+
+/// Requests the open model keeps on the wire at once, hence connections at
+/// most: ten times what the fastest server here needs at its ceiling
+/// (raw-http, 50,000/s at about a millisecond).
+pub const CONNECTIONS: usize = 512;
 
 /// What a request ended as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +105,7 @@ where
     let hist = Arc::new(Mutex::new(histogram()));
     let (ok, errors) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let wire = Arc::new(Semaphore::new(CONNECTIONS));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
@@ -103,10 +117,18 @@ where
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
         let fut = request(i);
-        let (hist, ok, errors, in_flight) =
-            (hist.clone(), ok.clone(), errors.clone(), in_flight.clone());
+        let (hist, ok, errors, in_flight, wire) = (
+            hist.clone(),
+            ok.clone(),
+            errors.clone(),
+            in_flight.clone(),
+            wire.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let outcome = fut.await;
+            let outcome = {
+                let _turn = wire.acquire().await.expect("never closed");
+                fut.await
+            };
             let took = intended.elapsed();
             in_flight.fetch_sub(1, Ordering::Relaxed);
             match outcome {

@@ -28,6 +28,9 @@ pub struct Size {
     pub step: Duration,
     /// Arrival rates tried, in order, until saturation.
     pub rates: &'static [f64],
+    /// Steps that then halve the gap between the last rate kept up with
+    /// and the first one that was not.
+    pub refine: usize,
     /// Records of the raw producer, drain and rows of raw-pg.
     pub records: usize,
     /// Requests of the flash sale and the seed baseline.
@@ -44,6 +47,7 @@ impl Size {
             1_000.0, 2_000.0, 4_000.0, 8_000.0, 12_000.0, 16_000.0, 20_000.0, 24_000.0, 28_000.0,
             32_000.0, 40_000.0, 50_000.0, 60_000.0,
         ],
+        refine: 2,
         records: 100_000,
         sale_requests: 30_000,
         sale_clients: 256,
@@ -52,6 +56,7 @@ impl Size {
     pub const SMOKE: Size = Size {
         step: Duration::from_millis(500),
         rates: &[200.0],
+        refine: 0,
         records: 600,
         sale_requests: 300,
         sale_clients: 16,
@@ -134,7 +139,7 @@ where
     let mut steps = Vec::new();
     let mut sustained: f64 = 0.0;
     let mut offset = 0u64;
-    for &rate in size.rates {
+    let mut step_at = async |rate: f64, steps: &mut Vec<Step>| {
         let (h, b, c, off) = (http.clone(), base.clone(), coupon.to_owned(), offset);
         let step = load::open(rate, size.step, move |i| {
             issue(&h, &b, &c, format!("u{}", off + i))
@@ -148,14 +153,39 @@ where
             "step"
         );
         let ok = kept_up(&step);
-        if ok {
-            sustained = sustained.max(step.ok_per_s);
-        }
+        let ok_per_s = step.ok_per_s;
         steps.push(step);
-        if !ok {
-            break;
+        ok.then_some(ok_per_s)
+    };
+    // Up the ladder until a step fails, then halve the gap between the last
+    // step that kept up and the one that did not, `size.refine` times: the
+    // ladder's steps are 4,000/s apart near the top, too coarse for a ratio.
+    let (mut kept, mut failed) = (0.0, None);
+    for &rate in size.rates {
+        match step_at(rate, &mut steps).await {
+            Some(ok_per_s) => {
+                sustained = sustained.max(ok_per_s);
+                kept = rate;
+            }
+            None => {
+                failed = Some(rate);
+                break;
+            }
         }
     }
+    if let Some(mut failed) = failed.filter(|_| kept > 0.0) {
+        for _ in 0..size.refine {
+            let rate = ((kept + failed) / 2.0 / 100.0).round() * 100.0;
+            match step_at(rate, &mut steps).await {
+                Some(ok_per_s) => {
+                    sustained = sustained.max(ok_per_s);
+                    kept = rate;
+                }
+                None => failed = rate,
+            }
+        }
+    }
+    steps.sort_by(|a, b| a.offered_per_s.total_cmp(&b.offered_per_s));
     let overload_peak_rss_mib = server.peak_rss_mib();
     server.stop().await;
     if sustained == 0.0 {
