@@ -503,8 +503,9 @@ const INGRESS_STEPS: &[Layer] = &[
             ":firstcome_ingress::http::middleware::edge",
             "firstcome-ingress/src/http/middleware/mod.rs:<axum::middleware::from_fn::FromFn",
             // The edge is the ingress's only `from_fn` layer, and inlined
-            // into it.
-            "/src/middleware/from_fn.rs:<axum::middleware::from_fn::FromFn",
+            // into it (all of its slices: the edge's code is spread over
+            // the files it inlines).
+            ":<axum::middleware::from_fn::FromFn<",
         ],
     ),
     step(
