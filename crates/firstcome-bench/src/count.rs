@@ -523,13 +523,13 @@ const INGRESS_STEPS: &[Layer] = &[
         ],
     ),
     step(
-        "append: the record, the produce call, the ack, the pending write",
+        "append: the record, the produce call, the ack, handing over the pending status",
         &[":firstcome_ingress::issue::Issue::append"],
     ),
     step(
-        "pending status write: the Redis call (part of append)",
+        "pending status writes: the writer task and its Redis pipeline (not under append)",
         &[
-            ":firstcome_ingress::issue::pending::PendingWrites::record",
+            ":firstcome_ingress::issue::pending::write",
             "firstcome-ingress/src/issue/pending.rs:",
             "firstcome/src/status.rs:",
         ],

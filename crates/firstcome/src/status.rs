@@ -128,16 +128,7 @@ pub async fn put_pending<C: Connection>(
     ttl: Duration,
 ) -> Result<usize, StateError> {
     let ttl = ttl.as_secs().max(1);
-    let set = |s: &RequestStatus| {
-        let json = s.to_json();
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(keys.request(s.request_id))
-            .arg(json)
-            .arg("NX")
-            .arg("EX")
-            .arg(ttl);
-        cmd
-    };
+    let set = |s: &RequestStatus| set_status(keys, s, ttl, true);
     // Requests of one coupon come in runs (a flash sale is one coupon).
     let mut accepted: Vec<(&CouponId, i64)> = Vec::new();
     for s in statuses {
@@ -197,15 +188,7 @@ pub async fn put_statuses<C: Connection>(
         }
         ids.push_str(s.request_id.encode(&mut [0; 36]));
     }
-    let set = |s: &RequestStatus| {
-        let json = s.to_json();
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(keys.request(s.request_id))
-            .arg(json)
-            .arg("EX")
-            .arg(ttl);
-        cmd
-    };
+    let set = |s: &RequestStatus| set_status(keys, s, ttl, false);
     if conn.clustered() {
         // Each status key has a hash slot of its own: one command each, all
         // in flight together (the client pipelines them per node), and the
@@ -231,6 +214,18 @@ pub async fn put_statuses<C: Connection>(
     pipe.publish(keys.decided_channel(), ids).ignore();
     pipe.exec_async(conn).await?;
     Ok(())
+}
+
+/// `SET P req:{R} <status JSON> [NX] EX ttl`; `NX` for a pending entry,
+/// which must never overwrite a final status.
+fn set_status(keys: &Keys, s: &RequestStatus, ttl: u64, if_absent: bool) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(keys.request(s.request_id)).arg(s.to_json());
+    if if_absent {
+        cmd.arg("NX");
+    }
+    cmd.arg("EX").arg(ttl);
+    cmd
 }
 
 /// Reads a request's cached status.
