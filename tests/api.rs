@@ -360,6 +360,51 @@ async fn bodies_that_are_not_json_or_too_large_are_refused_and_every_answer_carr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_at_once_each_answer_pending_right_after_their_202_and_are_all_counted() {
+    // The ingress writes the pending statuses of concurrent requests
+    // together (issue::pending): each 202 still waits for its own entry, and
+    // the accepted count grows by every request of the batch.
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("together");
+    assert_eq!(client.create_coupon(&coupon, 10).await.0, 201);
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let (client, coupon) = (client.clone(), coupon.clone());
+            tokio::spawn(async move {
+                let user = format!("u{i}");
+                let (code, accepted) = client.issue(&coupon, &user).await;
+                assert_eq!(code, 202, "{accepted}");
+                let id = accepted["request_id"].as_str().unwrap().to_owned();
+                let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
+                (user, code, status)
+            })
+        })
+        .collect();
+    for request in requests {
+        let (user, code, status) = request.await.unwrap();
+        assert_eq!(code, 200, "{status}");
+        assert_eq!(status["status"], "pending", "{status}");
+        assert_eq!(status["user_id"], user.as_str(), "{status}");
+    }
+    let counters = client
+        .http
+        .get(format!(
+            "{}/v1/admin/coupons/{coupon}/counters",
+            client.base
+        ))
+        .bearer_auth(&env.admin_token)
+        .send()
+        .await
+        .unwrap();
+    let (code, counters) = split(counters).await;
+    assert_eq!(code, 200, "{counters}");
+    assert_eq!(counters["pending"], 200, "{counters}");
+    ingress.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_in_flight_limit_requests_are_503_overloaded_at_once_and_health_still_answers() {
     let env = TestEnv::new().await;
     let good = env.spawn_ingress().await;
