@@ -129,12 +129,14 @@ pub async fn put_pending<C: Connection>(
 ) -> Result<usize, StateError> {
     let ttl = ttl.as_secs().max(1);
     let set = |s: &RequestStatus| set_status(keys, s, ttl, true);
-    // Requests of one coupon come in runs (a flash sale is one coupon).
+    // One increment per run of one coupon's requests (a flash sale is one
+    // long run); a coupon met again later gets another, which adds up the
+    // same, and the pass stays linear however many coupons a batch holds.
     let mut accepted: Vec<(&CouponId, i64)> = Vec::new();
     for s in statuses {
-        match accepted.iter_mut().find(|(c, _)| *c == &s.coupon_id) {
-            Some((_, n)) => *n += 1,
-            None => accepted.push((&s.coupon_id, 1)),
+        match accepted.last_mut() {
+            Some((c, n)) if *c == &s.coupon_id => *n += 1,
+            _ => accepted.push((&s.coupon_id, 1)),
         }
     }
     if conn.clustered() {
