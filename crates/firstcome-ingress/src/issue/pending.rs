@@ -6,9 +6,9 @@
 //! wait for it; the writer writes everything that queued while the last
 //! write was out in one round trip ([`StatusCache::put_pending`]), so under
 //! load a write costs a request a queue push and a wake-up rather than a
-//! Redis command of its own (a third of the instructions the ingress spent
-//! beyond the append; docs/benchmarks.md). An idle ingress writes each
-//! entry alone, as before.
+//! Redis command of its own (which cost about 10,000 instructions per
+//! request on both sides of redis-rs; docs/benchmarks.md). An idle ingress
+//! writes each entry alone, as before.
 //!
 //! **A breaker.** After a failed write the next ones are skipped for a
 //! while, so a Redis outage does not cost every request the write's
