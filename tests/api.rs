@@ -643,8 +643,9 @@ async fn every_attempt_with_one_idempotency_key_gets_the_first_attempts_answer()
     };
     let at = |ms: i64| chrono::Utc::now() + chrono::Duration::milliseconds(ms);
 
-    // Refused before the window opens; retried with the key once it is
-    // open: still refused, and nothing appended.
+    // Refused before the window opens, and the refusal is not remembered
+    // (red team #4): retried with the key once it is open, the request is
+    // admitted, and the key then stands for it.
     let opens = at(1_500);
     let early = env.coupon_id("early");
     let (code, body) = client
@@ -657,10 +658,14 @@ async fn every_attempt_with_one_idempotency_key_gets_the_first_attempts_answer()
     let (code, err) = issue(early.clone(), "ann", "k-early").await;
     assert_error(code, &err, 409, "not_open");
     tokio::time::sleep((opens - chrono::Utc::now()).to_std().unwrap()).await;
+    let (code, admitted) = issue(early.clone(), "ann", "k-early").await;
+    assert_eq!(
+        code, 202,
+        "the refusal did not outlive its truth: {admitted}"
+    );
     let (code, again) = issue(early.clone(), "ann", "k-early").await;
-    assert_error(code, &again, 409, "not_open");
-    let (code, fresh) = issue(early.clone(), "ann", "k-new").await;
-    assert_eq!(code, 202, "a new key is a new attempt: {fresh}");
+    assert_eq!(code, 202, "{again}");
+    assert_eq!(again["request_id"], admitted["request_id"]);
     assert_eq!(env.read_request_log().len(), 1);
 
     // Attempts with one key racing across the end of the window: whichever
@@ -801,5 +806,192 @@ async fn a_client_over_its_rate_limit_is_429_with_retry_after_and_others_are_not
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+    ingress.stop().await;
+}
+
+/// Red team #4: a refusal claimed its Idempotency-Key for a day, so an
+/// anonymous client with fresh keys wrote to Redis without bound. Now a
+/// refusal holds its key for a second at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_with_fresh_idempotency_keys_leave_nothing_in_redis_for_long() {
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("later");
+    let (code, body) = client
+        .create_coupon_with(
+            json!({ "coupon_id": coupon, "name": "later", "total_stock": 5,
+                                    "starts_at": chrono::Utc::now() + chrono::Duration::hours(1) }),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let refused = futures::stream::iter(0..2_000)
+        .map(|i| {
+            let client = client.clone();
+            let coupon = coupon.clone();
+            async move {
+                let r = client
+                    .http
+                    .post(format!("{}/v1/coupons/{coupon}/issue", client.base))
+                    .header("idempotency-key", format!("fresh-{i}-{}", "k".repeat(100)))
+                    .json(&json!({ "user_id": format!("u{i}") }))
+                    .send()
+                    .await
+                    .unwrap();
+                split(r).await.0
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<u16>>()
+        .await;
+    assert!(refused.iter().all(|c| *c == 409), "all refused");
+
+    let mut redis = env.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}idem:*", env.common.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(
+            (-2..=1_000).contains(&ttl),
+            "{k} is held for {ttl} ms, not a second at most"
+        );
+    }
+    assert!(env.read_request_log().is_empty(), "nothing appended");
+    ingress.stop().await;
+}
+
+/// Red team #14: an unconfirmed key appended its stored record again, with
+/// no admission, for a day. Past the re-append window, a request the log
+/// never decided goes through admission again, and one it did is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_key_of_long_ago_goes_through_admission_again() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("ended");
+    let (code, body) = client
+        .create_coupon_with(
+            json!({ "coupon_id": coupon, "name": "ended", "total_stock": 5,
+                                    "ends_at": chrono::Utc::now() - chrono::Duration::seconds(1) }),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let mut redis = env.redis().await;
+    let entry = |id: &uuid::Uuid, user: &str| {
+        json!({ "request_id": id, "user_id": user,
+                "accepted_at": chrono::Utc::now() - chrono::Duration::minutes(5),
+                "confirmed": false })
+        .to_string()
+    };
+    let key = |k: &str| format!("{}idem:{{{coupon}}}:{k}", env.common.redis_prefix);
+    let send = |user: &'static str, k: &'static str| {
+        let client = client.clone();
+        let coupon = coupon.clone();
+        async move {
+            split(
+                client
+                    .http
+                    .post(format!("{}/v1/coupons/{coupon}/issue", client.base))
+                    .header("idempotency-key", k)
+                    .json(&json!({ "user_id": user }))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+
+    // Never reached the log: the sale has ended since, so it is refused.
+    let lost = uuid::Uuid::new_v4();
+    let _: () = redis::cmd("SET")
+        .arg(key("k-lost"))
+        .arg(entry(&lost, "ann"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let (code, err) = send("ann", "k-lost").await;
+    assert_error(code, &err, 409, "not_open");
+    assert!(env.read_request_log().is_empty(), "nothing appended");
+
+    // Reached the log (its status is known): answered as it was.
+    let known = uuid::Uuid::new_v4();
+    let _: () = redis::cmd("SET")
+        .arg(key("k-known"))
+        .arg(entry(&known, "bob"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let status = json!({ "request_id": known, "coupon_id": coupon, "user_id": "bob",
+                         "status": "pending", "accepted_at": "2026-01-01T00:00:00Z",
+                         "decided_at": null });
+    let _: () = redis::cmd("SET")
+        .arg(
+            firstcome::state::Keys::new(env.common.redis_prefix.clone())
+                .unwrap()
+                .request(firstcome::RequestId::parse(&known.to_string()).unwrap()),
+        )
+        .arg(status.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let (code, body) = send("bob", "k-known").await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["request_id"], known.to_string());
+    assert!(env.read_request_log().is_empty(), "nothing appended");
+    ingress.stop().await;
+}
+
+/// Red team #5: readiness followed Redis and Postgres, so a Redis blip took
+/// every replica out of the Service at once, although the ingress accepts
+/// requests without Redis. Readiness follows the broker; the others are
+/// shown, and the probes answer on the operations port too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_shown_by_readyz_but_keeps_the_ingress_ready() {
+    let mut env = TestEnv::new().await;
+    let mut redis = firstcome_suite::services::PrivateRedis::start().await;
+    env.use_redis(redis.url());
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("blip");
+    assert_eq!(client.create_coupon(&coupon, 5).await.0, 201);
+    let ops = format!("http://{}", ingress.metrics);
+    for path in ["/readyz", "/healthz"] {
+        let r = reqwest::get(format!("{ops}{path}")).await.unwrap();
+        assert_eq!(r.status(), 200, "{path} on the operations port");
+    }
+
+    redis.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let (code, ready) = client.get("/readyz").await;
+        if ready["checks"]["redis"] == "failing" {
+            assert_eq!(code, 200, "ready without Redis: {ready}");
+            break ready;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outage never showed: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ready["checks"]["kafka"], "ok", "{ready}");
+    let scrape = firstcome_suite::Scrape::of(ingress.metrics).await;
+    assert_eq!(
+        scrape.get(r#"firstcome_ingress_dependency_up{dependency="redis"}"#),
+        0.0
+    );
+    // And it still accepts.
+    let (code, body) = client.issue(&coupon, "ann").await;
+    assert_eq!(code, 202, "{body}");
+    redis.start_again().await;
     ingress.stop().await;
 }

@@ -231,3 +231,42 @@ async fn past_its_connection_bound_the_ingress_takes_no_more_until_one_closes() 
     drop(idle);
     ingress.stop().await;
 }
+
+/// Red team #1: lookups of coupons nobody created, whose clients all hang
+/// up while the lookup waits for the pool, used to keep their pool slot for
+/// good; two such slots were the whole pool, and the replica answered 503
+/// to everything that needed Postgres from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_whose_clients_hang_up_never_keep_a_pool_slot() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.ingress_config();
+    cfg.common.pg_max_connections = 2;
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let client = env.client(&ingress);
+    let addr = ingress.addr.unwrap();
+    let coupon = env.coupon_id("kept");
+    assert_eq!(client.create_coupon(&coupon, 5).await.0, 201);
+
+    for round in 0..3 {
+        let tag = format!("{}-nx{round}", env.tag);
+        firstcome_suite::hostile::hang_up_flood(addr, 1_000, Duration::from_millis(20), |i| {
+            format!("/v1/coupons/{tag}-{i}")
+        })
+        .await;
+    }
+    // Every Postgres path of the replica still answers: a coupon it has not
+    // cached (the new one), a status lookup that misses Redis, a holder list.
+    let fresh = env.coupon_id("fresh");
+    assert_eq!(client.create_coupon(&fresh, 5).await.0, 201);
+    let (code, body) = client.get(&format!("/v1/coupons/{fresh}")).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = client
+        .get(&format!("/v1/issue-requests/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = client.get("/v1/users/nobody/coupons").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = client.get(&format!("/v1/coupons/{coupon}")).await;
+    assert_eq!(code, 200, "{body}");
+    ingress.stop().await;
+}

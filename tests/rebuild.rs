@@ -281,12 +281,21 @@ async fn a_batch_decided_again_after_a_refusal_keeps_its_place_before_a_later_ba
     ingress.stop().await;
 }
 
-/// A request of `coupon` decided on epoch 1 with number `seq`.
+/// A request of `coupon` issued on epoch 1 with number `seq`.
 fn decided(request: &firstcome::IssueRequest, seq: i64) -> firstcome::db::Decided<'_> {
+    decided_as(request, seq, firstcome::Status::Issued)
+}
+
+/// A request of `coupon` decided `status` on epoch 1 with number `seq`.
+fn decided_as(
+    request: &firstcome::IssueRequest,
+    seq: i64,
+    status: firstcome::Status,
+) -> firstcome::db::Decided<'_> {
     firstcome::db::Decided {
         request,
         decision: firstcome::state::Decision {
-            status: firstcome::Status::Issued,
+            status,
             decided_at: request.accepted_at,
         },
         partition: 0,
@@ -389,6 +398,90 @@ async fn the_fence_checks_a_store_against_what_a_concurrent_store_of_the_coupon_
     assert_eq!(held, ["a", "b", "c"], "late never got a unit");
 }
 
+/// A coupon of `total_stock` in Postgres on epoch 1, as a rebuild leaves it.
+async fn fenced_coupon(env: &TestEnv, name: &str, total_stock: i32) -> firstcome::CouponId {
+    let coupon = env.coupon_id(name);
+    let inserted = firstcome::db::insert_coupon(
+        &env.pool,
+        &firstcome::db::Coupon {
+            coupon_id: coupon.clone(),
+            name: coupon.clone(),
+            total_stock,
+            starts_at: None,
+            ends_at: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(inserted);
+    sqlx::query("UPDATE coupon SET redis_epoch = 1 WHERE coupon_id = $1")
+        .bind(&coupon)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    firstcome::CouponId::parse(&coupon).unwrap()
+}
+
+/// Two faults at once (red team #2): Redis went back to before `a` took the
+/// only unit, and a redelivered batch holds only `b`, stored `sold_out`
+/// under number 2. The rolled-back Redis issues `b` as number 1, a number
+/// the fence has stored; it must refuse it rather than add a second holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_refuses_a_stored_number_decided_differently_by_a_rolled_back_redis() {
+    use chrono::SubsecRound;
+    use firstcome::Status;
+    let env = TestEnv::new().await;
+    let id = fenced_coupon(&env, "rollback", 1).await;
+    let request = |user: &str| firstcome::IssueRequest {
+        request_id: firstcome::RequestId::new(),
+        coupon_id: id.clone(),
+        user_id: firstcome::UserId::parse(user).unwrap(),
+        accepted_at: chrono::Utc::now().trunc_subsecs(6),
+    };
+    let (a, b) = (request("a"), request("b"));
+    let stored = firstcome::db::persist(
+        &env.pool,
+        &[
+            decided_as(&a, 1, Status::Issued),
+            decided_as(&b, 2, Status::SoldOut),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(stored.is_empty(), "{stored:?}");
+
+    let refused = firstcome::db::persist(&env.pool, &[decided_as(&b, 1, Status::Issued)])
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        std::slice::from_ref(&id),
+        "a changed decision is refused"
+    );
+    // The same decision under its own number, or as a prior (0), is a
+    // redelivery: accepted, and it stores nothing new.
+    for seq in [2, 0] {
+        let again = firstcome::db::persist(&env.pool, &[decided_as(&b, seq, Status::SoldOut)])
+            .await
+            .unwrap();
+        assert!(again.is_empty(), "seq {seq}: {again:?}");
+    }
+    let held: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
+            .bind(id.as_str())
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(held, ["a"], "one unit, one holder");
+    let b_status: String =
+        sqlx::query_scalar("SELECT status FROM request_ledger WHERE request_id = $1")
+            .bind(b.request_id.as_uuid())
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(b_status, "sold_out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_rebuild_waits_for_a_redis_that_is_not_back_yet() {
     let mut env = TestEnv::new().await;
@@ -415,4 +508,57 @@ async fn redis_rebuild_waits_for_a_redis_that_is_not_back_yet() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(report[0]["coupon_id"], coupon.as_str(), "{report}");
     assert_eq!(report[0]["remaining"], 5, "{report}");
+}
+
+/// Red team #3: Redis kept the `pending` written at the 202 and lost the
+/// final status written later (a crash that lost its last second, a
+/// failover to a lagging replica). Nothing writes that status again, so the
+/// lookup must find the decision in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_status_that_outlived_its_decision_answers_the_ledgers_decision() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("rolled");
+    assert_eq!(client.create_coupon(&coupon, 1).await.0, 201);
+    let (code, body) = client.issue(&coupon, "alice").await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["request_id"].as_str().unwrap().to_owned();
+    let key = firstcome::state::Keys::new(env.common.redis_prefix.clone())
+        .unwrap()
+        .request(firstcome::RequestId::parse(&id).unwrap());
+    let mut redis = env.redis().await;
+    let pending: Option<Vec<u8>> = redis::cmd("DUMP")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let pending = pending.expect("the 202 wrote a pending status");
+
+    let worker = env.spawn_worker().await;
+    let decided = client.wait_final(&id, Duration::from_secs(60)).await;
+    assert_eq!(decided["status"], "issued", "{decided}");
+    worker.stop().await;
+    let _: () = redis::cmd("RESTORE")
+        .arg(&key)
+        .arg(0)
+        .arg(pending)
+        .arg("REPLACE")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    let again = client.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(again["status"], "issued", "{again}");
+    assert_eq!(again["decided_at"], decided["decided_at"]);
+    let cached: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        cached.contains("\"issued\""),
+        "the cache was put right: {cached}"
+    );
+    ingress.stop().await;
 }

@@ -12,6 +12,7 @@
 //! - [`topic`]: reading a topic back
 //! - [`promise`]: the promise, checked with the oracle
 //! - [`load`]: clients that make load, and sales
+//! - [`hostile`]: clients that behave as attackers do (hang up, send slowly)
 //! - [`services`]: private Postgres, Redis and Kafka a test may own
 
 use std::collections::{BTreeSet, HashMap};
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod client;
 pub mod env;
+pub mod hostile;
 pub mod load;
 pub mod promise;
 pub mod proxy;

@@ -89,6 +89,7 @@ impl Application {
             producer,
             admin_tokens,
             waiters: Arc::new(Waiters::new(metrics.long_polls.clone())),
+            readiness: Default::default(),
             metrics,
         });
         Ok(Self {
@@ -125,10 +126,18 @@ impl Application {
         let grace = Duration::from_millis(cfg.shutdown_timeout_ms);
         tracing::info!(addr = %listener.local_addr()?, metrics = %ops.local_addr(), "ingress listening");
         let metrics = state.metrics.clone();
-        let scrape = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || async move { ops::metrics_response(metrics.render()) }),
-        );
+        // The probes here too: the kubelet asks them on this port, away
+        // from the public listener's connection bound.
+        let scrape = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || async move { ops::metrics_response(metrics.render()) }),
+            )
+            .merge(http::health::routes().with_state(state.clone()));
+        // The first look before the first request, so a probe never finds
+        // none; then one a second.
+        http::health::look(&state).await;
+        let watching = tokio::spawn(http::health::watch(state.clone(), shutdown.clone()));
         let ops = ops.spawn(scrape, shutdown.clone());
         let app = http::router(state.clone());
         // Long polls follow the worker's decisions; on shutdown they are
@@ -160,6 +169,7 @@ impl Application {
         }
         shutdown.cancel();
         let _ = listening.await;
+        let _ = watching.await;
         let _ = ops.await;
         let producer = state.producer.producer();
         tokio::task::spawn_blocking(move || producer.flush(grace))

@@ -86,6 +86,15 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_MAX_WAIT_MS", default_value_t = 10_000)]
     pub max_wait_ms: u64,
 
+    /// How long a status lookup trusts a cached `pending` before it asks
+    /// the ledger too. A Redis that lost its last writes (a crash with
+    /// `appendfsync everysec`, a failover to a lagging replica) can keep a
+    /// `pending` whose final status it lost, and nothing writes that status
+    /// again; past this age the lookup reads the ledger (one primary-key
+    /// query), answers the decision and puts it back in the cache.
+    #[arg(long, env = "FIRSTCOME_PENDING_RECHECK_MS", default_value_t = 2_000)]
+    pub pending_recheck_ms: u64,
+
     /// How long an `Idempotency-Key` is remembered (in Redis).
     #[arg(long, env = "FIRSTCOME_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
@@ -135,6 +144,7 @@ impl std::fmt::Debug for IngressConfig {
             .field("sold_out_check_ms", &self.sold_out_check_ms)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .field("max_wait_ms", &self.max_wait_ms)
+            .field("pending_recheck_ms", &self.pending_recheck_ms)
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("rate_limit_burst", &self.rate_limit_burst)
             .field("rate_limit_clients", &self.rate_limit_clients)

@@ -27,6 +27,7 @@ pub struct IngressMetrics {
     pub accepted: Counter,
     broker_errors: Family<Label, Counter>,
     short_circuit: Family<Label, Counter>,
+    dependency_up: Family<Label, Gauge>,
 }
 
 impl IngressMetrics {
@@ -44,6 +45,7 @@ impl IngressMetrics {
             accepted: Counter::default(),
             broker_errors: Family::default(),
             short_circuit: Family::default(),
+            dependency_up: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -91,6 +93,11 @@ impl IngressMetrics {
             "Issue requests answered 409 without an append, by reason (sold_out, not_open)",
             m.short_circuit.clone(),
         );
+        registry.register(
+            INGRESS_DEPENDENCY_UP,
+            "1 when the last look (once a second) found the dependency answering, by dependency (kafka, postgres, redis)",
+            m.dependency_up.clone(),
+        );
         for kind in ["error", "timeout"] {
             let _ = m.broker_errors.get_or_create(&[("kind", kind)]);
         }
@@ -130,6 +137,13 @@ impl IngressMetrics {
         self.short_circuit
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    /// Records the last look at a dependency.
+    pub fn dependency(&self, name: &'static str, up: bool) {
+        self.dependency_up
+            .get_or_create(&[("dependency", name)])
+            .set(i64::from(up));
     }
 
     /// The current values, in the OpenMetrics text format.

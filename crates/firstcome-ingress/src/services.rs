@@ -58,4 +58,6 @@ pub struct Services {
     pub metrics: Arc<IngressMetrics>,
     /// Long polls waiting for decisions.
     pub waiters: Arc<Waiters>,
+    /// The last look at the dependencies, for the probes.
+    pub readiness: crate::http::health::Readiness,
 }

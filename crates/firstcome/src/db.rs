@@ -204,9 +204,16 @@ pub struct TakenOn {
 ///   or a repeat (`decided_seq` then moves to the highest), so a decision
 ///   is never stored before one Redis took earlier, by this worker, another
 ///   one or a zombie;
-/// - a number not past `decided_seq` belongs to a decision stored already
-///   (its ledger row is there), so a redelivery stores nothing new, and a
-///   number reused by a Redis that lost its last writes is refused.
+/// - a number not past `decided_seq` belongs to a decision stored already:
+///   its ledger row is there *with the same status*, so a redelivery stores
+///   nothing new, and a number reused by a Redis that lost its last writes
+///   is refused, whether the request is new or was stored with another
+///   decision (a Redis rolled back to before `a` took the last unit would
+///   otherwise re-decide the stored `sold_out` of `b` as `issued`).
+///
+/// Only rows the ledger actually took (new, or a `failed` one replaced)
+/// reach `user_coupon`: a decision the ledger already holds never adds a
+/// holder, whatever the incoming copy says.
 ///
 /// The coupon rows are locked first (in id order, so two stores never
 /// deadlock), and the check runs in the next statement, so two stores for
@@ -284,7 +291,8 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
                                AND i.seq <= c.decided_seq
                                AND NOT EXISTS (SELECT 1 FROM request_ledger l
                                                WHERE l.request_id = i.request_id
-                                                 AND l.status <> 'failed'))
+                                                 AND l.status <> 'failed'
+                                                 AND l.status = i.status))
              RETURNING c.coupon_id
          ), admitted AS (
              SELECT request_id, coupon_id, user_id, status, kafka_partition, kafka_offset,
@@ -299,9 +307,10 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
                  SET status = EXCLUDED.status, kafka_partition = EXCLUDED.kafka_partition,
                      kafka_offset = EXCLUDED.kafka_offset, decided_at = EXCLUDED.decided_at
                  WHERE request_ledger.status = 'failed'
+             RETURNING request_id, coupon_id, user_id, status, decided_at
          ), issued AS (
              INSERT INTO user_coupon (coupon_id, user_id, request_id, issued_at)
-             SELECT coupon_id, user_id, request_id, decided_at FROM admitted
+             SELECT coupon_id, user_id, request_id, decided_at FROM ledger
              WHERE status = 'issued'
              ON CONFLICT DO NOTHING
          )

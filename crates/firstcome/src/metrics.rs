@@ -46,6 +46,9 @@ pub mod names {
     /// Counter, `reason` (`sold_out`, `not_open`): issue requests answered
     /// `409` at once, without an append.
     pub const INGRESS_SHORT_CIRCUIT: &str = "firstcome_ingress_short_circuit";
+    /// Gauge, `dependency` (`kafka`, `postgres`, `redis`): 1 when the
+    /// ingress's last look (once a second) found it answering, else 0.
+    pub const INGRESS_DEPENDENCY_UP: &str = "firstcome_ingress_dependency_up";
 
     /// Counter, `outcome` (a final status): decisions made or confirmed.
     pub const WORKER_DECISIONS: &str = "firstcome_worker_decisions";
@@ -95,6 +98,7 @@ pub mod names {
             INGRESS_IN_FLIGHT,
             INGRESS_LONG_POLLS,
             INGRESS_CONNECTIONS,
+            INGRESS_DEPENDENCY_UP,
             WORKER_CONSUMER_LAG,
             WORKER_ASSIGNED_PARTITIONS,
             WORKER_PAUSED_PARTITIONS,

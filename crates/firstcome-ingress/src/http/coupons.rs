@@ -149,6 +149,8 @@ pub(crate) async fn create_coupon(
     if !db::insert_coupon(&state.pool, &coupon).await? {
         return Err(ApiError::CouponExists(id.to_string()));
     }
+    // A lookup just before may have noted the id as unknown.
+    state.issue.forget(&id);
     audit_created(&state, &admin, &id, coupon.total_stock).await?;
     // The worker builds the coupon's Redis state from Postgres on its first
     // request (see `firstcome::rebuild`).

@@ -87,6 +87,22 @@ pub(crate) async fn issue(
         Prior::Confirmed(id) => return Ok(accepted(id)),
         Prior::Refused(refusal) => return Err(refusal.error(&coupon_id)),
         Prior::Unconfirmed(request) => request,
+        Prior::Stale(request) => match in_the_log(&state, &request).await? {
+            true => {
+                if let Some(slot) = &slot {
+                    slot.confirm(&mut redis, &request).await;
+                }
+                return Ok(accepted(request.request_id));
+            }
+            // Never seen: admitted afresh (window, stock), as the same id.
+            false => IssueRequest {
+                request_id: request.request_id,
+                ..state
+                    .issue
+                    .admit(coupon_id.clone(), user_id.clone())
+                    .await?
+            },
+        },
         Prior::None => {
             let admitted = state.issue.admit(coupon_id.clone(), user_id.clone()).await;
             let Some(slot) = &slot else {
@@ -107,7 +123,7 @@ pub(crate) async fn issue(
                 match slot.prior(&mut redis, &coupon_id, &user_id).await? {
                     Prior::Confirmed(id) => return Ok(accepted(id)),
                     Prior::Refused(refusal) => return Err(refusal.error(&coupon_id)),
-                    Prior::Unconfirmed(first) => first,
+                    Prior::Unconfirmed(first) | Prior::Stale(first) => first,
                     // Claimed and expired in between: as if alone.
                     Prior::None => admitted?,
                 }
@@ -115,6 +131,17 @@ pub(crate) async fn issue(
         }
     };
     append_and_answer(&state, request, slot.as_ref(), &mut redis).await
+}
+
+/// Whether an unconfirmed request of long ago is known to have reached the
+/// log: it has a status, or a ledger row (or a `failed` record).
+async fn in_the_log(state: &AppState, request: &IssueRequest) -> Result<bool, ApiError> {
+    let id = request.request_id;
+    if let Ok(Some(_)) = state.statuses.get(id).await {
+        return Ok(true);
+    }
+    Ok(firstcome::db::ledger_row(&state.pool, id).await?.is_some()
+        || firstcome::db::failure(&state.pool, id).await?.is_some())
 }
 
 /// Appends an admitted request, marks its key confirmed, and answers `202`.

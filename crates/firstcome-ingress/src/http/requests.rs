@@ -79,32 +79,72 @@ pub(crate) async fn get_request(
     lookup(&state, id).await.map(Json)
 }
 
-/// A request's status: the cache, else the ledger.
+/// A request's status: the cache, else the ledger. A cached `pending`
+/// older than `FIRSTCOME_PENDING_RECHECK_MS` is checked against the ledger
+/// too: a Redis rolled back after the decision keeps the `pending` and has
+/// lost the final status, which nothing else writes again (red team #3).
 async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiError> {
-    match state.statuses.get(id).await {
-        Ok(Some(s)) => return Ok(s),
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "redis status unavailable, reading the ledger"),
-    }
-    let Some(row) = db::ledger_row(&state.pool, id).await? else {
-        // Failed, and the ledger refused even its `failed` row.
-        let (failed_at, r) = db::failure(&state.pool, id)
+    let cached = match state.statuses.get(id).await {
+        Ok(cached) => cached,
+        Err(e) => {
+            tracing::warn!(error = %e, "redis status unavailable, reading the ledger");
+            None
+        }
+    };
+    let Some(cached) = cached else {
+        return from_ledger(state, id)
             .await?
-            .ok_or_else(|| ApiError::RequestNotFound(id.to_string()))?;
-        return Ok(RequestStatus {
+            .ok_or_else(|| ApiError::RequestNotFound(id.to_string()));
+    };
+    let trusted = Duration::from_millis(state.cfg.pending_recheck_ms);
+    let age = (Utc::now() - cached.accepted_at)
+        .to_std()
+        .unwrap_or_default();
+    if cached.status != Status::Pending || age < trusted {
+        return Ok(cached);
+    }
+    match from_ledger(state, id).await {
+        Ok(Some(decided)) => {
+            tracing::warn!(status = %decided.status.as_str(), "a pending status outlived its decision; the ledger answers");
+            if let Err(e) = state
+                .statuses
+                .put_final(std::slice::from_ref(&decided))
+                .await
+            {
+                tracing::warn!(error = %e, "the ledger's decision was not put back in the cache");
+            }
+            Ok(decided)
+        }
+        Ok(None) => Ok(cached),
+        // The cache's word stands while Postgres cannot be asked.
+        Err(e) => {
+            tracing::warn!(error = %e, "ledger unavailable, answering the cached pending");
+            Ok(cached)
+        }
+    }
+}
+
+/// A request's decision as Postgres holds it: its ledger row, else the
+/// `failed` record kept when even that row was refused; `None` if neither.
+async fn from_ledger(state: &AppState, id: RequestId) -> Result<Option<RequestStatus>, ApiError> {
+    let Some(row) = db::ledger_row(&state.pool, id).await? else {
+        let Some((failed_at, r)) = db::failure(&state.pool, id).await? else {
+            return Ok(None);
+        };
+        return Ok(Some(RequestStatus {
             status: Status::Failed,
             decided_at: Some(failed_at),
             ..RequestStatus::pending(&r)
-        });
+        }));
     };
-    Ok(RequestStatus {
+    Ok(Some(RequestStatus {
         request_id: row.request_id,
         coupon_id: row.coupon_id,
         user_id: row.user_id,
         status: row.status,
         accepted_at: row.accepted_at,
         decided_at: Some(row.decided_at),
-    })
+    }))
 }
 
 /// A status lookup.

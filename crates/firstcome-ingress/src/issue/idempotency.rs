@@ -2,15 +2,17 @@
 //! answer (a timeout, a 503) sends the same request with the same key and
 //! gets the same `request_id`, never a second request.
 //!
-//! A key belongs to one coupon and is kept in Redis for
-//! `FIRSTCOME_IDEMPOTENCY_TTL_SECS`, with what the first attempt to claim it
-//! fixed: the request it stands for and whether the broker acknowledged it,
-//! or the refusal it got (`404 coupon_not_found`, `409 sold_out`,
-//! `409 not_open`). A retry of a confirmed request is answered from there
-//! and appends nothing; a retry of a refused one gets the same refusal. A
-//! retry of an unconfirmed one appends the *same* record again: if the first
+//! A key belongs to one coupon. An admitted request's key is kept in Redis
+//! for `FIRSTCOME_IDEMPOTENCY_TTL_SECS`, with the request it stands for and
+//! whether the broker acknowledged it. A retry of a confirmed request is
+//! answered from there and appends nothing. A retry of an unconfirmed one
+//! within [`REAPPEND_WINDOW`] appends the *same* record again: if the first
 //! copy did reach the log, the worker gives the second its first answer back
 //! (decisions are per `request_id`), so nothing is decided twice either way.
+//! Past the window the retry asks the status cache and the ledger first, and
+//! a request neither knows goes through admission again (window, stock) as
+//! the same `request_id` accepted now: an unconfirmed key no longer lets a
+//! client append past the sale's end for a day (red team #14).
 //!
 //! Attempts with one key may run at the same time (a client that timed out
 //! and retried at once). Each makes its admission checks, then claims the
@@ -19,6 +21,15 @@
 //! an attempt that found the coupon sold out a moment after another took the
 //! last unit answers that other's `202`, and the key's answer never depends
 //! on which attempt the client happens to read. A `503` fixes nothing.
+//!
+//! A refusal (`404 coupon_not_found`, `409 sold_out`, `409 not_open`) claims
+//! the key for [`REFUSAL_TTL`] only: long enough to order attempts that run
+//! together, never long enough to matter. Kept for a day, a refusal was an
+//! anonymous write of a few hundred bytes per fresh key that filled Redis
+//! (red team #4), and it outlived its truth: a click a second before the
+//! start stayed `not_open` for the whole sale, a `sold_out` outlived an
+//! added stock. At one ingress core's rate of refusals (about 25,000 a
+//! second) the refusals held at once stay under 30,000 keys, about 6 MiB.
 
 use std::time::Duration;
 
@@ -38,6 +49,13 @@ pub const HEADER: &str = "idempotency-key";
 pub const MAX_KEY_LEN: usize = 128;
 /// How long a key operation may wait for Redis.
 const TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a refusal holds its key (see the module docs).
+pub const REFUSAL_TTL: Duration = Duration::from_secs(1);
+/// How long after its first attempt an unconfirmed request is appended
+/// again as it was. The first copy was either acknowledged or given up by
+/// the producer within `FIRSTCOME_PRODUCE_TIMEOUT_MS`; a minute leaves room
+/// for a slow client's retries.
+pub const REAPPEND_WINDOW: Duration = Duration::from_secs(60);
 
 /// What a key stands for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,8 +132,12 @@ pub enum Prior {
     None,
     /// The broker acknowledged this request earlier: answer it again.
     Confirmed(RequestId),
-    /// Sent before without an acknowledgement: append it again, as it was.
+    /// Sent before without an acknowledgement, within [`REAPPEND_WINDOW`]:
+    /// append it again, as it was.
     Unconfirmed(IssueRequest),
+    /// Sent before without an acknowledgement, longer ago than
+    /// [`REAPPEND_WINDOW`]: ask where it stands before anything else.
+    Stale(IssueRequest),
     /// Refused before: refuse again.
     Refused(Refusal),
 }
@@ -179,15 +201,22 @@ impl Slot {
             })?;
             return Ok(Prior::Refused(refusal));
         }
-        Ok(if entry.confirmed {
-            Prior::Confirmed(entry.request_id)
+        if entry.confirmed {
+            return Ok(Prior::Confirmed(entry.request_id));
+        }
+        let age = (Utc::now() - entry.accepted_at)
+            .to_std()
+            .unwrap_or_default();
+        let request = IssueRequest {
+            request_id: entry.request_id,
+            coupon_id: coupon.clone(),
+            user_id: entry.user_id,
+            accepted_at: entry.accepted_at,
+        };
+        Ok(if age < REAPPEND_WINDOW {
+            Prior::Unconfirmed(request)
         } else {
-            Prior::Unconfirmed(IssueRequest {
-                request_id: entry.request_id,
-                coupon_id: coupon.clone(),
-                user_id: entry.user_id,
-                accepted_at: entry.accepted_at,
-            })
+            Prior::Stale(request)
         })
     }
 
@@ -199,24 +228,27 @@ impl Slot {
         user: &UserId,
         outcome: Outcome<'_>,
     ) -> Result<bool, ApiError> {
-        let entry = match outcome {
-            Outcome::Admitted(request) => entry_json(request, false),
-            Outcome::Refused(refusal) => serde_json::to_string(&Entry {
-                request_id: RequestId::new(),
-                user_id: user.clone(),
-                accepted_at: Utc::now(),
-                confirmed: false,
-                refused: Some(refusal.as_str().to_owned()),
-            })
-            .expect("an entry always serializes"),
+        let (entry, ttl) = match outcome {
+            Outcome::Admitted(request) => (entry_json(request, false), self.ttl),
+            Outcome::Refused(refusal) => (
+                serde_json::to_string(&Entry {
+                    request_id: RequestId::new(),
+                    user_id: user.clone(),
+                    accepted_at: Utc::now(),
+                    confirmed: false,
+                    refused: Some(refusal.as_str().to_owned()),
+                })
+                .expect("an entry always serializes"),
+                REFUSAL_TTL.min(self.ttl),
+            ),
         };
         let set: Option<String> = with_timeout(
             redis::cmd("SET")
                 .arg(&self.redis_key)
                 .arg(entry)
                 .arg("NX")
-                .arg("EX")
-                .arg(self.ttl.as_secs().max(1))
+                .arg("PX")
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
                 .query_async(redis),
         )
         .await?;
