@@ -270,3 +270,105 @@ async fn lookups_whose_clients_hang_up_never_keep_a_pool_slot() {
     assert_eq!(code, 200, "{body}");
     ingress.stop().await;
 }
+
+/// Red team #6: idle connections, and connections that never finish their
+/// header block, kept their place for good; a client that sends a little
+/// and stops must lose it within the header-read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_give_their_place_back() {
+    use firstcome_suite::hostile::{closed_within, half_sent};
+    let env = TestEnv::new().await;
+    let mut cfg = env.ingress_config();
+    cfg.max_connections = 64;
+    cfg.header_read_timeout_ms = 1_000;
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let addr = ingress.addr.unwrap();
+    let mut held = Vec::new();
+    for i in 0..64 {
+        let head: &[u8] = match i % 3 {
+            0 => b"",
+            1 => b"GET /healthz HT",
+            _ => b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: a",
+        };
+        held.push(half_sent(addr, head).await.expect("connects"));
+    }
+    // Every place is taken; each must be given back.
+    for (i, s) in held.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(30)).await.is_some(),
+            "connection {i} kept its place"
+        );
+    }
+    let (code, _) = env.client(&ingress).get("/healthz").await;
+    assert_eq!(code, 200, "served once the places were back");
+    ingress.stop().await;
+}
+
+/// Red team #6: a connection could buffer 408 KiB of an unfinished header
+/// block (2,048 of them passed the pod's memory limit). Past
+/// `FIRSTCOME_MAX_HEADER_BYTES` the ingress refuses and closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fat_header_block_is_refused_before_it_is_all_buffered() {
+    use firstcome_suite::hostile::closed_within;
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let addr = ingress.addr.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-fat: ")
+        .await
+        .unwrap();
+    // 128 KiB of one header, never ended; the server may stop reading.
+    let fat = vec![b'a'; 128 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.write_all(&fat)).await;
+    let answer = closed_within(&mut stream, Duration::from_secs(30))
+        .await
+        .expect("the connection was closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    ingress.stop().await;
+}
+
+/// With `FIRSTCOME_MAX_CONNECTIONS_PER_PEER`, one address cannot take every
+/// place: its connections past the share are closed at once, and another
+/// peer is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_holds_at_most_its_share_of_the_connections() {
+    use firstcome_suite::hostile::{closed_within, half_sent};
+    let env = TestEnv::new().await;
+    let mut cfg = env.ingress_config();
+    cfg.max_connections = 64;
+    cfg.max_connections_per_peer = 8;
+    cfg.listen = "0.0.0.0:0".parse().unwrap();
+    let ingress = env.spawn_ingress_with(cfg).await;
+    let port = ingress.addr.unwrap().port();
+    let local: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(half_sent(local, b"").await.expect("connects"));
+    }
+    let mut extra = half_sent(local, b"").await.expect("connects");
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "the ninth connection of one peer is closed"
+    );
+    // Another address of this machine is another peer.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let r = other
+        .get(format!("http://{local}/healthz"))
+        .send()
+        .await
+        .expect("another peer is served");
+    assert_eq!(r.status(), 200);
+    drop(held);
+    ingress.stop().await;
+}

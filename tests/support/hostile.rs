@@ -55,3 +55,21 @@ pub async fn half_sent(addr: SocketAddr, head: &[u8]) -> Option<TcpStream> {
     stream.write_all(head).await.ok()?;
     Some(stream)
 }
+
+/// Whether the server closed `stream` (or answered and closed) within
+/// `limit`: reads until end of stream; what it read, if it closed.
+pub async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(got)
+}

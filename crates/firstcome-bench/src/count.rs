@@ -495,7 +495,8 @@ async fn count_http(
 const INGRESS_STEPS: &[Layer] = &[
     step(
         "HTTP connection (hyper: parsing, writing; axum: routing), all below",
-        &[":axum::serve::handle_connection"],
+        // The ingress's own accept loop and connection tasks.
+        &[":firstcome_ingress::connections::serve"],
     ),
     step(
         "middleware (the edge: rate limit, in-flight bound, headers, metrics, access line), all below",

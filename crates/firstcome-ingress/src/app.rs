@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use crate::metrics::IngressMetrics;
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use firstcome::kafka::{self, HealingProducer};
 use firstcome::ops::{self, OpsServer};
 use firstcome::state::CouponState;
@@ -17,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngressConfig;
-use crate::connections::BoundedListener;
+use crate::connections::{self, BoundedListener};
 use crate::http;
 use crate::issue::admission::{CouponCache, SoldOutCheck};
 use crate::issue::pending::PendingWrites;
@@ -92,6 +91,9 @@ impl Application {
             readiness: Default::default(),
             metrics,
         });
+        // The first look at the dependencies before anything is served, so
+        // a probe never finds none; `run_until_stopped` takes one a second.
+        http::health::look(&state).await;
         Ok(Self {
             listener,
             ops,
@@ -134,9 +136,6 @@ impl Application {
                 axum::routing::get(move || async move { ops::metrics_response(metrics.render()) }),
             )
             .merge(http::health::routes().with_state(state.clone()));
-        // The first look before the first request, so a probe never finds
-        // none; then one a second.
-        http::health::look(&state).await;
         let watching = tokio::spawn(http::health::watch(state.clone(), shutdown.clone()));
         let ops = ops.spawn(scrape, shutdown.clone());
         let app = http::router(state.clone());
@@ -148,21 +147,20 @@ impl Application {
             state.waiters.clone(),
             shutdown.clone(),
         ));
-        let stopping = shutdown.clone();
         let listener = BoundedListener::new(
             listener,
             cfg.max_connections,
             state.metrics.connections.clone(),
-        )
-        // Only so that axum hands the client's address to the handlers.
-        .tap_io(|_| {});
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stopping.cancelled().await });
+        );
+        let limits = connections::Limits {
+            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+            max_buf_bytes: cfg.max_header_bytes,
+            per_peer: cfg.max_connections_per_peer,
+            trusted: cfg.trusted_proxy_nets()?,
+        };
+        let serve = connections::serve(listener, app, limits, shutdown.clone());
         tokio::select! {
-            r = serve => r.context("serving HTTP")?,
+            () = serve => {},
             () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!("shutdown timeout reached with requests still in flight");
             }

@@ -75,6 +75,32 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_MAX_CONNECTIONS", default_value_t = 2_048)]
     pub max_connections: usize,
 
+    /// Longest a client may take to send a request's header block, and
+    /// longest a kept-alive connection may wait idle for its next request;
+    /// then it is closed (slow, idle and half-sent connections give their
+    /// place back).
+    #[arg(
+        long,
+        env = "FIRSTCOME_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_read_timeout_ms: u64,
+
+    /// Largest read buffer of a connection, in bytes: a header block larger
+    /// than this is refused, and a connection never holds more of an
+    /// unfinished one (at least 8,192).
+    #[arg(long, env = "FIRSTCOME_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Most connections one peer address (an IPv6 peer by its /64) may hold
+    /// at once; past it a new one is closed at once. 0 (the default) turns
+    /// it off: behind a proxy every client shares the proxy's address, so
+    /// turn it on where the peers are the clients (a layer-4 load balancer
+    /// that keeps the source address); `FIRSTCOME_TRUSTED_PROXIES` are
+    /// exempt.
+    #[arg(long, env = "FIRSTCOME_MAX_CONNECTIONS_PER_PEER", default_value_t = 0)]
+    pub max_connections_per_peer: usize,
+
     /// How long the ingress trusts its last look at a coupon's stock in
     /// Redis. While the worker has the stock at zero, issue requests are
     /// answered `409 sold_out` without touching the log (they would all be
@@ -113,6 +139,11 @@ pub struct IngressConfig {
     #[arg(long, env = "FIRSTCOME_RATE_LIMIT_CLIENTS", default_value_t = 100_000)]
     pub rate_limit_clients: usize,
 
+    /// The prefix length by which the rate limit counts an IPv6 client:
+    /// a subscriber is given a whole /64 and may rotate through it.
+    #[arg(long, env = "FIRSTCOME_RATE_LIMIT_IPV6_PREFIX", default_value_t = 64)]
+    pub rate_limit_ipv6_prefix: u8,
+
     /// Header in which the proxies in front name the client's address
     /// (e.g. `x-forwarded-for`); believed only from
     /// `FIRSTCOME_TRUSTED_PROXIES`, read from the right. Unset: the TCP peer.
@@ -140,6 +171,9 @@ impl std::fmt::Debug for IngressConfig {
             .field("linger_ms", &self.linger_ms)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("max_header_bytes", &self.max_header_bytes)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("sold_out_check_ms", &self.sold_out_check_ms)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
@@ -148,6 +182,7 @@ impl std::fmt::Debug for IngressConfig {
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("rate_limit_burst", &self.rate_limit_burst)
             .field("rate_limit_clients", &self.rate_limit_clients)
+            .field("rate_limit_ipv6_prefix", &self.rate_limit_ipv6_prefix)
             .field("client_ip_header", &self.client_ip_header)
             .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
@@ -193,6 +228,12 @@ impl IngressConfig {
                 message: "must be at least 1".into(),
             });
         }
+        if !(32..=128).contains(&self.rate_limit_ipv6_prefix) {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_RATE_LIMIT_IPV6_PREFIX",
+                message: "must be between 32 and 128".into(),
+            });
+        }
         if self.max_wait_ms >= self.request_timeout_ms {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_MAX_WAIT_MS",
@@ -209,6 +250,18 @@ impl IngressConfig {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_MAX_CONNECTIONS",
                 message: "must be at least 1".into(),
+            });
+        }
+        if self.max_header_bytes < 8_192 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_MAX_HEADER_BYTES",
+                message: "must be at least 8192".into(),
+            });
+        }
+        if self.header_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_HEADER_READ_TIMEOUT_MS",
+                message: "must be positive".into(),
             });
         }
         if self.max_in_flight == 0 {
@@ -313,7 +366,16 @@ mod tests {
         ]);
         assert!(behind_proxies.validate().is_ok());
         assert_eq!(behind_proxies.trusted_proxy_nets().unwrap().len(), 3);
-        let cases: [(&[&str], &str); 13] = [
+        let cases: [(&[&str], &str); 16] = [
+            (&["--max-header-bytes", "100"], "FIRSTCOME_MAX_HEADER_BYTES"),
+            (
+                &["--header-read-timeout-ms", "0"],
+                "FIRSTCOME_HEADER_READ_TIMEOUT_MS",
+            ),
+            (
+                &["--rate-limit-ipv6-prefix", "16"],
+                "FIRSTCOME_RATE_LIMIT_IPV6_PREFIX",
+            ),
             (
                 &["--client-ip-header", "x-forwarded-for"],
                 "FIRSTCOME_CLIENT_IP_HEADER",

@@ -113,7 +113,7 @@ pub async fn watch(state: AppState, shutdown: CancellationToken) {
 }
 
 /// One look at the dependencies (at most [`INTERVAL`]), kept for the
-/// probes and the metrics. The ingress takes one before it serves.
+/// probes and the metrics. `Application::build` takes the first.
 pub async fn look(state: &AppState) {
     let (kafka, pg, redis) = tokio::join!(
         within(INTERVAL, kafka(state)),

@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
             trusted: cfg
                 .trusted_proxy_nets()
                 .expect("validated with the configuration"),
+            ipv6_prefix: cfg.rate_limit_ipv6_prefix,
         }),
     });
     Router::new()

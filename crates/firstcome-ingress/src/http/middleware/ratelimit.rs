@@ -11,6 +11,17 @@
 //! left of the header is whatever the client wrote, so it never decides:
 //! a client cannot name itself someone else by sending the header.
 //!
+//! A hop may carry a port (`203.0.113.9:4711`, `[2001:db8::1]:443`, as some
+//! load balancers write it), and with `FIRSTCOME_CLIENT_IP_HEADER=forwarded`
+//! the hops are RFC 7239's `for=` parameters; IPv4 peers of a dual-stack
+//! listener (`::ffff:a.b.c.d`) are their IPv4 address. Any of those read as
+//! garbage would have made the proxy the client: one bucket for everyone.
+//!
+//! **An IPv6 client is its /64** (`FIRSTCOME_RATE_LIMIT_IPV6_PREFIX`): one
+//! subscriber gets a whole /64 and can rotate through 2^64 addresses, each a
+//! fresh bucket with a full burst, and enough of them flush every other
+//! client's bucket from the LRU.
+//!
 //! **Bounded.** Clients live in an LRU of `FIRSTCOME_RATE_LIMIT_CLIENTS`
 //! entries: each request costs O(1), and past the bound the client seen
 //! longest ago is forgotten (it starts again with a full burst). A million
@@ -91,6 +102,33 @@ struct Source {
     trusted: Vec<IpNet>,
 }
 
+/// A hop of a forwarding header as an address: bare, with a port, in
+/// brackets, or as an RFC 7239 element (`for=...;proto=...`); v4-mapped
+/// IPv6 as IPv4. `None` for anything else (`unknown`, obfuscated ids,
+/// garbage).
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    let hop = match hop
+        .split(';')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("for=").or_else(|| p.strip_prefix("For=")))
+    {
+        Some(value) => value.trim_matches('"'),
+        None if hop.contains('=') => return None,
+        None => hop,
+    };
+    let ip = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse().ok())
+        })?;
+    Some(ip.to_canonical())
+}
+
 impl Source {
     fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(&ip))
@@ -99,6 +137,7 @@ impl Source {
     /// The client of a request that came from `peer` with `forwarded`
     /// (the header's values, in order).
     fn client<'a>(&self, peer: IpAddr, forwarded: impl Iterator<Item = &'a str>) -> IpAddr {
+        let peer = peer.to_canonical();
         if self.header.is_none() || !self.trusts(peer) {
             return peer;
         }
@@ -108,13 +147,13 @@ impl Source {
             .collect();
         let mut client = peer;
         for hop in hops.iter().rev() {
-            match hop.parse::<IpAddr>() {
+            match hop_address(hop) {
                 // A trusted proxy passed it on: look one hop further.
-                Ok(ip) if self.trusts(ip) => client = ip,
-                Ok(ip) => return ip,
+                Some(ip) if self.trusts(ip) => client = ip,
+                Some(ip) => return ip,
                 // Garbage where an address should be: the proxy that wrote
                 // it last is as far as anyone can tell.
-                Err(_) => return client,
+                None => return client,
             }
         }
         client
@@ -125,6 +164,8 @@ impl Source {
 pub struct RateLimit<C: Clock = DefaultClock> {
     limiter: RateLimiter<IpAddr, Clients, C, NoOpMiddleware<C::Instant>>,
     source: Source,
+    /// The prefix length an IPv6 client is counted by.
+    ipv6_prefix: u8,
 }
 
 /// The settings of a limiter.
@@ -139,6 +180,9 @@ pub struct Settings {
     pub header: Option<HeaderName>,
     /// The proxies whose header is believed.
     pub trusted: Vec<IpNet>,
+    /// The prefix length an IPv6 client is counted by (64: a subscriber's
+    /// whole /64 is one client).
+    pub ipv6_prefix: u8,
 }
 
 impl RateLimit {
@@ -164,11 +208,24 @@ impl<C: Clock> RateLimit<C> {
                 header: settings.header,
                 trusted: settings.trusted,
             },
+            ipv6_prefix: settings.ipv6_prefix.min(128),
         })
+    }
+
+    /// The bucket of `client`: itself for IPv4, its prefix for IPv6.
+    fn bucket(&self, client: IpAddr) -> IpAddr {
+        match client.to_canonical() {
+            IpAddr::V6(v6) => {
+                let net = ipnet::Ipv6Net::new(v6, self.ipv6_prefix).expect("a prefix of 0-128");
+                IpAddr::V6(net.network())
+            }
+            v4 => v4,
+        }
     }
 
     /// Takes a token for `client`; `Err(seconds)` until the next one.
     fn take(&self, client: IpAddr) -> Result<(), u32> {
+        let client = self.bucket(client);
         self.limiter.check_key(&client).map_err(|not_until| {
             let wait = not_until.wait_time_from(self.limiter.clock().now());
             wait.max(Duration::from_secs(1)).as_secs_f64().ceil() as u32
@@ -212,6 +269,7 @@ mod tests {
             clients,
             header: None,
             trusted: Vec::new(),
+            ipv6_prefix: 64,
         }
     }
 
@@ -239,7 +297,8 @@ mod tests {
         let regular = IpAddr::from([192, 0, 2, 1]);
         assert_eq!(limit.take(regular), Ok(()));
         for i in 0..1_000_000u32 {
-            let fake = IpAddr::from((u128::from(i) + (1 << 100)).to_be_bytes());
+            // One /64 each: an IPv6 client is counted by its /64.
+            let fake = IpAddr::from(((u128::from(i) << 64) + (1 << 120)).to_be_bytes());
             assert_eq!(limit.take(fake), Ok(()), "a new client has its burst");
             assert!(limit.limiter.len() <= 10_000);
         }
@@ -280,5 +339,60 @@ mod tests {
             ip("10.1.2.3")
         );
         assert_eq!(client(ip("::1"), &["2001:db8::5"]), ip("2001:db8::5"));
+    }
+
+    #[test]
+    fn hops_with_ports_forwarded_elements_and_v4_mapped_peers_name_the_client() {
+        let source = Source {
+            header: Some(HeaderName::from_static("x-forwarded-for")),
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.0.0.7");
+        let client = |peer, hops: &[&str]| source.client(peer, hops.iter().copied());
+        assert_eq!(client(proxy, &["203.0.113.9:4711"]), ip("203.0.113.9"));
+        assert_eq!(client(proxy, &["[2001:db8::1]:443"]), ip("2001:db8::1"));
+        assert_eq!(client(proxy, &["[2001:db8::1]"]), ip("2001:db8::1"));
+        assert_eq!(
+            client(
+                proxy,
+                &[r#"for="[2001:db8::17]:4711";proto=https, for=10.1.1.1"#]
+            ),
+            ip("2001:db8::17")
+        );
+        assert_eq!(
+            client(proxy, &["for=198.51.100.3;by=10.0.0.7"]),
+            ip("198.51.100.3")
+        );
+        assert_eq!(
+            client(proxy, &["for=_hidden, 10.2.2.2"]),
+            ip("10.2.2.2"),
+            "an obfuscated hop stops the walk"
+        );
+        // A dual-stack listener sees IPv4 peers as v4-mapped addresses.
+        assert_eq!(
+            client(ip("::ffff:10.0.0.7"), &["198.51.100.8"]),
+            ip("198.51.100.8")
+        );
+        assert_eq!(client(ip("::ffff:198.51.100.9"), &[]), ip("198.51.100.9"));
+    }
+
+    #[test]
+    fn an_ipv6_client_rotating_through_its_64_is_one_client() {
+        let clock = FakeRelativeClock::default();
+        let limit = RateLimit::with_clock(settings(1, 5, 10_000), clock).expect("on");
+        let base = u128::from_be_bytes(ip6("2001:db8:1:2::").octets());
+        let refused = (0..200_000u128)
+            .filter(|i| limit.take(IpAddr::from((base + i).to_be_bytes())).is_err())
+            .count();
+        assert_eq!(refused, 200_000 - 5, "one burst for the whole /64");
+        assert!(
+            limit.take(ip6("2001:db8:1:3::1").into()).is_ok(),
+            "the next /64 is another client"
+        );
+    }
+
+    fn ip6(s: &str) -> std::net::Ipv6Addr {
+        s.parse().unwrap()
     }
 }
