@@ -13,6 +13,7 @@
 //! - [`promise`]: the promise, checked with the oracle
 //! - [`load`]: clients that make load, and sales
 //! - [`hostile`]: clients that behave as attackers do (hang up, send slowly)
+//! - [`tokens`]: signed user tokens and their JWKS, for the verified identity
 //! - [`services`]: private Postgres, Redis and Kafka a test may own
 
 use std::collections::{BTreeSet, HashMap};
@@ -37,6 +38,7 @@ pub mod promise;
 pub mod proxy;
 pub mod services;
 pub mod spawn;
+pub mod tokens;
 pub mod topic;
 
 pub use client::*;

@@ -10,7 +10,9 @@ impl TestEnv {
         let mut cfg: IngressConfig = parsed(
             "firstcome-ingress",
             &self.common,
-            &["--admin-token", &self.admin_token],
+            // Tests name their users in the body; tests/identity.rs checks
+            // the verified modes.
+            &["--admin-token", &self.admin_token, "--identity", "body"],
         );
         cfg.common = self.common.clone();
         cfg.listen = "127.0.0.1:0".parse().unwrap();
@@ -164,6 +166,7 @@ impl TestEnv {
         cmd.env("FIRSTCOME_LISTEN", listen.to_string())
             .env("FIRSTCOME_ADMIN_TOKEN", &self.admin_token)
             // As in `ingress_config`.
+            .env("FIRSTCOME_IDENTITY", "body")
             .env("FIRSTCOME_SOLD_OUT_CHECK_MS", "0");
         cmd
     }

@@ -210,6 +210,9 @@ pub fn command(env: &BenchEnv, binary: &str) -> anyhow::Result<Command> {
         .env("FIRSTCOME_REQUEST_TOPIC", &env.request_topic)
         .env("FIRSTCOME_DLQ_TOPIC", &env.dlq_topic)
         .env("FIRSTCOME_ADMIN_TOKEN", &env.admin_token)
+        // The bench's clients name their users in the body (a trusted
+        // network); the hostile scenario runs the ingress with tokens.
+        .env("FIRSTCOME_IDENTITY", "body")
         .env("FIRSTCOME_GROUP_ID", &env.group_id)
         .env("FIRSTCOME_METRICS_LISTEN", "127.0.0.1:0")
         .env(

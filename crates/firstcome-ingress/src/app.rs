@@ -15,9 +15,10 @@ use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::IngressConfig;
+use crate::config::{IdentityMode, IngressConfig};
 use crate::connections::{self, BoundedListener};
 use crate::http;
+use crate::identity::{self, Identity};
 use crate::issue::admission::{CouponCache, SoldOutCheck};
 use crate::issue::pending::PendingWrites;
 use crate::issue::{Issue, IssueParts};
@@ -61,6 +62,7 @@ impl Application {
             .map(redis::Client::open)
             .collect::<Result<Vec<_>, _>>()
             .context("REDIS_URL")?;
+        let identity = identity(&cfg)?;
         let metrics = IngressMetrics::new();
         let states = CouponState::new(redis.clone(), keys.clone());
         let statuses = StatusCache::new(redis.clone(), keys.clone(), cfg.common.status_ttl());
@@ -89,6 +91,7 @@ impl Application {
             admin_tokens,
             waiters: Arc::new(Waiters::new(metrics.long_polls.clone())),
             readiness: Default::default(),
+            identity,
             metrics,
         });
         // The first look at the dependencies before anything is served, so
@@ -136,6 +139,10 @@ impl Application {
                 axum::routing::get(move || async move { ops::metrics_response(metrics.render()) }),
             )
             .merge(http::health::routes().with_state(state.clone()));
+        let jwks = match &state.identity {
+            Identity::Jwt(verifier) => Some(tokio::spawn(verifier.clone().watch(shutdown.clone()))),
+            _ => None,
+        };
         let watching = tokio::spawn(http::health::watch(state.clone(), shutdown.clone()));
         let ops = ops.spawn(scrape, shutdown.clone());
         let app = http::router(state.clone());
@@ -168,6 +175,9 @@ impl Application {
         shutdown.cancel();
         let _ = listening.await;
         let _ = watching.await;
+        if let Some(jwks) = jwks {
+            let _ = jwks.await;
+        }
         let _ = ops.await;
         let producer = state.producer.producer();
         tokio::task::spawn_blocking(move || producer.flush(grace))
@@ -176,4 +186,32 @@ impl Application {
         tracing::info!("ingress stopped");
         Ok(())
     }
+}
+
+/// The identity the settings ask for; `body` with a warning.
+fn identity(cfg: &IngressConfig) -> anyhow::Result<Identity> {
+    Ok(match cfg.identity {
+        IdentityMode::Body => {
+            tracing::warn!(
+                "FIRSTCOME_IDENTITY=body: the user of an issue request is whatever the client \
+                 writes; anyone can ask for anyone. Use jwt or header outside a trusted network"
+            );
+            Identity::Body
+        }
+        IdentityMode::Jwt => Identity::Jwt(identity::JwtVerifier::new(identity::JwtSettings {
+            jwks_file: cfg.jwks_file.clone().context("FIRSTCOME_JWKS_FILE")?,
+            issuer: cfg.jwt_issuer.clone().context("FIRSTCOME_JWT_ISSUER")?,
+            audience: cfg.jwt_audience.clone().context("FIRSTCOME_JWT_AUDIENCE")?,
+            user_claim: cfg.jwt_user_claim.clone(),
+        })?),
+        IdentityMode::Header => Identity::Header {
+            name: axum::http::HeaderName::try_from(
+                cfg.user_header
+                    .as_deref()
+                    .context("FIRSTCOME_USER_HEADER")?,
+            )
+            .context("FIRSTCOME_USER_HEADER")?,
+            trusted: cfg.trusted_proxy_nets()?,
+        },
+    })
 }

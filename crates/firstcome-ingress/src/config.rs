@@ -18,6 +18,36 @@ pub struct IngressConfig {
     #[command(flatten)]
     pub common: CommonConfig,
 
+    /// Where the user of an issue request comes from: `jwt` (a bearer token
+    /// checked against `FIRSTCOME_JWKS_FILE`), `header` (set by a gateway
+    /// in `FIRSTCOME_TRUSTED_PROXIES`, named by `FIRSTCOME_USER_HEADER`) or
+    /// `body` (the body's `user_id` as the client writes it: anyone can ask
+    /// for anyone; only for a trusted network, such as the local stack).
+    #[arg(long, env = "FIRSTCOME_IDENTITY", value_enum)]
+    pub identity: IdentityMode,
+
+    /// With `FIRSTCOME_IDENTITY=jwt`: the JWKS document (a file, re-read
+    /// when it changes, so keys rotate without a restart).
+    #[arg(long, env = "FIRSTCOME_JWKS_FILE")]
+    pub jwks_file: Option<std::path::PathBuf>,
+
+    /// With `FIRSTCOME_IDENTITY=jwt`: the `iss` every token must carry.
+    #[arg(long, env = "FIRSTCOME_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// With `FIRSTCOME_IDENTITY=jwt`: the audience every token must name.
+    #[arg(long, env = "FIRSTCOME_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// With `FIRSTCOME_IDENTITY=jwt`: the claim that names the user.
+    #[arg(long, env = "FIRSTCOME_JWT_USER_CLAIM", default_value = "sub")]
+    pub jwt_user_claim: String,
+
+    /// With `FIRSTCOME_IDENTITY=header`: the header in which the gateway
+    /// names the authenticated user (e.g. `x-authenticated-user`).
+    #[arg(long, env = "FIRSTCOME_USER_HEADER")]
+    pub user_header: Option<String>,
+
     /// Address the public HTTP API listens on (port 0 picks a free one).
     #[arg(long, env = "FIRSTCOME_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -161,11 +191,28 @@ pub struct IngressConfig {
     pub max_body_bytes: usize,
 }
 
+/// Where the user of an issue request comes from (see
+/// [`crate::identity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdentityMode {
+    /// A bearer JWT checked against a JWKS document.
+    Jwt,
+    /// A header set by a trusted gateway.
+    Header,
+    /// The body's `user_id`, unverified (a trusted network only).
+    Body,
+}
+
 impl std::fmt::Debug for IngressConfig {
     // Hand-written so the admin token never reaches a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IngressConfig")
             .field("common", &self.common)
+            .field("identity", &self.identity)
+            .field("jwks_file", &self.jwks_file)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("user_header", &self.user_header)
             .field("listen", &self.listen)
             .field("produce_timeout_ms", &self.produce_timeout_ms)
             .field("linger_ms", &self.linger_ms)
@@ -205,6 +252,41 @@ impl IngressConfig {
                 key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
                 message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
             });
+        }
+        match self.identity {
+            IdentityMode::Jwt => {
+                for (key, value) in [
+                    ("FIRSTCOME_JWKS_FILE", self.jwks_file.is_some()),
+                    ("FIRSTCOME_JWT_ISSUER", self.jwt_issuer.is_some()),
+                    ("FIRSTCOME_JWT_AUDIENCE", self.jwt_audience.is_some()),
+                ] {
+                    if !value {
+                        return Err(ConfigError::Invalid {
+                            key,
+                            message: "is required with FIRSTCOME_IDENTITY=jwt".into(),
+                        });
+                    }
+                }
+            }
+            IdentityMode::Header => {
+                let named = self
+                    .user_header
+                    .as_deref()
+                    .is_some_and(|h| axum::http::HeaderName::try_from(h).is_ok());
+                if !named {
+                    return Err(ConfigError::Invalid {
+                        key: "FIRSTCOME_USER_HEADER",
+                        message: "must be a header name with FIRSTCOME_IDENTITY=header".into(),
+                    });
+                }
+                if self.trusted_proxy_nets()?.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "FIRSTCOME_TRUSTED_PROXIES",
+                        message: "must name the gateway with FIRSTCOME_IDENTITY=header".into(),
+                    });
+                }
+            }
+            IdentityMode::Body => {}
         }
         if let Some(h) = &self.client_ip_header
             && axum::http::HeaderName::try_from(h.as_str()).is_err()
@@ -348,6 +430,9 @@ mod tests {
             "--kafka-brokers",
             "127.0.0.1:1",
         ];
+        if !extra.contains(&"--identity") {
+            args.extend_from_slice(&["--identity", "body"]);
+        }
         if !extra.contains(&"--admin-token") {
             args.extend_from_slice(&["--admin-token", "a-token-long-enough"]);
         }
@@ -366,7 +451,9 @@ mod tests {
         ]);
         assert!(behind_proxies.validate().is_ok());
         assert_eq!(behind_proxies.trusted_proxy_nets().unwrap().len(), 3);
-        let cases: [(&[&str], &str); 16] = [
+        let cases: [(&[&str], &str); 18] = [
+            (&["--identity", "jwt"], "FIRSTCOME_JWKS_FILE"),
+            (&["--identity", "header"], "FIRSTCOME_USER_HEADER"),
             (&["--max-header-bytes", "100"], "FIRSTCOME_MAX_HEADER_BYTES"),
             (
                 &["--header-read-timeout-ms", "0"],

@@ -14,6 +14,13 @@ pub enum ApiError {
     /// 401: the admin token is missing or wrong.
     #[error("a valid admin bearer token is required")]
     Unauthorized,
+    /// 401: the user's identity is missing or could not be verified (the
+    /// reason is said, never which key or claim value was expected).
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// 403: the verified user may not do this (act for another user).
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// 422: the request is malformed; nothing was changed.
     #[error("{0}")]
     InvalidRequest(String),
@@ -74,7 +81,10 @@ pub enum ApiError {
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Unauthorized | ApiError::Unauthenticated(_) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::IdempotencyKeyReused => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
@@ -172,6 +182,7 @@ impl IntoResponse for ApiError {
             body["status_url"] = json!(format!("/v1/issue-requests/{id}"));
         }
         let mut response = (status, axum::Json(body)).into_response();
+        let unauthenticated = matches!(self, ApiError::Unauthenticated(_));
         let retry_after = match self {
             ApiError::Unavailable {
                 retry_after_secs, ..
@@ -180,6 +191,12 @@ impl IntoResponse for ApiError {
             ApiError::RateLimited { retry_after_secs } => Some(retry_after_secs),
             _ => None,
         };
+        if unauthenticated {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
         if let Some(secs) = retry_after {
             response
                 .headers_mut()
@@ -215,8 +232,11 @@ pub struct ErrorDetail {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// 401: admin token missing or wrong.
+    /// 401: admin token missing or wrong, or the user's identity missing or
+    /// not verified.
     Unauthorized,
+    /// 403: the verified user may not act for this user.
+    Forbidden,
     /// 422: malformed input; nothing changed.
     InvalidRequest,
     /// 422: the `Idempotency-Key` was used for another request.

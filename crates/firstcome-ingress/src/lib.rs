@@ -12,7 +12,9 @@
 //! - [`services`]: what the handlers share, built once by [`app`]
 //! - [`issue`]: the issue rule (admission, append, idempotency, pending)
 //! - [`waiters`]: long polls woken by the worker's decisions
-//! - [`connections`]: the bound on open connections
+//! - [`identity`]: who the user of a request is (a JWT, a gateway's header,
+//!   or the body on a trusted network)
+//! - [`connections`]: the accept loop and what each connection may hold
 //! - [`metrics`]: what `/metrics` shows
 //! - [`config`], [`error`]: flags and environment variables; the one error
 //!   type and its JSON shape
@@ -22,6 +24,7 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod issue;
 pub mod metrics;
 pub mod services;

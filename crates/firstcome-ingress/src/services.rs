@@ -58,6 +58,8 @@ pub struct Services {
     pub metrics: Arc<IngressMetrics>,
     /// Long polls waiting for decisions.
     pub waiters: Arc<Waiters>,
+    /// Who the user of a request is.
+    pub identity: crate::identity::Identity,
     /// The last look at the dependencies, for the probes.
     pub readiness: crate::http::health::Readiness,
 }

@@ -47,13 +47,32 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// Compares without an early exit, so response time does not leak how much
-/// of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Compares `given` with `secret` without an early exit and in a time that
+/// depends on the secret's length only, so response time leaks neither how
+/// much of a guess was right nor how long the secret is (red team #16).
+fn constant_time_eq(given: &[u8], secret: &[u8]) -> bool {
+    let lengths = given.len() ^ secret.len();
+    let mut diff = lengths.to_le_bytes().iter().fold(0u8, |acc, b| acc | b);
+    for (i, s) in secret.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ s;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    diff == 0
+}
+
+/// The TCP peer's address, when the server recorded it.
+pub struct Peer(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
 }
 
 /// An id type a path segment holds.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::http::extract::{Body, Id, invalid};
+use crate::http::extract::{Body, Id, Peer};
 use crate::issue::idempotency::{self, Prior};
 use crate::services::AppState;
 
@@ -30,8 +30,11 @@ pub fn routes() -> Router<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct IssueBody {
+    /// Required with `FIRSTCOME_IDENTITY=body`; with a verified identity
+    /// (a bearer JWT, a gateway's header) optional, and if sent it must be
+    /// the verified user's.
     #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "alice")]
-    user_id: String,
+    user_id: Option<String>,
 }
 
 /// The `202` answer: the request is in the log.
@@ -57,6 +60,8 @@ pub struct AcceptedView {
     request_body = IssueBody,
     responses(
         (status = 202, description = "In the log; it will be decided", body = AcceptedView),
+        (status = 401, description = "`unauthorized`: the user's token (or gateway header) is missing or does not verify; nothing appended", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the body's `user_id` is not the verified user's; nothing appended", body = ErrorBody),
         (status = 404, description = "`coupon_not_found`", body = ErrorBody),
         (status = 409, description = "`sold_out` or `not_open`, answered at once; nothing appended", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
@@ -70,10 +75,11 @@ pub struct AcceptedView {
 pub(crate) async fn issue(
     State(state): State<AppState>,
     Id(coupon_id): Id<CouponId>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Body(body): Body<IssueBody>,
 ) -> Result<Response, ApiError> {
-    let user_id = invalid(UserId::parse(body.user_id))?;
+    let user_id: UserId = state.identity.user(&headers, peer, body.user_id)?;
     let slot = idempotency::key(&headers)?.map(|key| {
         let ttl = Duration::from_secs(state.cfg.idempotency_ttl_secs);
         idempotency::Slot::new(&state.keys, &coupon_id, &key, ttl)

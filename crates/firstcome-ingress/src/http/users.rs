@@ -9,8 +9,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::http::extract::Id;
+use crate::http::extract::{Id, Peer};
 use crate::services::AppState;
+use axum::http::HeaderMap;
 
 /// The routes of this resource.
 pub fn routes() -> Router<AppState> {
@@ -30,6 +31,8 @@ pub struct HeldCouponView {
     params(("user_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$")),
     responses(
         (status = 200, description = "The coupons the user holds", body = Vec<HeldCouponView>),
+        (status = 401, description = "`unauthorized` (with a verified identity: no valid token)", body = ErrorBody),
+        (status = 403, description = "`forbidden` (with a verified identity: another user's holdings)", body = ErrorBody),
         (status = 422, description = "`invalid_request`", body = ErrorBody),
         (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable` or `overloaded`, with `Retry-After`", body = ErrorBody),
@@ -39,7 +42,11 @@ pub struct HeldCouponView {
 pub(crate) async fn user_coupons(
     State(state): State<AppState>,
     Id(user): Id<UserId>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
 ) -> Result<Json<Vec<HeldCouponView>>, ApiError> {
+    // With a verified identity, a user's holdings are the user's own.
+    state.identity.check_own(&headers, peer, &user)?;
     let held = db::user_coupons(&state.pool, &user).await?;
     Ok(Json(
         held.into_iter()
