@@ -19,8 +19,12 @@ async fn admin_call(
     body: Option<Value>,
 ) -> (u16, Value) {
     let mut r = http
-        .request(method, format!("{base}{path}"))
+        .request(method.clone(), format!("{base}{path}"))
         .bearer_auth(token);
+    if method == reqwest::Method::POST {
+        // Every admin change names itself.
+        r = r.header("idempotency-key", uuid::Uuid::new_v4().to_string());
+    }
     if let Some(b) = body {
         r = r.json(&b);
     }
@@ -322,5 +326,111 @@ async fn closing_a_coupon_before_its_window_opens_ends_the_window_there_and_it_n
         (code, &err["error"]["code"]),
         (409, &json!("not_open")),
         "{err}"
+    );
+}
+
+/// Red team #9: a close before the start moved the start to the close, and
+/// a reopen then opened the sale at that time, an hour early. A reopen
+/// gives the start back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coupon_closed_before_its_start_and_reopened_opens_at_its_start() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("reopened");
+    let starts_at = chrono::Utc::now() + chrono::Duration::hours(1);
+    let ends_at = starts_at + chrono::Duration::hours(1);
+    let (code, body) = client
+        .create_coupon_with(json!({
+            "coupon_id": coupon, "name": "later", "total_stock": 5,
+            "starts_at": starts_at.to_rfc3339(), "ends_at": ends_at.to_rfc3339(),
+        }))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let call = |path: String, body: Option<Value>| {
+        admin_call(
+            &client.http,
+            &client.base,
+            &env.admin_token,
+            reqwest::Method::POST,
+            path,
+            body,
+        )
+    };
+    let (code, closed) = call(format!("/v1/admin/coupons/{coupon}/close"), None).await;
+    assert_eq!(code, 200, "{closed}");
+    let (code, reopened) = call(
+        format!("/v1/admin/coupons/{coupon}/reopen"),
+        Some(json!({ "ends_at": ends_at.to_rfc3339() })),
+    )
+    .await;
+    assert_eq!(code, 200, "{reopened}");
+    let back: chrono::DateTime<chrono::Utc> =
+        reopened["starts_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        back.timestamp_micros(),
+        starts_at.timestamp_micros(),
+        "{reopened}"
+    );
+    let (code, err) = client.issue(&coupon, "ann").await;
+    assert_eq!(
+        (code, &err["error"]["code"]),
+        (409, &json!("not_open")),
+        "{err}"
+    );
+    assert!(env.read_request_log().is_empty());
+}
+
+/// Red team #10: an admin change without a key was a new change on every
+/// retry (stock added twice when the answer was lost), and the same key with
+/// another body answered as if it were the first change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_change_needs_its_key_and_a_key_names_one_body() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("keyed");
+    assert_eq!(client.create_coupon(&coupon, 5).await.0, 201);
+    let add = |units: i64, key: Option<&'static str>| {
+        let mut r = client
+            .http
+            .post(format!("{}/v1/admin/coupons/{coupon}/stock", client.base))
+            .bearer_auth(&env.admin_token)
+            .json(&json!({ "add": units }));
+        if let Some(k) = key {
+            r = r.header("idempotency-key", k);
+        }
+        async move { split(r.send().await.unwrap()).await }
+    };
+    let (code, err) = add(2, None).await;
+    assert_eq!(
+        (code, &err["error"]["code"]),
+        (422, &json!("invalid_request")),
+        "{err}"
+    );
+    let (code, body) = add(2, Some("restock-1")).await;
+    assert_eq!((code, &body["total_stock"]), (200, &json!(7)), "{body}");
+    let (code, body) = add(2, Some("restock-1")).await;
+    assert_eq!(
+        (code, &body["total_stock"]),
+        (200, &json!(7)),
+        "a retry: {body}"
+    );
+    let (code, err) = add(50, Some("restock-1")).await;
+    assert_eq!(
+        (code, &err["error"]["code"]),
+        (422, &json!("idempotency_key_reused")),
+        "{err}"
+    );
+    let (code, counters) = client
+        .get_with_token(
+            &format!("/v1/admin/coupons/{coupon}/counters"),
+            &env.admin_token,
+        )
+        .await;
+    assert_eq!(
+        (code, &counters["total_stock"]),
+        (200, &json!(7)),
+        "{counters}"
     );
 }

@@ -434,13 +434,15 @@ async fn inject(
         }
         Fault::Close => {
             let path = format!("/v1/admin/coupons/{coupon}/close");
-            let (code, body) = admin(&sys.env, at, &path, json!({}), None).await;
+            let key = format!("close-{}", rng.next());
+            let (code, body) = admin(&sys.env, at, &path, json!({}), Some(&key)).await;
             assert_eq!(code, 200, "close: {body}");
             coupon
         }
         Fault::Reopen => {
             let path = format!("/v1/admin/coupons/{coupon}/reopen");
-            let (code, body) = admin(&sys.env, at, &path, json!({}), None).await;
+            let key = format!("reopen-{}", rng.next());
+            let (code, body) = admin(&sys.env, at, &path, json!({}), Some(&key)).await;
             assert_eq!(code, 200, "reopen: {body}");
             coupon
         }

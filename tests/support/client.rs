@@ -59,6 +59,18 @@ impl Client {
         split(r).await
     }
 
+    /// `GET` a path of the API with a bearer token.
+    pub async fn get_with_token(&self, path: &str, token: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        split(r).await
+    }
+
     /// Polls a request until its status is final; panics after `limit`.
     pub async fn wait_final(&self, request_id: &str, limit: Duration) -> Value {
         let deadline = tokio::time::Instant::now() + limit;

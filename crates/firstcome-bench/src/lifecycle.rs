@@ -322,6 +322,7 @@ async fn sell(
     let r = http
         .post(format!("{base}/v1/admin/coupons/{id}/close"))
         .bearer_auth(&env.admin_token)
+        .header("idempotency-key", format!("close-{id}"))
         .send()
         .await?;
     anyhow::ensure!(r.status() == 200, "closing coupon {id}: {}", r.status());

@@ -496,7 +496,7 @@ pub async fn apply_change(
     id: &CouponId,
     change: Change,
     token_id: &str,
-    detail: serde_json::Value,
+    mut detail: serde_json::Value,
 ) -> Result<ChangeOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let coupon: Option<Coupon> = sqlx::query_as(
@@ -509,17 +509,23 @@ pub async fn apply_change(
     let Some(mut coupon) = coupon else {
         return Ok(ChangeOutcome::NotFound);
     };
-    let before: Option<(String, String)> =
-        sqlx::query_as("SELECT coupon_id, kind FROM coupon_change WHERE change_id = $1")
+    let before: Option<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT coupon_id, kind, detail FROM coupon_change WHERE change_id = $1")
             .bind(change_id)
             .fetch_optional(&mut *tx)
             .await?;
-    if let Some((coupon_id, kind)) = before {
-        return Ok(if coupon_id == id.as_str() && kind == change.kind() {
-            ChangeOutcome::AppliedBefore
-        } else {
-            ChangeOutcome::IdTaken
-        });
+    if let Some((coupon_id, kind, stored)) = before {
+        // The same key with another body is another change, not a retry.
+        let same_body = ["add", "ends_at"]
+            .iter()
+            .all(|k| stored.get(k) == detail.get(k));
+        return Ok(
+            if coupon_id == id.as_str() && kind == change.kind() && same_body {
+                ChangeOutcome::AppliedBefore
+            } else {
+                ChangeOutcome::IdTaken
+            },
+        );
     }
     match change {
         Change::AddStock { units, max_total } => {
@@ -534,13 +540,33 @@ pub async fn apply_change(
         // An earlier end stays: closing never extends a window. A close
         // before the window opens ends it there (it starts and ends at the
         // close): the sale never opens, and the window stays a window.
+        // The start it had is kept in the change, for a reopen to restore.
         Change::Close(at) => {
             coupon.ends_at = Some(coupon.ends_at.map_or(at, |e| e.min(at)));
-            if coupon.starts_at.is_some_and(|s| s > at) {
+            if let Some(s) = coupon.starts_at.filter(|s| *s > at) {
                 coupon.starts_at = Some(at);
+                if let Some(d) = detail.as_object_mut() {
+                    d.insert("starts_at_before".into(), serde_json::json!(s));
+                    d.insert("closed_at".into(), serde_json::json!(at));
+                }
             }
         }
+        // A reopen after a close that moved the start gives the start back
+        // (red team #9: it opened the sale early, at the close's time).
         Change::Reopen(ends_at) => {
+            let moved: Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
+                "SELECT (detail->>'starts_at_before')::timestamptz, (detail->>'closed_at')::timestamptz
+                 FROM coupon_change WHERE coupon_id = $1 AND kind = 'close'
+                 ORDER BY applied_at DESC LIMIT 1",
+            )
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((Some(before), Some(closed_at))) = moved
+                && coupon.starts_at == Some(closed_at)
+            {
+                coupon.starts_at = Some(before);
+            }
             if let (Some(e), Some(s)) = (ends_at, coupon.starts_at)
                 && e < s
             {

@@ -5,12 +5,15 @@
 //! ([`db::apply_change`]): whatever was decided on the state before it is
 //! refused by the fence and decided again on a state built with it, so the
 //! change takes effect at one exact place in the coupon's log order. The
-//! ingress then rebuilds the coupon's Redis state at once, as a courtesy;
-//! if that fails, the change holds anyway (the next decision rebuilds it).
-//! A client that lost the answer retries with the same `Idempotency-Key`
-//! and changes nothing twice (see docs/design.md, "Admin changes").
-
-use std::time::Duration;
+//! worker rebuilds the coupon's Redis state at its next decision; the
+//! ingress does not (a rebuild loads every ledger row of the coupon, which
+//! for a big sale is more than an API pod should hold, red team #10).
+//!
+//! Every change names itself with an `Idempotency-Key` (`422` without one):
+//! a client that lost the answer (a cut connection, a timeout after the
+//! commit) retries with the same key and changes nothing twice, and the same
+//! key with another body is `422 idempotency_key_reused`, never silently
+//! the first change (see docs/design.md, "Admin changes").
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -29,8 +32,6 @@ use crate::http::extract::{Admin, Body, Id, invalid};
 use crate::issue::idempotency;
 use crate::services::AppState;
 
-/// How long the courtesy rebuild after a change may take.
-const REBUILD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Names the change ids derived from idempotency keys.
 const CHANGE_NAMESPACE: uuid::Uuid = uuid::uuid!("5b0c35e4-6f7e-4c41-9a52-8d1f2f3c6a10");
 /// Largest page.
@@ -149,7 +150,9 @@ async fn counters(state: &AppState, id: &CouponId) -> Result<Counters, ApiError>
         .await?
         .into_iter()
         .collect();
-    let issued = decided.get("issued").copied().unwrap_or(0);
+    // Holders from `user_coupon`, which prune keeps (the ledger's `issued`
+    // rows shrink after a prune, red team #12).
+    let issued = db::issued_count(&state.pool, id).await?;
     let total_decided: i64 = decided.values().sum();
     let accepted: Option<i64> = state.states.accepted(id).await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "accepted count unavailable");
@@ -204,16 +207,19 @@ pub struct Reopen {
     ends_at: Option<DateTime<Utc>>,
 }
 
-/// The id of a change: named by the client's `Idempotency-Key` (so a retry
-/// is the same change), else new.
+/// The id of a change, named by the client's `Idempotency-Key` (so a retry
+/// is the same change); a change without one is refused.
 fn change_id(headers: &HeaderMap, id: &CouponId, action: &str) -> Result<uuid::Uuid, ApiError> {
-    Ok(match idempotency::key(headers)? {
-        Some(key) => uuid::Uuid::new_v5(
-            &CHANGE_NAMESPACE,
-            format!("{action}\n{id}\n{key}").as_bytes(),
-        ),
-        None => uuid::Uuid::new_v4(),
-    })
+    let key = idempotency::key(headers)?.ok_or_else(|| {
+        ApiError::InvalidRequest(
+            "an admin change needs an Idempotency-Key: a retry with the same key applies it once"
+                .into(),
+        )
+    })?;
+    Ok(uuid::Uuid::new_v5(
+        &CHANGE_NAMESPACE,
+        format!("{action}\n{id}\n{key}").as_bytes(),
+    ))
 }
 
 /// Applies the change once (see the module's docs) and answers the
@@ -231,11 +237,6 @@ async fn apply(
     match outcome {
         db::ChangeOutcome::Applied(_) => {
             tracing::info!(token_id = %admin.0, action = change.kind(), coupon = %id, %change_id, "admin change applied");
-            let rebuilt =
-                tokio::time::timeout(REBUILD_TIMEOUT, state.states.rebuild(&state.pool, id)).await;
-            if !matches!(rebuilt, Ok(Ok(_))) {
-                tracing::warn!(coupon = %id, "changed; redis state not rebuilt now, the next decision rebuilds it");
-            }
         }
         db::ChangeOutcome::AppliedBefore => {
             tracing::info!(coupon = %id, %change_id, "admin change retried; applied before");
@@ -251,7 +252,7 @@ async fn apply(
 #[utoipa::path(
     post, path = "/v1/admin/coupons/{coupon_id}/stock", tag = "admin",
     params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
-        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+        ("Idempotency-Key" = String, Header, pattern = r"^[!-~]{1,128}$",
          description = "Names the change: a retry with the same key changes nothing twice")),
     request_body = AddStock,
     security(("admin_token" = [])),
@@ -296,7 +297,7 @@ pub(crate) async fn add_stock(
 #[utoipa::path(
     post, path = "/v1/admin/coupons/{coupon_id}/close", tag = "admin",
     params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
-        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+        ("Idempotency-Key" = String, Header, pattern = r"^[!-~]{1,128}$",
          description = "Names the change: a retry with the same key changes nothing twice")),
     security(("admin_token" = [])),
     responses(
@@ -329,7 +330,7 @@ pub(crate) async fn close(
 #[utoipa::path(
     post, path = "/v1/admin/coupons/{coupon_id}/reopen", tag = "admin",
     params(("coupon_id" = String, Path, pattern = r"^[A-Za-z0-9_-]{1,64}$"),
-        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,128}$",
+        ("Idempotency-Key" = String, Header, pattern = r"^[!-~]{1,128}$",
          description = "Names the change: a retry with the same key changes nothing twice")),
     request_body = Reopen,
     security(("admin_token" = [])),
