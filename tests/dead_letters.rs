@@ -296,3 +296,76 @@ async fn a_request_whose_failure_the_ledger_refuses_too_still_answers_failed_nev
     worker.stop().await;
     ingress.stop().await;
 }
+
+/// Red team #13: a coupon whose state is in Redis but whose row is gone
+/// from Postgres (a restore to before it existed) made the worker rebuild
+/// it for ever, and its whole partition stopped. Its requests are dead
+/// letters, as any unknown coupon's, and the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coupon_known_to_redis_but_gone_from_postgres_is_dead_lettered_and_its_partition_goes_on()
+{
+    let mut env = TestEnv::new().await;
+    // One partition: the later request waits behind the vanished coupon's.
+    env.use_single_partition().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let (gone, kept) = (env.coupon_id("gone"), env.coupon_id("kept"));
+    for c in [&gone, &kept] {
+        assert_eq!(client.create_coupon(c, 5).await.0, 201);
+    }
+    let worker = env.spawn_worker().await;
+    let (code, first) = client.issue(&gone, "ann").await;
+    assert_eq!(code, 202, "{first}");
+    let first = client
+        .wait_final(
+            first["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(first["status"], "issued");
+
+    // Postgres goes back to before the coupon; Redis keeps its state.
+    for sql in [
+        "DELETE FROM user_coupon WHERE coupon_id = $1",
+        "DELETE FROM request_ledger WHERE coupon_id = $1",
+        "DELETE FROM coupon_change WHERE coupon_id = $1",
+        "DELETE FROM coupon WHERE coupon_id = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(&gone)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    let (late_id, late) = request_value(&gone, "bob");
+    env.produce_raw(&[(gone.as_str(), late.as_str())]).await;
+    // A later request of another coupon is still decided.
+    let (code, next) = client.issue(&kept, "cat").await;
+    assert_eq!(code, 202, "{next}");
+    let next = client
+        .wait_final(
+            next["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(next["status"], "issued", "{next}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let letters = env.read_dead_letters();
+        let found = letters.iter().any(|l| {
+            l.payload
+                .as_deref()
+                .is_some_and(|p| String::from_utf8_lossy(p).contains(&late_id))
+        });
+        if found {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request of the vanished coupon was never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worker.stop().await;
+    ingress.stop().await;
+}

@@ -62,6 +62,9 @@ enum Handed {
     Done,
     /// Parked behind a full buffer; the partition must be paused.
     Parked,
+    /// The partition's task is gone (it can only have panicked): the record
+    /// has no one to decide it.
+    Orphaned,
 }
 
 impl PartitionTask {
@@ -75,7 +78,8 @@ impl PartitionTask {
             return Handed::Parked;
         }
         match self.tx.try_send(rec) {
-            Ok(()) | Err(TrySendError::Closed(_)) => Handed::Done,
+            Ok(()) => Handed::Done,
+            Err(TrySendError::Closed(_)) => Handed::Orphaned,
             Err(TrySendError::Full(rec)) => {
                 self.parked.push_back(rec);
                 Handed::Parked
@@ -93,6 +97,8 @@ impl PartitionTask {
                     self.parked.push_front(rec);
                     return false;
                 }
+                // Seen by the poll loop at the partition's next record, or
+                // by the shutdown that follows.
                 Err(TrySendError::Closed(_)) => self.parked.clear(),
             }
         }
@@ -219,13 +225,17 @@ pub fn commit<C: Consumer<X>, X: ConsumerContext>(consumer: &C, when: &str) {
 }
 
 /// Polls until `shutdown`, then lets the partition tasks finish the batches
-/// in hand (bounded by `grace`) and commits.
+/// in hand (bounded by `grace`) and commits. A partition task that is gone
+/// while its partition is assigned stops the worker with an error (red team
+/// #15: its records were dropped silently): nothing past the last stored
+/// offset is committed, so the partition's next owner reads them again.
 pub async fn run(
     consumer: Arc<StreamConsumer<Rebalancer>>,
     shared: Arc<Shared>,
     partitions: Partitions,
     shutdown: CancellationToken,
-) {
+) -> anyhow::Result<()> {
+    let mut orphaned = None;
     let topic = shared.cfg.common.request_topic.clone();
     let mut paused: HashSet<i32> = HashSet::new();
     let mut resume_check = tokio::time::interval(RESUME_CHECK);
@@ -275,8 +285,20 @@ pub async fn run(
             .entry(partition)
             .or_insert_with(|| spawn_partition(shared.clone(), partition, &shutdown))
             .hand(rec);
-        if matches!(handed, Handed::Parked) && paused.insert(partition) {
-            set_paused(consumer.as_ref(), &topic, partition, true);
+        match handed {
+            Handed::Parked if paused.insert(partition) => {
+                set_paused(consumer.as_ref(), &topic, partition, true);
+            }
+            Handed::Orphaned => {
+                tracing::error!(
+                    partition,
+                    "the partition's task is gone; stopping so its records are read again"
+                );
+                orphaned = Some(partition);
+                shutdown.cancel();
+                break;
+            }
+            _ => {}
         }
     }
 
@@ -303,6 +325,10 @@ pub async fn run(
     }
     commit(consumer.as_ref(), "shutdown");
     leave(consumer.as_ref(), grace.min(LEAVE_LIMIT)).await;
+    match orphaned {
+        Some(p) => anyhow::bail!("the task of partition {p} stopped"),
+        None => Ok(()),
+    }
 }
 
 /// Longest a stopping worker serves its consumer to leave the group.
@@ -433,4 +459,43 @@ async fn partition_loop(
         }
     }
     tracing::debug!(partition, "partition task stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(offset: i64) -> Rec {
+        Rec {
+            partition: 0,
+            offset,
+            key: None,
+            payload: None,
+            timestamp_ms: None,
+            replay_count: 0,
+            request_id_header: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_for_a_partition_whose_task_is_gone_is_reported_not_dropped() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut task = PartitionTask {
+            tx,
+            cancel: CancellationToken::new(),
+            join: tokio::spawn(async {}),
+            parked: VecDeque::new(),
+            next_offset: 0,
+        };
+        assert!(matches!(task.hand(rec(0)), Handed::Done));
+        assert!(matches!(task.hand(rec(1)), Handed::Parked));
+        // The task ends (a panic is the only way): its receiver is dropped.
+        drop(rx);
+        assert!(
+            matches!(task.hand(rec(2)), Handed::Parked),
+            "behind the parked one"
+        );
+        task.parked.clear();
+        assert!(matches!(task.hand(rec(3)), Handed::Orphaned));
+    }
 }

@@ -177,7 +177,7 @@ impl Worker {
             .ops
             .spawn(ops_router(self.shared.clone()), shutdown.clone());
         let retiring = tokio::spawn(retire::run(self.shared.clone(), shutdown.clone()));
-        consumer::run(
+        let consumed = consumer::run(
             self.consumer,
             self.shared,
             self.partitions,
@@ -190,7 +190,7 @@ impl Worker {
         retiring.abort();
         let _ = ops.await;
         tracing::info!("worker stopped");
-        Ok(())
+        consumed
     }
 }
 

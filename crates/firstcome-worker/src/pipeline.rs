@@ -236,14 +236,36 @@ async fn decide_and_store<'r>(
         }
         // In log order of the coupons' first records, so the batch's
         // earliest requests get their state back first.
+        let mut gone = HashSet::new();
         for b in coupons.iter().filter(|b| redo.contains(&b.coupon)) {
             shared.metrics.state_rebuilds.inc();
             tracing::warn!(coupon = %b.coupon, "rebuilding the coupon from postgres and deciding its requests again");
-            shared
+            let exists = shared
                 .retry(RetryStep::Rebuild, cancel, || rebuild(shared, &b.coupon))
                 .await?;
+            // In Redis but not in Postgres (a restore to before it existed,
+            // a row deleted by hand): unknown, as in the first round, rather
+            // than a rebuild retried for ever (red team #13).
+            if !exists {
+                tracing::error!(coupon = %b.coupon, "coupon state in redis but the coupon is not in postgres; dead-lettering its requests");
+                gone.insert(b.coupon.clone());
+                dead.extend(
+                    b.members
+                        .iter()
+                        .filter(|&&j| !given_up.contains(&requests[j].request.request_id))
+                        .map(|&j| {
+                            (
+                                requests[j].rec,
+                                DeadLetter::unknown_coupon(b.coupon.as_str()),
+                            )
+                        }),
+                );
+            }
         }
         for b in coupons.iter_mut().filter(|b| redo.contains(&b.coupon)) {
+            if gone.contains(&b.coupon) {
+                b.members.clear();
+            }
             b.members
                 .retain(|&j| !given_up.contains(&requests[j].request.request_id));
         }
@@ -337,16 +359,19 @@ async fn decide_coupon(
     }
 }
 
-/// Rebuilds a coupon's Redis state from Postgres under a new epoch.
-async fn rebuild(shared: &Shared, coupon: &CouponId) -> anyhow::Result<()> {
-    let built = shared
+/// Rebuilds a coupon's Redis state from Postgres under a new epoch; false
+/// if Postgres does not know the coupon.
+async fn rebuild(shared: &Shared, coupon: &CouponId) -> anyhow::Result<bool> {
+    let Some(built) = shared
         .states
         .rebuild(&shared.pool, coupon)
         .await
         .context("rebuilding coupon state")?
-        .with_context(|| format!("coupon {coupon} is gone from postgres"))?;
+    else {
+        return Ok(false);
+    };
     tracing::info!(%coupon, epoch = built.epoch, issued = built.issued, decisions = built.decisions, "built coupon state from postgres");
-    Ok(())
+    Ok(true)
 }
 
 /// Stores decisions and returns the coupons the fence refused; Postgres
