@@ -554,7 +554,8 @@ pub async fn apply_change(
         // A reopen after a close that moved the start gives the start back
         // (red team #9: it opened the sale early, at the close's time).
         Change::Reopen(ends_at) => {
-            let moved: Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
+            type Moved = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+            let moved: Option<Moved> = sqlx::query_as(
                 "SELECT (detail->>'starts_at_before')::timestamptz, (detail->>'closed_at')::timestamptz
                  FROM coupon_change WHERE coupon_id = $1 AND kind = 'close'
                  ORDER BY applied_at DESC LIMIT 1",
