@@ -545,3 +545,64 @@ async fn retire_deletes_a_state_of_its_epoch_or_older_and_keeps_a_newer_one() {
         .unwrap();
     assert!(matches!(verdict, Verdict::Uninitialized), "{verdict:?}");
 }
+
+/// The objects Redis handed to its lazy-free thread so far (`INFO memory`):
+/// those still pending and those freed, so the count moves as soon as an
+/// object is handed over, whenever the thread gets to it.
+async fn lazyfreed(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap();
+    ["lazyfree_pending_objects:", "lazyfreed_objects:"]
+        .iter()
+        .map(|field| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .expect("Redis 6.2 or newer counts lazily freed objects")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// Red team #8: retiring a coupon deleted its `decided` hash synchronously
+/// inside the script; a big sale's hash blocked Redis for about a second.
+/// The keys go with UNLINK, so Redis frees a big one off its main thread.
+#[tokio::test]
+async fn a_retired_big_state_is_freed_off_the_main_thread() {
+    let mut redis = firstcome_suite::services::PrivateRedis::start().await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let coupon = CouponId::parse("big").unwrap();
+    let keys = Keys::new("lazy:").unwrap().coupon(&coupon);
+    assert!(
+        state::install(&mut conn, &keys, &open_coupon(10))
+            .await
+            .unwrap()
+    );
+    let mut fill = redis::pipe();
+    for i in 0..1_000 {
+        fill.hset(&keys.decided, format!("r{i}"), "sold_out:0:1")
+            .ignore();
+    }
+    let _: () = fill.query_async(&mut conn).await.unwrap();
+    let before = lazyfreed(&mut conn).await;
+    state::retire(&mut conn, &keys, 1).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&keys.decided)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "retired");
+    assert!(
+        lazyfreed(&mut conn).await > before,
+        "the big hash was freed synchronously"
+    );
+    redis.stop();
+}

@@ -60,9 +60,9 @@ pub async fn ready_redis(
     }
 }
 
-/// Rebuilds the coupons `only`, or every coupon when it is empty, each
-/// paused for at most `pause`. Unknown coupons are refused before anything
-/// is touched.
+/// Rebuilds the coupons `only`, or every coupon whose sale has not ended
+/// when it is empty ([`db::live_coupons`]), each paused for at most
+/// `pause`. Unknown coupons are refused before anything is touched.
 pub async fn rebuild<C: ConnectionLike + Send>(
     pool: &PgPool,
     redis: &mut C,
@@ -71,7 +71,7 @@ pub async fn rebuild<C: ConnectionLike + Send>(
     pause: Duration,
 ) -> anyhow::Result<Vec<Report>> {
     let coupons = if only.is_empty() {
-        db::coupons(pool).await?
+        db::live_coupons(pool).await?
     } else {
         let mut found = Vec::with_capacity(only.len());
         for id in only {
