@@ -101,6 +101,7 @@ impl TestEnv {
             dlq_topic: format!("{tag}.dlq"),
             status_ttl_secs: 3_600,
             pg_max_connections: 4,
+            pg_acquire_timeout_ms: 3_000,
             log_json: false,
         };
         let hint = "is the local stack up? Run `scripts/stack up`";

@@ -98,6 +98,7 @@ impl BenchEnv {
             dlq_topic: self.dlq_topic.clone(),
             status_ttl_secs: 3_600,
             pg_max_connections: 8,
+            pg_acquire_timeout_ms: 3_000,
             log_json: false,
         }
     }

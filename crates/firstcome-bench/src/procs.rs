@@ -167,11 +167,25 @@ pub async fn serve_within(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {what}"))?;
+    let mut child = child;
     let deadline = tokio::time::Instant::now() + limit;
-    while reqwest::get(format!("http://{addr}/healthz"))
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    while probe
+        .get(format!("http://{addr}/healthz"))
+        .send()
         .await
         .is_err()
     {
+        // A process that exited never listens: say so at once rather than
+        // wait out the limit (the instruction count once waited 300 s on an
+        // ingress that had given up connecting to Postgres under callgrind).
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "{what} exited ({status}) before it listened on {addr}; its log is above"
+            );
+        }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "{what} did not listen on {addr}"

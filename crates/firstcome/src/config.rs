@@ -67,6 +67,14 @@ pub struct CommonConfig {
     #[arg(long, env = "FIRSTCOME_PG_MAX_CONNECTIONS", default_value_t = 8)]
     pub pg_max_connections: u32,
 
+    /// Longest a Postgres call waits for a pool connection, opening one
+    /// included (the password exchange, SCRAM, is the slow part); past it the
+    /// call fails (an API answer is `503`). Raise it only where the process
+    /// runs many times slower than usual (the instruction count runs the
+    /// binaries under callgrind, some 50 times slower).
+    #[arg(long, env = "FIRSTCOME_PG_ACQUIRE_TIMEOUT_MS", default_value_t = 3_000)]
+    pub pg_acquire_timeout_ms: u64,
+
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "FIRSTCOME_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -134,7 +142,7 @@ impl CommonConfig {
     pub async fn connect_postgres(&self) -> anyhow::Result<PgPool> {
         PgPoolOptions::new()
             .max_connections(self.pg_max_connections)
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(Duration::from_millis(self.pg_acquire_timeout_ms))
             .connect(&self.database_url)
             .await
             .context("connecting to Postgres (DATABASE_URL)")
