@@ -369,3 +369,72 @@ async fn a_coupon_known_to_redis_but_gone_from_postgres_is_dead_lettered_and_its
     worker.stop().await;
     ingress.stop().await;
 }
+
+/// Red team #11: `dlq replay` committed the group's position only at the
+/// end, so a run stopped half-way (a crash, a send that gave up, the old
+/// 600 s limit under `--rate`) replayed everything again next time. It
+/// commits as it goes: a run killed half-way is taken up where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_stopped_half_way_is_taken_up_where_it_stopped() {
+    let env = TestEnv::new().await;
+    let coupon = env.coupon_id("letters");
+    let letters: Vec<(String, String)> = (0..250)
+        .map(|i| request_value(&coupon, &format!("u{i}")))
+        .collect();
+    let records: Vec<(&str, &str)> = letters
+        .iter()
+        .map(|(_, v)| (coupon.as_str(), v.as_str()))
+        .collect();
+    env.produce_raw_to(&env.common.dlq_topic, &records).await;
+
+    let mut first = env
+        .worker_command()
+        .args([
+            "dlq", "replay", "--group", "resume", "--rate", "40", "--json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while env.read_request_log().len() < 130 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill().await.unwrap();
+    let replayed_first = env.read_request_log().len();
+    assert!(
+        replayed_first < 250,
+        "killed before the end ({replayed_first})"
+    );
+
+    let out = env
+        .worker_command()
+        .args(["dlq", "replay", "--group", "resume", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let examined = summary["examined"].as_u64().unwrap();
+    assert!(
+        examined <= 150,
+        "the second run started over: it examined {examined} of 250 ({replayed_first} replayed before the kill)"
+    );
+    // Every letter was replayed at least once, none lost.
+    let log = env.read_request_log();
+    let seen: HashSet<String> = log
+        .iter()
+        .filter_map(|r| r.payload.as_deref())
+        .map(|p| serde_json::from_slice::<serde_json::Value>(p).unwrap()["request_id"].to_string())
+        .collect();
+    assert_eq!(seen.len(), 250, "every letter replayed");
+}

@@ -355,6 +355,13 @@ impl TestEnv {
     /// as another writer than the ingress would; waits for each
     /// acknowledgement.
     pub async fn produce_raw(&self, records: &[(&str, &str)]) {
+        self.produce_raw_to(&self.common.request_topic, records)
+            .await;
+    }
+
+    /// Produces raw key/value records to `topic` (a dead-letter topic, for
+    /// a replay's input).
+    pub async fn produce_raw_to(&self, topic: &str, records: &[(&str, &str)]) {
         use rdkafka::producer::{FutureProducer, FutureRecord};
         let producer: FutureProducer = firstcome::kafka::producer_config(
             &self.common,
@@ -365,9 +372,7 @@ impl TestEnv {
         .create()
         .unwrap();
         for (key, value) in records {
-            let record = FutureRecord::to(&self.common.request_topic)
-                .key(*key)
-                .payload(*value);
+            let record = FutureRecord::to(topic).key(*key).payload(*value);
             producer
                 .send(record, Duration::from_secs(10))
                 .await

@@ -212,7 +212,7 @@ pub async fn replay(
     opts: &ReplayOptions,
     report: &mut impl std::io::Write,
 ) -> anyhow::Result<ReplaySummary> {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
 
     const TIMEOUT: Duration = Duration::from_secs(30);
@@ -284,82 +284,98 @@ pub async fn replay(
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(1.0 / r));
     let mut done: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    'records: while !end.is_empty() {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "reading {topic} took too long"
-        );
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = m?.detach();
-        let (p, o) = (m.partition(), m.offset());
-        let Some(&high) = end.get(&p) else { continue };
-        if o >= high {
-            end.remove(&p);
-            continue;
-        }
-        if o + 1 >= high {
-            end.remove(&p);
-        }
-        let letter = DeadLetterView::from_message(&m);
-        let count = replay_count(&m);
-        let what = format!(
-            "{p}/{o} {} coupon {} request {}",
-            letter.kind.as_deref().unwrap_or("-"),
-            letter.key.as_deref().unwrap_or("-"),
-            letter.request_id.as_deref().unwrap_or("-"),
-        );
-        if !opts.filter.matches(&letter) {
-            summary.skipped += 1;
-        } else if count >= opts.max_replays {
-            summary.refused += 1;
-            writeln!(
-                report,
-                "refused {what}: replayed {count} times already (--max-replays {}); fix the cause, then raise --max-replays",
-                opts.max_replays
-            )?;
-        } else if opts.limit.is_some_and(|l| summary.replayed >= l) {
-            // Not stored: a later run starts here.
-            break 'records;
-        } else if opts.dry_run {
-            summary.replayed += 1;
-            writeln!(report, "would replay {what} as replay {}", count + 1)?;
-        } else {
-            // A few tries, so a producer the broker stopped taking records
-            // from is replaced (see `HealingProducer`) rather than ending the run.
-            let send = || async {
-                let record = deadletter::replayed(&m, &common.request_topic);
-                producer
-                    .send(record, Duration::from_secs(10))
-                    .await
-                    .map_err(|e| Failure::Transient(anyhow::Error::new(e)))
+    // Progress is committed every COMMIT_EVERY letters and before any
+    // error, so a run that stops half-way (a send that gives up, a stall)
+    // is taken up where it stopped, never replayed from the start (red team
+    // #11); and the limit is on waiting for the next letter, not on the
+    // whole run, so `--rate 1` over thousands of letters can finish.
+    let mut since_commit = 0usize;
+    let outcome: anyhow::Result<()> = async {
+        let mut idle_until = std::time::Instant::now() + READ_STALL;
+        'records: while !end.is_empty() {
+            anyhow::ensure!(
+                std::time::Instant::now() < idle_until,
+                "no letter of {topic} came for {READ_STALL:?}; run again to go on"
+            );
+            let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
             };
-            match REPLAY_RETRY.run(RetryStep::Replay, &never, send).await {
-                Ok(()) => {}
-                Err(Stop::GaveUp { error, .. }) => {
-                    return Err(error.context(format!("replaying {p}/{o}")));
+            idle_until = std::time::Instant::now() + READ_STALL;
+            let m = m?.detach();
+            let (p, o) = (m.partition(), m.offset());
+            let Some(&high) = end.get(&p) else { continue };
+            if o >= high {
+                end.remove(&p);
+                continue;
+            }
+            if o + 1 >= high {
+                end.remove(&p);
+            }
+            let letter = DeadLetterView::from_message(&m);
+            let count = replay_count(&m);
+            let what = format!(
+                "{p}/{o} {} coupon {} request {}",
+                letter.kind.as_deref().unwrap_or("-"),
+                letter.key.as_deref().unwrap_or("-"),
+                letter.request_id.as_deref().unwrap_or("-"),
+            );
+            if !opts.filter.matches(&letter) {
+                summary.skipped += 1;
+            } else if count >= opts.max_replays {
+                summary.refused += 1;
+                writeln!(
+                    report,
+                    "refused {what}: replayed {count} times already (--max-replays {}); fix the cause, then raise --max-replays",
+                    opts.max_replays
+                )?;
+            } else if opts.limit.is_some_and(|l| summary.replayed >= l) {
+                // Not stored: a later run starts here.
+                break 'records;
+            } else if opts.dry_run {
+                summary.replayed += 1;
+                writeln!(report, "would replay {what} as replay {}", count + 1)?;
+            } else {
+                // A few tries, so a producer the broker stopped taking records
+                // from is replaced (see `HealingProducer`) rather than ending the run.
+                let send = || async {
+                    let record = deadletter::replayed(&m, &common.request_topic);
+                    producer
+                        .send(record, Duration::from_secs(10))
+                        .await
+                        .map_err(|e| Failure::Transient(anyhow::Error::new(e)))
+                };
+                match REPLAY_RETRY.run(RetryStep::Replay, &never, send).await {
+                    Ok(()) => {}
+                    Err(Stop::GaveUp { error, .. }) => {
+                        return Err(error.context(format!("replaying {p}/{o}")));
+                    }
+                    Err(Stop::Aborted) => unreachable!("a replay is never cancelled"),
                 }
-                Err(Stop::Aborted) => unreachable!("a replay is never cancelled"),
+                summary.replayed += 1;
+                writeln!(report, "replayed {what} as replay {}", count + 1)?;
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                }
             }
-            summary.replayed += 1;
-            writeln!(report, "replayed {what} as replay {}", count + 1)?;
-            if let Some(pause) = pause {
-                tokio::time::sleep(pause).await;
+            summary.examined += 1;
+            done.insert(p, o + 1);
+            since_commit += 1;
+            if since_commit >= COMMIT_EVERY && !opts.dry_run {
+                commit_progress(&consumer, topic, &done)?;
+                since_commit = 0;
             }
+            eprint!("\r[replay] {}/{total} examined", summary.examined);
         }
-        summary.examined += 1;
-        done.insert(p, o + 1);
-        eprint!("\r[replay] {}/{total} examined", summary.examined);
+        Ok(())
     }
+    .await;
     eprintln!();
     if !opts.dry_run && !done.is_empty() {
-        let mut tpl = TopicPartitionList::new();
-        for (p, next) in &done {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))?;
-        }
-        consumer.commit(&tpl, CommitMode::Sync)?;
+        let committed = commit_progress(&consumer, topic, &done);
+        outcome?;
+        committed?;
+    } else {
+        outcome?;
     }
     writeln!(
         report,
@@ -371,4 +387,26 @@ pub async fn replay(
         summary.skipped
     )?;
     Ok(summary)
+}
+
+/// Letters replayed between commits of the group's position.
+const COMMIT_EVERY: usize = 100;
+
+/// Longest the replay waits for the next letter before it stops (with its
+/// progress committed).
+const READ_STALL: Duration = Duration::from_secs(60);
+
+/// Commits the group's position after the letters `done` (partition → the
+/// offset after the last one examined).
+fn commit_progress<C: rdkafka::consumer::Consumer>(
+    consumer: &C,
+    topic: &str,
+    done: &std::collections::HashMap<i32, i64>,
+) -> anyhow::Result<()> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, next) in done {
+        tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*next))?;
+    }
+    consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+    Ok(())
 }
