@@ -53,8 +53,13 @@ pub struct IngressConfig {
     pub listen: SocketAddr,
 
     /// Address of the operations port: `/metrics` for Prometheus. Keep it
-    /// off the public network.
-    #[arg(long, env = "FIRSTCOME_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    /// off the public network: it listens on loopback unless told otherwise
+    /// (the manifests bind all interfaces inside the pod network).
+    #[arg(
+        long,
+        env = "FIRSTCOME_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// Bearer token that admin endpoints (coupon creation) require.

@@ -26,7 +26,11 @@ pub struct WorkerConfig {
     /// Address of the operations port: `/metrics` for Prometheus,
     /// `/healthz` (the poll loop is alive) and `/readyz` (Postgres and
     /// Redis answer). Keep it off the public network.
-    #[arg(long, env = "FIRSTCOME_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
+    #[arg(
+        long,
+        env = "FIRSTCOME_METRICS_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
     pub metrics_listen: std::net::SocketAddr,
 
     /// How often librdkafka reports statistics, from which the consumer
