@@ -158,7 +158,7 @@ async fn under_every_attack_at_once_the_honest_sale_keeps_its_promise_and_the_in
             let mut i = 0u32;
             while attacking.load(Ordering::Relaxed) {
                 i += 1;
-                let path = if i % 2 == 0 {
+                let path = if i.is_multiple_of(2) {
                     "/readyz"
                 } else {
                     "/openapi.json"
