@@ -76,9 +76,14 @@ async fn every_benchmark_scenario_runs_and_reports() {
     assert_eq!(seed["burst"]["ok"], 300, "{seed}");
     assert_eq!(seed["rows_stored"], 300, "{seed}");
     assert_eq!(results["targets"].as_array().unwrap().len(), 5);
+    let hostile = &results["hostile"];
+    assert_eq!(hostile["calm"]["ok"], 300, "{hostile}");
+    assert_eq!(hostile["attacked"]["sent"], 300, "{hostile}");
+    assert!(hostile["attack_sent"].as_u64().unwrap() > 0, "{hostile}");
 
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(table.contains("| flash-sale |"), "{table}");
+    assert!(table.contains("| hostile |"), "{table}");
     let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
     let _ = std::fs::remove_dir_all(&out);

@@ -14,6 +14,7 @@
 
 mod count;
 mod env;
+mod hostile;
 mod lifecycle;
 mod load;
 mod procs;
@@ -103,6 +104,8 @@ enum Scenario {
     Drain,
     FlashSale,
     SeedBaseline,
+    /// Honest clients with and without an attack beside them.
+    Hostile,
     /// A thousand sales one after another (minutes; not in the default
     /// set): memory and storage over time, `lifecycle.svg`.
     Lifecycle,
@@ -245,6 +248,9 @@ async fn run(
                 }
                 Scenario::SeedBaseline => {
                     r.seed_baseline = Some(scenarios::seed(size).await.with_context(context)?)
+                }
+                Scenario::Hostile => {
+                    r.hostile = Some(hostile::hostile(size).await.with_context(context)?)
                 }
                 Scenario::Lifecycle => {
                     let size = if smoke {

@@ -90,6 +90,8 @@ pub struct Results {
     pub seed_baseline: Option<Seed>,
     /// `lifecycle`.
     pub lifecycle: Option<crate::lifecycle::Lifecycle>,
+    /// `hostile`.
+    pub hostile: Option<crate::hostile::Hostile>,
     /// The targets, judged.
     pub targets: Vec<Target>,
 }
@@ -283,6 +285,23 @@ impl Results {
                     d.accept_to_decide.p99_ms,
                     d.worker_peak_rss_mib.unwrap_or(f64::NAN),
                     broker_text(d.broker.as_ref(), "record")
+                ),
+            );
+        }
+        if let Some(h) = &self.hostile {
+            row(
+                "hostile",
+                format!(
+                    "honest {} requests: calm {:.0}/s (p99 {:.1} ms, {} errors); under attack {:.0}/s (p99 {:.1} ms, {} errors) with {} attack requests and connections; ingress RSS peak {:.0} MiB",
+                    h.calm.sent,
+                    h.calm.ok_per_s,
+                    h.calm.latency.p99_ms,
+                    h.calm.errors,
+                    h.attacked.ok_per_s,
+                    h.attacked.latency.p99_ms,
+                    h.attacked.errors,
+                    h.attack_sent,
+                    h.ingress_peak_rss_mib,
                 ),
             );
         }
