@@ -29,18 +29,7 @@ async fn copy_state(env: &TestEnv) -> Vec<(String, Vec<u8>)> {
 
 /// Puts a [`copy_state`] back, all at once, as a restarted Redis comes back.
 async fn put_back(env: &TestEnv, copy: &[(String, Vec<u8>)]) {
-    let mut restore = redis::pipe();
-    restore.atomic();
-    for (k, dump) in copy {
-        restore
-            .cmd("RESTORE")
-            .arg(k)
-            .arg(0)
-            .arg(dump.as_slice())
-            .arg("REPLACE")
-            .ignore();
-    }
-    let _: () = restore.query_async(&mut env.redis().await).await.unwrap();
+    env.restore_keys(copy).await.unwrap();
 }
 
 async fn rebuild(env: &TestEnv, args: &[&str]) -> (i32, Value, String) {
@@ -308,26 +297,8 @@ fn decided_as(
 async fn the_fence_checks_a_store_against_what_a_concurrent_store_of_the_coupon_committed() {
     use chrono::SubsecRound;
     let env = TestEnv::new().await;
-    let coupon = env.coupon_id("fence");
-    let id = firstcome::CouponId::parse(&coupon).unwrap();
-    let inserted = firstcome::db::insert_coupon(
-        &env.pool,
-        &firstcome::db::Coupon {
-            coupon_id: coupon.clone(),
-            name: coupon.clone(),
-            total_stock: 5,
-            starts_at: None,
-            ends_at: None,
-        },
-    )
-    .await
-    .unwrap();
-    assert!(inserted);
-    sqlx::query("UPDATE coupon SET redis_epoch = 1 WHERE coupon_id = $1")
-        .bind(&coupon)
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    let id = fenced_coupon(&env, "fence", 5).await;
+    let coupon = id.to_string();
     let request = |user: &str| firstcome::IssueRequest {
         request_id: firstcome::RequestId::new(),
         coupon_id: id.clone(),

@@ -525,25 +525,11 @@ async fn dump_state(sys: &System, coupon: &str) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Puts a [`dump_state`] copy back at once, as a Redis that went back in
-/// time (a lost AOF tail, a lagging replica promoted) comes back.
+/// time (a lost AOF tail, a lagging replica promoted) comes back. Redis may
+/// be down at this moment (another fault): a rollback that did not happen
+/// is no fault to check.
 async fn restore_state(sys: &System, copy: &[(String, Vec<u8>)]) {
-    if copy.is_empty() {
-        return;
-    }
-    let mut restore = redis::pipe();
-    restore.atomic();
-    for (k, dump) in copy {
-        restore
-            .cmd("RESTORE")
-            .arg(k)
-            .arg(0)
-            .arg(dump.as_slice())
-            .arg("REPLACE")
-            .ignore();
-    }
-    // Redis may be down at this moment (another fault); a rollback that
-    // did not happen is no fault to check.
-    let _: Result<(), _> = restore.query_async(&mut sys.env.redis().await).await;
+    let _ = sys.env.restore_keys(copy).await;
 }
 
 /// An admin call through the ingress at `at`.

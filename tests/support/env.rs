@@ -359,6 +359,26 @@ impl TestEnv {
             .await;
     }
 
+    /// Puts `DUMP`ed keys back all at once (`RESTORE … REPLACE` in one
+    /// transaction), as a Redis that went back in time comes back.
+    pub async fn restore_keys(&self, copy: &[(String, Vec<u8>)]) -> redis::RedisResult<()> {
+        if copy.is_empty() {
+            return Ok(());
+        }
+        let mut restore = redis::pipe();
+        restore.atomic();
+        for (k, dump) in copy {
+            restore
+                .cmd("RESTORE")
+                .arg(k)
+                .arg(0)
+                .arg(dump.as_slice())
+                .arg("REPLACE")
+                .ignore();
+        }
+        restore.query_async(&mut self.redis().await).await
+    }
+
     /// Produces raw key/value records to `topic` (a dead-letter topic, for
     /// a replay's input).
     pub async fn produce_raw_to(&self, topic: &str, records: &[(&str, &str)]) {
