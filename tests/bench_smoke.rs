@@ -110,7 +110,8 @@ async fn instruction_counts_come_out_by_layer_and_each_layer_holds_the_ones_it_n
     // The steps of the path nest: (inner, outer) by their place in the
     // list, the outermost inside the whole process (`None`). In the
     // ingress: HTTP > middleware > handler > admission, append; the
-    // pending writes run on a task of their own, inside the process only;
+    // pending writes and the coupon lookups run on tasks of their own,
+    // inside the process only;
     // in the worker: partition loop > batch > decide, store, publish.
     let ingress: &[(usize, Option<usize>)] = &[
         (0, None),
@@ -119,6 +120,7 @@ async fn instruction_counts_come_out_by_layer_and_each_layer_holds_the_ones_it_n
         (3, Some(2)),
         (4, Some(2)),
         (5, None),
+        (6, None),
     ];
     let worker: &[(usize, Option<usize>)] = &[
         (0, None),

@@ -524,7 +524,8 @@ const INGRESS_STEPS: &[Layer] = &[
         "admission: coupon cache and sold-out check",
         &[
             ":firstcome_ingress::issue::Issue::admit",
-            "firstcome-ingress/src/issue/admission.rs:",
+            ":firstcome_ingress::issue::admission::CouponCache::get",
+            ":firstcome_ingress::issue::admission::SoldOutCheck",
         ],
     ),
     step(
@@ -538,6 +539,10 @@ const INGRESS_STEPS: &[Layer] = &[
             "firstcome-ingress/src/issue/pending.rs:",
             "firstcome/src/status.rs:",
         ],
+    ),
+    step(
+        "coupon lookups: a coupon's refresh from Postgres, on a task of its own (not under admission)",
+        &[":firstcome_ingress::issue::admission::CouponCache::lookup::{{closure}}"],
     ),
     layer(
         "librdkafka: its threads (batches, produce requests, acks) and calls",
