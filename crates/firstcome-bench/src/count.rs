@@ -373,10 +373,22 @@ fn under_callgrind(cmd: &Command, dir: &Path, what: &str) -> (Command, PathBuf) 
             c.env(k, v);
         }
     }
-    // Some 50 times slower: a new Postgres connection's password exchange
-    // alone passed the usual 3 s on a busy machine, and the binary gave up
-    // at start (what made the suite's count test hang, waiting for it).
-    c.env("FIRSTCOME_PG_ACQUIRE_TIMEOUT_MS", "60000");
+    // Some 50 times slower, so every wall-clock limit is raised (they
+    // change what happens, not what a request costs): a new Postgres
+    // connection's password exchange alone passed the usual 3 s on a busy
+    // machine and the binary gave up at start (what made the suite's count
+    // test hang, waiting for it); on one core's worth of CPU the broker's
+    // acknowledgement passed the 5 s produce timeout, and a kept-alive
+    // connection idle through `callgrind_control` passed the 10 s
+    // header-read timeout and was closed under the client.
+    for (setting, ms) in [
+        ("FIRSTCOME_PG_ACQUIRE_TIMEOUT_MS", "60000"),
+        ("FIRSTCOME_PRODUCE_TIMEOUT_MS", "60000"),
+        ("FIRSTCOME_REQUEST_TIMEOUT_MS", "120000"),
+        ("FIRSTCOME_HEADER_READ_TIMEOUT_MS", "120000"),
+    ] {
+        c.env(setting, ms);
+    }
     (c, out)
 }
 
