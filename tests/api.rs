@@ -848,11 +848,9 @@ async fn refusals_with_fresh_idempotency_keys_leave_nothing_in_redis_for_long() 
     assert!(refused.iter().all(|c| *c == 409), "all refused");
 
     let mut redis = env.redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}idem:*", env.common.redis_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let keys = env
+        .keys_matching(&format!("{}idem:*", env.common.redis_prefix))
+        .await;
     for k in &keys {
         let ttl: i64 = redis::cmd("PTTL")
             .arg(k)

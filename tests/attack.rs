@@ -294,12 +294,9 @@ async fn under_every_attack_at_once_the_honest_sale_keeps_its_promise_and_the_in
     // Redis kept no refusal for long, and the pool is whole: an uncached
     // coupon, a status that misses Redis and the probes answer as before.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let mut redis = env.redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}idem:{{{later}}}:*", env.common.redis_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let keys = env
+        .keys_matching(&format!("{}idem:{{{later}}}:*", env.common.redis_prefix))
+        .await;
     assert!(keys.len() < 100, "{} refusals still held", keys.len());
     let fresh = env.coupon_id("after");
     assert_eq!(client.create_coupon(&fresh, 1).await.0, 201);

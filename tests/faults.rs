@@ -268,11 +268,9 @@ async fn a_redis_wiped_mid_stream_is_rebuilt_from_postgres_and_the_promise_holds
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut redis = env.redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", env.common.redis_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let keys = env
+        .keys_matching(&format!("{}*", env.common.redis_prefix))
+        .await;
     assert!(!keys.is_empty());
     let _: i64 = redis::cmd("DEL")
         .arg(&keys)

@@ -10,11 +10,9 @@ use serde_json::Value;
 /// A copy of every coupon key of the test, as `DUMP` gives it.
 async fn copy_state(env: &TestEnv) -> Vec<(String, Vec<u8>)> {
     let mut redis = env.redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}coupon:*", env.common.redis_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let keys = env
+        .keys_matching(&format!("{}coupon:*", env.common.redis_prefix))
+        .await;
     let mut copy = Vec::new();
     for k in keys {
         let dump: Option<Vec<u8>> = redis::cmd("DUMP")

@@ -342,11 +342,40 @@ impl TestEnv {
 
     /// A Redis connection.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        // A test waits for Redis as long as it takes (its own limits catch
+        // a hang): the client's 500 ms default failed tests on one core's
+        // worth of CPU shared with the whole suite.
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
         redis::Client::open(self.common.redis_url.as_str())
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap()
+    }
+
+    /// The keys matching `pattern`, by `SCAN` (a `KEYS` over the shared
+    /// Redis blocks every other test's Redis calls while it walks it).
+    pub async fn keys_matching(&self, pattern: &str) -> Vec<String> {
+        let mut redis = self.redis().await;
+        let mut found = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            found.extend(keys);
+            if next == 0 {
+                return found;
+            }
+            cursor = next;
+        }
     }
 }
 
