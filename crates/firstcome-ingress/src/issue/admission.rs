@@ -28,8 +28,9 @@ const COUPON_CACHE: Duration = Duration::from_secs(1);
 /// elsewhere is seen within this time.
 const MISS_CACHE: Duration = Duration::from_secs(1);
 
-/// Most unknown ids remembered at once; past it the oldest half goes (a
-/// million distinct ids cost at most this many entries).
+/// Most unknown ids remembered at once; past it the expired ones go, and
+/// if that is not enough, all of them (a million distinct ids cost at most
+/// this many entries, and a forgotten id costs one more query).
 const MAX_MISSES: usize = 10_000;
 
 /// Most lookups in flight at once, each a task of its own holding at most
@@ -174,14 +175,6 @@ impl CouponCache {
     pub fn forget(&self, id: &CouponId) {
         self.seen.write().expect("lock").remove(id);
         self.missing.lock().expect("lock").remove(id);
-    }
-
-    /// Lookups in flight and unknown ids remembered, for the bounds' tests.
-    pub fn held(&self) -> (usize, usize) {
-        (
-            self.lookups.lock().expect("lock").len(),
-            self.missing.lock().expect("lock").len(),
-        )
     }
 }
 
