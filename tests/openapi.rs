@@ -115,6 +115,9 @@ async fn schemathesis_finds_nothing_wrong_with_any_operation() {
         String::from_utf8_lossy(&run.stdout),
         String::from_utf8_lossy(&run.stderr)
     );
+    // Its timings, for a run that took long (nextest shows it on success
+    // with `--success-output final`).
+    eprintln!("{report}");
     assert!(run.status.success(), "{report}");
     assert!(report.contains("passed"), "{report}");
     worker.stop().await;

@@ -145,11 +145,26 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// How often `log` says a Kafka node finished starting.
-fn kafka_starts(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .map(|t| t.matches("Kafka Server started").count())
-        .unwrap_or(0)
+/// Whether `log` says, past its first `from` bytes, that a Kafka node
+/// finished starting. Only that part is read: a node's log grows by
+/// megabytes in a test, and reading it whole ten times a second took a
+/// starved machine's CPU from the node it waited for.
+fn kafka_started_since(log: &Path, from: u64) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(log) else {
+        return false;
+    };
+    let mut text = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_end(&mut text).is_err() {
+        return false;
+    }
+    let marker: &[u8] = b"Kafka Server started";
+    text.windows(marker.len()).any(|w| w == marker)
+}
+
+/// How long `log` is now: where a start's own lines begin.
+fn log_len(log: &Path) -> u64 {
+    std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
 }
 
 /// One node of a [`PrivateKafka`]: broker and controller in one JVM, started
@@ -172,6 +187,8 @@ pub struct PrivateKafka {
     cluster_id: String,
     voters: String,
     replication: usize,
+    /// The client [`Self::metadata`] asks through, made at its first use.
+    admin: std::sync::OnceLock<rdkafka::consumer::BaseConsumer>,
 }
 
 impl PrivateKafka {
@@ -212,6 +229,7 @@ impl PrivateKafka {
             cluster_id: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
             voters,
             replication: n.min(3),
+            admin: std::sync::OnceLock::new(),
         };
         for i in 0..n {
             kafka.spawn(i);
@@ -249,11 +267,11 @@ impl PrivateKafka {
         node.child = Some(child);
     }
 
-    /// Waits until node `i` has said it started more than `before` times.
-    async fn wait_started(&mut self, i: usize, before: usize) {
+    /// Waits until node `i` says it started in its log past byte `from`.
+    async fn wait_started(&mut self, i: usize, from: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let log = self.nodes[i].dir.join("kafka.log");
-        while kafka_starts(&log) <= before {
+        while !kafka_started_since(&log, from) {
             let node = &mut self.nodes[i];
             if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 // The directory goes with the node: the log's end, here.
@@ -301,15 +319,23 @@ impl PrivateKafka {
         self.nodes.is_empty()
     }
 
-    /// Metadata of every topic, from whichever node answers.
+    /// Metadata of every topic, from whichever node answers. One client
+    /// asks every time: a new one each time (ten a second while a test
+    /// waits for a leader) was threads and connections to three brokers.
     fn metadata(&self) -> Option<rdkafka::metadata::Metadata> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("broker.address.family", "v4")
-            .create()
-            .ok()?;
-        consumer.fetch_metadata(None, Duration::from_secs(5)).ok()
+        use rdkafka::consumer::Consumer;
+        if self.admin.get().is_none() {
+            let client: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", self.brokers())
+                .set("broker.address.family", "v4")
+                .create()
+                .ok()?;
+            let _ = self.admin.set(client);
+        }
+        self.admin
+            .get()?
+            .fetch_metadata(None, Duration::from_secs(5))
+            .ok()
     }
 
     /// The index of the node that leads `topic`'s `partition` now, if the
@@ -386,9 +412,15 @@ impl PrivateKafka {
     /// data it had; returns once it says it started.
     pub async fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].child.is_none(), "stop it first");
-        let before = kafka_starts(&self.nodes[i].dir.join("kafka.log"));
+        let before = log_len(&self.nodes[i].dir.join("kafka.log"));
+        let from = tokio::time::Instant::now();
         self.spawn(i);
         self.wait_started(i, before).await;
+        eprintln!(
+            "kafka node {} started again in {:?}",
+            self.nodes[i].id,
+            from.elapsed()
+        );
     }
 
     /// `SIGSTOP` of node `i`: the process is frozen, its connections stay
@@ -412,7 +444,10 @@ impl Drop for PrivateKafka {
                     .status();
             }
             self.kill(i);
-            let _ = std::fs::remove_dir_all(&self.nodes[i].dir);
+            // A failed test names a node's log in its message: kept.
+            if !std::thread::panicking() {
+                let _ = std::fs::remove_dir_all(&self.nodes[i].dir);
+            }
         }
     }
 }
