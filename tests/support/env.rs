@@ -99,6 +99,7 @@ impl TestEnv {
                 .unwrap_or_default(),
             request_topic: format!("{tag}.requests"),
             dlq_topic: format!("{tag}.dlq"),
+            decision_topic: format!("{tag}.decisions"),
             status_ttl_secs: 3_600,
             pg_max_connections: 4,
             pg_acquire_timeout_ms: 3_000,
@@ -121,7 +122,11 @@ impl TestEnv {
             Duration::from_secs(30),
             firstcome::kafka::ensure_topics(
                 &common,
-                &[(&common.request_topic, PARTITIONS), (&common.dlq_topic, 1)],
+                &[
+                    (&common.request_topic, PARTITIONS),
+                    (&common.dlq_topic, 1),
+                    (&common.decision_topic, PARTITIONS),
+                ],
                 1,
             ),
         )
@@ -172,6 +177,7 @@ impl TestEnv {
         let topics = [
             (self.common.request_topic.as_str(), PARTITIONS),
             (self.common.dlq_topic.as_str(), 1),
+            (self.common.decision_topic.as_str(), PARTITIONS),
         ];
         tokio::time::timeout(
             Duration::from_secs(30),

@@ -11,6 +11,7 @@
 //! - [`proxy`]: a TCP proxy a test can cut
 //! - [`topic`]: reading a topic back
 //! - [`promise`]: the promise, checked with the oracle
+//! - [`stream`]: the decision stream, read back and checked with the ledger
 //! - [`load`]: clients that make load, and sales
 //! - [`hostile`]: clients that behave as attackers do (hang up, send slowly)
 //! - [`tokens`]: signed user tokens and their JWKS, for the verified identity
@@ -38,6 +39,7 @@ pub mod promise;
 pub mod proxy;
 pub mod services;
 pub mod spawn;
+pub mod stream;
 pub mod tokens;
 pub mod topic;
 
@@ -47,4 +49,5 @@ pub use load::*;
 pub use promise::*;
 pub use proxy::*;
 pub use spawn::*;
+pub use stream::*;
 pub use topic::*;

@@ -135,6 +135,7 @@ impl TestEnv {
             .env("FIRSTCOME_REDIS_PREFIX", &self.common.redis_prefix)
             .env("FIRSTCOME_REQUEST_TOPIC", &self.common.request_topic)
             .env("FIRSTCOME_DLQ_TOPIC", &self.common.dlq_topic)
+            .env("FIRSTCOME_DECISION_TOPIC", &self.common.decision_topic)
             .env("FIRSTCOME_METRICS_LISTEN", "127.0.0.1:0")
             .kill_on_drop(true);
         cmd

@@ -76,7 +76,11 @@ impl BenchEnv {
             Duration::from_secs(60),
             firstcome::kafka::ensure_topics(
                 &common,
-                &[(&common.request_topic, PARTITIONS), (&common.dlq_topic, 1)],
+                &[
+                    (&common.request_topic, PARTITIONS),
+                    (&common.dlq_topic, 1),
+                    (&common.decision_topic, PARTITIONS),
+                ],
                 1,
             ),
         )
@@ -96,6 +100,7 @@ impl BenchEnv {
             kafka_options: Vec::new(),
             request_topic: self.request_topic.clone(),
             dlq_topic: self.dlq_topic.clone(),
+            decision_topic: format!("{}.decisions", self.tag),
             status_ttl_secs: 3_600,
             pg_max_connections: 8,
             pg_acquire_timeout_ms: 3_000,

@@ -223,6 +223,7 @@ pub fn command(env: &BenchEnv, binary: &str) -> anyhow::Result<Command> {
         .env("FIRSTCOME_REDIS_PREFIX", &env.prefix)
         .env("FIRSTCOME_REQUEST_TOPIC", &env.request_topic)
         .env("FIRSTCOME_DLQ_TOPIC", &env.dlq_topic)
+        .env("FIRSTCOME_DECISION_TOPIC", env.common().decision_topic)
         .env("FIRSTCOME_ADMIN_TOKEN", &env.admin_token)
         // The bench's clients name their users in the body (a trusted
         // network); the hostile scenario runs the ingress with tokens.

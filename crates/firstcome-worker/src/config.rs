@@ -96,12 +96,47 @@ pub struct WorkerConfig {
     #[arg(long, env = "FIRSTCOME_RETIRE_INTERVAL_MS", default_value_t = 60_000)]
     pub retire_interval_ms: u64,
 
+    /// Publish every stored decision to `FIRSTCOME_DECISION_TOPIC`, exactly
+    /// once for a `read_committed` consumer: the decisions of the batches
+    /// stored since the last commit and the group's offsets past them
+    /// commit in one Kafka transaction (docs/decision-stream.md).
+    #[arg(long, env = "FIRSTCOME_DECISION_STREAM", default_value_t = false, action = clap::ArgAction::Set)]
+    pub decision_stream: bool,
+
+    /// The decision stream's `transactional.id`. Empty: the group id and
+    /// `FIRSTCOME_GROUP_INSTANCE_ID` when that is set (a restarted member
+    /// then aborts what its previous life left open at once), else the
+    /// group id and a random suffix (left open, it holds `read_committed`
+    /// consumers for at most `FIRSTCOME_TRANSACTION_TIMEOUT_MS`).
+    #[arg(long, env = "FIRSTCOME_TRANSACTIONAL_ID", default_value = "")]
+    pub transactional_id: String,
+
+    /// `transaction.timeout.ms` of the decision stream: how long the broker
+    /// keeps a dead worker's transaction open before it aborts it.
+    #[arg(
+        long,
+        env = "FIRSTCOME_TRANSACTION_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub transaction_timeout_ms: u64,
+
     /// Longest a graceful shutdown waits for the batches in hand.
     #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
     pub shutdown_timeout_ms: u64,
 }
 
 impl WorkerConfig {
+    /// The decision stream's `transactional.id` (see `transactional_id`).
+    pub fn transactional_id(&self) -> String {
+        if !self.transactional_id.is_empty() {
+            self.transactional_id.clone()
+        } else if !self.group_instance_id.is_empty() {
+            format!("{}.{}", self.group_id, self.group_instance_id)
+        } else {
+            format!("{}.{}", self.group_id, uuid::Uuid::new_v4().simple())
+        }
+    }
+
     /// Checks everything that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.common.validate()?;
@@ -111,6 +146,12 @@ impl WorkerConfig {
         };
         if self.group_id.is_empty() {
             return Err(invalid("FIRSTCOME_GROUP_ID", "must not be empty"));
+        }
+        if self.decision_stream && self.transaction_timeout_ms < 1_000 {
+            return Err(invalid(
+                "FIRSTCOME_TRANSACTION_TIMEOUT_MS",
+                "must be at least 1000",
+            ));
         }
         if self.max_batch == 0 || self.max_batch > 10_000 {
             return Err(invalid("FIRSTCOME_MAX_BATCH", "must be 1 to 10000"));

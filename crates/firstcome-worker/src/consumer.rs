@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{self, Shared};
 use crate::record::Rec;
+use crate::stream::{DecisionStream, Flushed};
 
 /// How often the poll loop reports itself alive (`/healthz`).
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -116,16 +117,24 @@ pub struct Rebalancer {
     partitions: Partitions,
     assignment: watch::Sender<BTreeSet<i32>>,
     metrics: Arc<WorkerMetrics>,
+    /// The decision stream, which commits the offsets when it is on.
+    stream: Option<Arc<DecisionStream>>,
 }
 
 impl Rebalancer {
     /// A context for `topic` acting on `partitions`.
-    pub fn new(topic: String, partitions: Partitions, metrics: Arc<WorkerMetrics>) -> Self {
+    pub fn new(
+        topic: String,
+        partitions: Partitions,
+        metrics: Arc<WorkerMetrics>,
+        stream: Option<Arc<DecisionStream>>,
+    ) -> Self {
         Self {
             topic,
             partitions,
             assignment: watch::Sender::new(BTreeSet::new()),
             metrics,
+            stream,
         }
     }
 
@@ -171,6 +180,9 @@ impl ConsumerContext for Rebalancer {
                     .iter()
                     .map(|e| e.partition())
                     .collect();
+                if let Some(stream) = &self.stream {
+                    stream.revoke(&revoked);
+                }
                 {
                     let mut map = self.partitions.lock().expect("partition map lock");
                     for p in &revoked {
@@ -186,7 +198,16 @@ impl ConsumerContext for Rebalancer {
                 });
                 self.metrics.rebalanced("revoke");
                 tracing::info!(?revoked, "partitions revoked");
-                commit(consumer, "revoke");
+                match &self.stream {
+                    // What the revoked partitions handed over is committed
+                    // while they are still this member's.
+                    Some(stream) => {
+                        if let Err(e) = stream.flush(consumer.group_metadata()) {
+                            tracing::error!(error = %e, "decision stream failed at a revoke");
+                        }
+                    }
+                    None => commit(consumer, "revoke"),
+                }
             }
             Rebalance::Assign(tpl) => {
                 let assigned: Vec<i32> = tpl
@@ -241,11 +262,24 @@ pub async fn run(
     let mut resume_check = tokio::time::interval(RESUME_CHECK);
     resume_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let committing = shared.stream.as_ref().map(|stream| {
+        tokio::spawn(commit_loop(
+            stream.clone(),
+            consumer.clone(),
+            Duration::from_millis(shared.cfg.commit_interval_ms),
+            shutdown.clone(),
+        ))
+    });
+    let rewinds = shared.stream.as_ref().map(|s| s.rewinds());
     loop {
         shared.metrics.paused_partitions.set(paused.len() as i64);
         let message = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            () = async { rewinds.as_ref().expect("checked").notified().await }, if rewinds.is_some() => {
+                rewind(consumer.as_ref(), &topic, &partitions, &mut paused);
+                continue;
+            }
             _ = heartbeat.tick() => {
                 shared.liveness.beat();
                 continue;
@@ -283,7 +317,13 @@ pub async fn run(
             .lock()
             .expect("partition map lock")
             .entry(partition)
-            .or_insert_with(|| spawn_partition(shared.clone(), partition, &shutdown))
+            .or_insert_with(|| {
+                let generation = shared
+                    .stream
+                    .as_ref()
+                    .map_or(0, |s| s.generation(partition));
+                spawn_partition(shared.clone(), partition, generation, &shutdown)
+            })
             .hand(rec);
         match handed {
             Handed::Parked if paused.insert(partition) => {
@@ -323,13 +363,115 @@ pub async fn run(
         }
         joined.await;
     }
-    commit(consumer.as_ref(), "shutdown");
+    let mut failed = None;
+    match (&shared.stream, committing) {
+        (Some(stream), Some(committing)) => {
+            if let Ok(Err(e)) = committing.await {
+                failed = Some(e);
+            }
+            let (stream, group) = (stream.clone(), consumer.group_metadata());
+            match tokio::task::spawn_blocking(move || stream.flush(group)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(e) => failed = failed.or(Some(e.into())),
+            }
+        }
+        _ => commit(consumer.as_ref(), "shutdown"),
+    }
     leave(consumer.as_ref(), grace.min(LEAVE_LIMIT)).await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     match orphaned {
         Some(p) => anyhow::bail!("the task of partition {p} stopped"),
         None => Ok(()),
     }
 }
+
+/// Commits the decision stream's pending work every `interval` until
+/// `shutdown`. A fatal producer error stops the worker.
+async fn commit_loop(
+    stream: Arc<DecisionStream>,
+    consumer: Arc<StreamConsumer<Rebalancer>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let (s, group) = (stream.clone(), consumer.group_metadata());
+        match tokio::task::spawn_blocking(move || s.flush(group)).await? {
+            Ok(Flushed::Committed | Flushed::Aborted) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the decision stream stopped; stopping the worker");
+                shutdown.cancel();
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Takes every partition back to its committed offset after the decision
+/// stream aborted a transaction: the tasks are given up (their work would
+/// be dropped anyway) and librdkafka drops what it fetched past the seek.
+fn rewind(
+    consumer: &StreamConsumer<Rebalancer>,
+    topic: &str,
+    partitions: &Partitions,
+    paused: &mut HashSet<i32>,
+) {
+    let tasks: Vec<PartitionTask> = partitions
+        .lock()
+        .expect("partition map lock")
+        .drain()
+        .map(|(_, t)| t)
+        .collect();
+    for t in &tasks {
+        t.cancel.cancel();
+    }
+    for p in paused.drain() {
+        set_paused(consumer, topic, p, false);
+    }
+    let assigned = match consumer.assignment() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "no assignment to rewind");
+            return;
+        }
+    };
+    let committed = match consumer.committed_offsets(assigned.clone(), REWIND_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "committed offsets unknown; leaving the group to read them again");
+            consumer.unsubscribe();
+            let _ = consumer.subscribe(&[topic]);
+            return;
+        }
+    };
+    for e in committed.elements_for_topic(topic) {
+        let to = match e.offset() {
+            rdkafka::Offset::Offset(n) => rdkafka::Offset::Offset(n),
+            _ => rdkafka::Offset::Beginning,
+        };
+        if let Err(err) = consumer.seek(topic, e.partition(), to, REWIND_TIMEOUT) {
+            tracing::error!(partition = e.partition(), error = %err, "seek failed; leaving the group to read it again");
+            consumer.unsubscribe();
+            let _ = consumer.subscribe(&[topic]);
+            return;
+        }
+    }
+    tracing::warn!(
+        tasks = tasks.len(),
+        "partitions taken back to their committed offsets"
+    );
+}
+
+/// Longest a rewind waits for the broker.
+const REWIND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest a stopping worker serves its consumer to leave the group.
 const LEAVE_LIMIT: Duration = Duration::from_secs(10);
@@ -387,6 +529,7 @@ fn set_paused<C: Consumer<X>, X: ConsumerContext>(
 fn spawn_partition(
     shared: Arc<Shared>,
     partition: i32,
+    generation: u64,
     shutdown: &CancellationToken,
 ) -> PartitionTask {
     let (tx, rx) = mpsc::channel(shared.cfg.partition_buffer);
@@ -395,6 +538,7 @@ fn spawn_partition(
     let join = tokio::spawn(partition_loop(
         shared,
         partition,
+        generation,
         rx,
         shutdown.clone(),
         cancel.clone(),
@@ -415,6 +559,7 @@ fn spawn_partition(
 async fn partition_loop(
     shared: Arc<Shared>,
     partition: i32,
+    generation: u64,
     mut rx: mpsc::Receiver<Rec>,
     stop: CancellationToken,
     cancel: CancellationToken,
@@ -452,7 +597,7 @@ async fn partition_loop(
                     break;
                 }
                 let recs = std::mem::replace(&mut batch, Vec::with_capacity(max));
-                let (gate, next) = pipeline::Gate::after(handoff.take());
+                let (gate, next) = pipeline::Gate::after(handoff.take(), generation);
                 handoff = Some(next);
                 running.push_back(pipeline::process(&shared, recs, &cancel, gate));
             }

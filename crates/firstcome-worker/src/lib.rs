@@ -11,6 +11,7 @@
 //! - [`pipeline`]: one batch from records to a stored offset, in named steps
 //! - [`retry`]: the retry policy and the steps it counts
 //! - [`offsets`]: where the group's progress is stored and read
+//! - [`stream`]: the decision stream, exactly once in Kafka transactions
 //! - [`deadletter`]: dead-letter records and their headers, both ways
 //! - [`metrics`]: what `/metrics` shows
 //! - [`reconcile`]: compare Redis with Postgres
@@ -32,6 +33,7 @@ pub mod reconcile;
 pub mod record;
 pub mod retire;
 pub mod retry;
+pub mod stream;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -82,15 +84,25 @@ impl Worker {
         let ops = OpsServer::bind(cfg.metrics_listen).await?;
         let metrics = WorkerMetrics::new();
         let partitions: Partitions = Arc::new(Mutex::new(HashMap::new()));
+        // With the decision stream on, offsets are committed by its
+        // transactions only (see `stream`).
+        let stream = match cfg.decision_stream {
+            true => Some(Arc::new(stream::DecisionStream::new(
+                &cfg,
+                metrics.clone(),
+            )?)),
+            false => None,
+        };
         let context = Rebalancer::new(
             cfg.common.request_topic.clone(),
             partitions.clone(),
             metrics.clone(),
+            stream.clone(),
         );
         let mut consumer_cfg = kafka::client_config(&cfg.common)?;
         consumer_cfg
             .set("group.id", &cfg.group_id)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", (stream.is_none()).to_string())
             .set(
                 "auto.commit.interval.ms",
                 cfg.commit_interval_ms.to_string(),
@@ -143,6 +155,7 @@ impl Worker {
                 pool,
                 dlq,
                 offsets: Arc::new(offsets),
+                stream,
                 metrics,
                 liveness: Liveness::default(),
             }),

@@ -65,17 +65,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create the request and dead-letter topics if they do not exist.
+    /// Create the request, dead-letter and decision topics if they do not
+    /// exist.
     Topics {
         #[command(flatten)]
         common: CommonConfig,
-        /// Partitions of the request topic: the most workers that can share the load.
+        /// Partitions of the request topic (the most workers that can share
+        /// the load) and of the decision topic.
         #[arg(long, env = "FIRSTCOME_REQUEST_PARTITIONS", default_value_t = 12)]
         partitions: i32,
         /// Partitions of the dead-letter topic.
         #[arg(long, env = "FIRSTCOME_DLQ_PARTITIONS", default_value_t = 3)]
         dlq_partitions: i32,
-        /// Replication factor of both topics (3 on a production cluster).
+        /// Replication factor of the topics (3 on a production cluster).
         #[arg(long, env = "FIRSTCOME_REPLICATION", default_value_t = 1)]
         replication: i32,
     },
@@ -236,11 +238,14 @@ async fn main() -> anyhow::Result<()> {
                 &[
                     (common.request_topic.as_str(), partitions),
                     (common.dlq_topic.as_str(), dlq_partitions),
+                    // As many as the requests: keyed alike, a coupon's
+                    // decisions land in the partition of its requests.
+                    (common.decision_topic.as_str(), partitions),
                 ],
                 replication,
             )
             .await?;
-            tracing::info!(request_topic = %common.request_topic, partitions, dlq_topic = %common.dlq_topic, dlq_partitions, "topics ready");
+            tracing::info!(request_topic = %common.request_topic, partitions, dlq_topic = %common.dlq_topic, dlq_partitions, decision_topic = %common.decision_topic, "topics ready");
             Ok(())
         }
     }

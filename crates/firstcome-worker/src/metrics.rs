@@ -40,6 +40,9 @@ pub struct WorkerMetrics {
     pub assigned_partitions: Gauge,
     /// Partitions paused because their task is behind.
     pub paused_partitions: Gauge,
+    stream_transactions: Family<Label, Counter>,
+    /// Decisions published in committed transactions of the decision stream.
+    pub stream_events: Counter,
 }
 
 impl WorkerMetrics {
@@ -66,6 +69,8 @@ impl WorkerMetrics {
             rebalances: Family::default(),
             assigned_partitions: Gauge::default(),
             paused_partitions: Gauge::default(),
+            stream_transactions: Family::default(),
+            stream_events: Counter::default(),
         };
         registry.register(
             WORKER_DECISIONS,
@@ -127,6 +132,19 @@ impl WorkerMetrics {
             "Partitions paused because their task is behind",
             m.paused_partitions.clone(),
         );
+        registry.register(
+            WORKER_STREAM_TRANSACTIONS,
+            "Transactions of the decision stream, by outcome (committed, aborted)",
+            m.stream_transactions.clone(),
+        );
+        registry.register(
+            WORKER_STREAM_EVENTS,
+            "Decisions published to the decision stream in committed transactions",
+            m.stream_events.clone(),
+        );
+        for outcome in ["committed", "aborted"] {
+            let _ = m.stream_transactions.get_or_create(&[("outcome", outcome)]);
+        }
         for kind in ["assign", "revoke"] {
             let _ = m.rebalances.get_or_create(&[("kind", kind)]);
         }
@@ -141,6 +159,13 @@ impl WorkerMetrics {
             let _ = m.dead_letters.get_or_create(&[("kind", kind.as_str())]);
         }
         Arc::new(Self { registry, ..m })
+    }
+
+    /// Counts one transaction of the decision stream.
+    pub fn stream_transaction(&self, outcome: &'static str) {
+        self.stream_transactions
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
     }
 
     /// Counts one decision (a final status; `pending` is not one).

@@ -58,6 +58,9 @@ pub struct Shared {
     pub dlq: firstcome::kafka::HealingProducer,
     /// Where the group's offsets are stored and read.
     pub offsets: Arc<dyn Offsets>,
+    /// The decision stream, when it is on: it takes each stored batch and
+    /// commits the offsets.
+    pub stream: Option<Arc<crate::stream::DecisionStream>>,
     /// What `/metrics` shows.
     pub metrics: Arc<WorkerMetrics>,
     /// When the poll loop last went round (`/healthz`).
@@ -155,10 +158,21 @@ pub async fn process(
     dead_letter_all(shared, &dead, cancel).await?;
     publish(shared, &decided, cancel).await?;
     let last = recs.last().expect("a batch is never empty");
-    if let Err(e) = shared.offsets.store(last.partition, last.offset + 1) {
-        // The partition was revoked meanwhile; its next owner reads the batch
-        // again and gets the same decisions back.
-        tracing::info!(error = %e, "offset not stored, partition no longer assigned");
+    match &shared.stream {
+        Some(stream) => {
+            let stored = read_back(shared, &recs, &requests, cancel).await?;
+            stream
+                .enqueue(gate.generation, last.partition, last.offset + 1, &stored)
+                .await
+                .expect("a decision serializes");
+        }
+        None => {
+            if let Err(e) = shared.offsets.store(last.partition, last.offset + 1) {
+                // The partition was revoked meanwhile; its next owner reads
+                // the batch again and gets the same decisions back.
+                tracing::info!(error = %e, "offset not stored, partition no longer assigned");
+            }
+        }
     }
     for d in &decided {
         shared.metrics.decided(d.decision.status);
@@ -173,6 +187,28 @@ pub async fn process(
     }
     let _ = gate.done.send(());
     Ok(())
+}
+
+/// Step 6 with the decision stream on: the batch's decisions as the ledger
+/// holds them, for the stream (see [`crate::stream`]).
+async fn read_back(
+    shared: &Shared,
+    recs: &[Rec],
+    requests: &[Request<'_>],
+    cancel: &CancellationToken,
+) -> Result<Vec<db::StoredDecision>, Aborted> {
+    let partition = recs[0].partition;
+    let keys: Vec<(firstcome::RequestId, i64)> = requests
+        .iter()
+        .map(|r| (r.request.request_id, r.rec.offset))
+        .collect();
+    shared
+        .retry(RetryStep::ReadBack, cancel, || async {
+            db::stored_decisions(&shared.pool, partition, &keys)
+                .await
+                .context("reading the batch's decisions back")
+        })
+        .await
 }
 
 /// Step 1: the records that hold issue requests, and the dead letters of
@@ -578,6 +614,8 @@ async fn publish(
 pub struct Gate {
     ahead: Ahead,
     done: oneshot::Sender<()>,
+    /// The decision stream's generation the partition task belongs to.
+    generation: u64,
 }
 
 /// The signals a batch waits for from the one ahead of it, and the one it
@@ -596,7 +634,7 @@ pub struct Handoff {
 
 impl Gate {
     /// The gate of a batch that follows `prev` (`None`: nothing in flight).
-    pub fn after(prev: Option<Handoff>) -> (Self, Handoff) {
+    pub fn after(prev: Option<Handoff>, generation: u64) -> (Self, Handoff) {
         let (decided, decided_rx) = oneshot::channel();
         let (done, done_rx) = oneshot::channel();
         let (prev_decided, prev_done) = match prev {
@@ -611,6 +649,7 @@ impl Gate {
                     signal_decided: decided,
                 },
                 done,
+                generation,
             },
             Handoff {
                 decided: decided_rx,

@@ -34,13 +34,15 @@ pub enum RetryStep {
     DeadLetter,
     /// Writing a batch's final statuses to the cache.
     PublishStatuses,
+    /// Reading a stored batch's decisions back for the decision stream.
+    ReadBack,
     /// Putting a dead letter back on the request topic (`dlq replay`).
     Replay,
 }
 
 impl RetryStep {
     /// Every step.
-    pub const ALL: [RetryStep; 10] = [
+    pub const ALL: [RetryStep; 11] = [
         RetryStep::Decide,
         RetryStep::Rebuild,
         RetryStep::Persist,
@@ -50,6 +52,7 @@ impl RetryStep {
         RetryStep::UndoDecision,
         RetryStep::DeadLetter,
         RetryStep::PublishStatuses,
+        RetryStep::ReadBack,
         RetryStep::Replay,
     ];
 
@@ -65,6 +68,7 @@ impl RetryStep {
             RetryStep::UndoDecision => "undo decision",
             RetryStep::DeadLetter => "dead-letter",
             RetryStep::PublishStatuses => "publish statuses",
+            RetryStep::ReadBack => "read back",
             RetryStep::Replay => "replay",
         }
     }

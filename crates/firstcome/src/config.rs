@@ -58,6 +58,15 @@ pub struct CommonConfig {
     )]
     pub dlq_topic: String,
 
+    /// Topic the worker publishes every stored decision to, keyed by coupon
+    /// id, when `FIRSTCOME_DECISION_STREAM` is on (docs/decision-stream.md).
+    #[arg(
+        long,
+        env = "FIRSTCOME_DECISION_TOPIC",
+        default_value = "firstcome.decisions"
+    )]
+    pub decision_topic: String,
+
     /// How long request status entries stay in Redis; lookups fall back to
     /// the Postgres ledger after that.
     #[arg(long, env = "FIRSTCOME_STATUS_TTL_SECS", default_value_t = 86_400)]
@@ -89,6 +98,7 @@ impl std::fmt::Debug for CommonConfig {
             .field("kafka_brokers", &self.kafka_brokers)
             .field("request_topic", &self.request_topic)
             .field("dlq_topic", &self.dlq_topic)
+            .field("decision_topic", &self.decision_topic)
             .finish_non_exhaustive()
     }
 }
@@ -179,6 +189,7 @@ impl CommonConfig {
         for (key, topic) in [
             ("FIRSTCOME_REQUEST_TOPIC", &self.request_topic),
             ("FIRSTCOME_DLQ_TOPIC", &self.dlq_topic),
+            ("FIRSTCOME_DECISION_TOPIC", &self.decision_topic),
         ] {
             if topic.is_empty() {
                 return Err(ConfigError::Invalid {
@@ -191,6 +202,12 @@ impl CommonConfig {
             return Err(ConfigError::Invalid {
                 key: "FIRSTCOME_DLQ_TOPIC",
                 message: "must differ from FIRSTCOME_REQUEST_TOPIC".into(),
+            });
+        }
+        if self.decision_topic == self.request_topic || self.decision_topic == self.dlq_topic {
+            return Err(ConfigError::Invalid {
+                key: "FIRSTCOME_DECISION_TOPIC",
+                message: "must differ from FIRSTCOME_REQUEST_TOPIC and FIRSTCOME_DLQ_TOPIC".into(),
             });
         }
         if self.status_ttl_secs == 0 {

@@ -310,16 +310,18 @@ pub async fn persist(pool: &PgPool, batch: &[Decided<'_>]) -> Result<Vec<CouponI
              RETURNING c.coupon_id
          ), admitted AS (
              SELECT request_id, coupon_id, user_id, status, kafka_partition, kafka_offset,
-                    accepted_at, decided_at
+                    accepted_at, decided_at, seq
              FROM input
              WHERE epoch IS NULL OR coupon_id IN (SELECT coupon_id FROM fenced)
          ), ledger AS (
              INSERT INTO request_ledger (request_id, coupon_id, user_id, status,
-                                         kafka_partition, kafka_offset, accepted_at, decided_at)
+                                         kafka_partition, kafka_offset, accepted_at, decided_at,
+                                         decision_seq)
              SELECT * FROM admitted
              ON CONFLICT (request_id) DO UPDATE
                  SET status = EXCLUDED.status, kafka_partition = EXCLUDED.kafka_partition,
-                     kafka_offset = EXCLUDED.kafka_offset, decided_at = EXCLUDED.decided_at
+                     kafka_offset = EXCLUDED.kafka_offset, decided_at = EXCLUDED.decided_at,
+                     decision_seq = EXCLUDED.decision_seq
                  WHERE request_ledger.status = 'failed'
              RETURNING request_id, coupon_id, user_id, status, decided_at
          ), issued AS (
@@ -371,6 +373,48 @@ pub async fn ledger_row(pool: &PgPool, id: RequestId) -> Result<Option<LedgerRow
     )
     .bind(id.as_uuid())
     .fetch_optional(pool)
+    .await
+}
+
+/// A decision as the ledger holds it, with the record that decided it.
+#[derive(Debug, Clone, FromRow)]
+#[allow(missing_docs)] // the columns of `request_ledger`; the names say it all
+pub struct StoredDecision {
+    pub request_id: RequestId,
+    pub coupon_id: CouponId,
+    pub user_id: UserId,
+    pub status: Status,
+    pub accepted_at: DateTime<Utc>,
+    pub decided_at: DateTime<Utc>,
+    pub decision_seq: Option<i64>,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+}
+
+/// The decisions the ledger holds of `requests` (id and offset of the
+/// record that holds it) of `partition` that those very records decided, in
+/// log order. A request the log holds twice (appended again after an
+/// unconfirmed write, or a dead letter replayed) is decided by one of its
+/// records, and only that record finds its row here.
+pub async fn stored_decisions(
+    pool: &PgPool,
+    partition: i32,
+    requests: &[(RequestId, i64)],
+) -> Result<Vec<StoredDecision>, sqlx::Error> {
+    let ids: Vec<Uuid> = requests.iter().map(|(id, _)| id.as_uuid()).collect();
+    let offsets: Vec<i64> = requests.iter().map(|(_, o)| *o).collect();
+    sqlx::query_as(
+        "SELECT l.request_id, l.coupon_id, l.user_id, l.status, l.accepted_at, l.decided_at,
+                l.decision_seq, l.kafka_partition, l.kafka_offset
+         FROM UNNEST($2::uuid[], $3::bigint[]) AS r(request_id, kafka_offset)
+         JOIN request_ledger l USING (request_id, kafka_offset)
+         WHERE l.kafka_partition = $1
+         ORDER BY l.kafka_offset",
+    )
+    .bind(partition)
+    .bind(&ids)
+    .bind(&offsets)
+    .fetch_all(pool)
     .await
 }
 

@@ -79,6 +79,12 @@ pub mod names {
     pub const WORKER_ASSIGNED_PARTITIONS: &str = "firstcome_worker_assigned_partitions";
     /// Gauge: partitions paused because their task is behind.
     pub const WORKER_PAUSED_PARTITIONS: &str = "firstcome_worker_paused_partitions";
+    /// Counter, `outcome` (`committed`, `aborted`): transactions of the
+    /// decision stream.
+    pub const WORKER_STREAM_TRANSACTIONS: &str = "firstcome_worker_stream_transactions";
+    /// Counter: decisions published to the decision stream in committed
+    /// transactions.
+    pub const WORKER_STREAM_EVENTS: &str = "firstcome_worker_stream_events";
 
     /// The names a scrape shows for each metric (suffixes included).
     pub fn exposed() -> Vec<String> {
@@ -93,6 +99,8 @@ pub mod names {
             WORKER_STATE_REBUILDS,
             WORKER_STATES_RETIRED,
             WORKER_REBALANCES,
+            WORKER_STREAM_TRANSACTIONS,
+            WORKER_STREAM_EVENTS,
         ];
         let gauges = [
             INGRESS_IN_FLIGHT,

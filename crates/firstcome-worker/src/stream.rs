@@ -1,0 +1,381 @@
+//! The decision stream: every stored decision, published to the decision
+//! topic exactly once for a `read_committed` consumer, in each coupon's
+//! decision order (docs/decision-stream.md).
+//!
+//! A batch's decisions are read back from the ledger once stored, so an
+//! event says what Postgres holds, and only the record the ledger names
+//! publishes it (a request the log holds twice is published once). They
+//! wait in [`Pending`] with the offset past the batch; a committer takes
+//! what is pending every commit interval and commits it in one Kafka
+//! transaction together with the group's offsets
+//! (`send_offsets_to_transaction`, KIP-447). Either both are visible or
+//! neither, so:
+//! - a worker killed before its commit leaves its offsets where they were;
+//!   the next owner decides those records again (a decided request keeps
+//!   its decision) and publishes them in a transaction of its own, while
+//!   the broker aborts the dead one's;
+//! - a member whose partitions moved on (a freeze past the session timeout,
+//!   a rebalance it missed) is fenced by the group generation its offsets
+//!   carry: the broker refuses the transaction and it aborts;
+//! - a transaction that aborts for any other reason (a broker restarted in
+//!   the middle) takes back the positions too: every partition task is
+//!   given up, pending work of the old [generation](DecisionStream::generation)
+//!   is dropped, and the poll loop seeks each partition back to its
+//!   committed offset ([`Rewind`]);
+//! - a revoke commits what its partitions handed over, and anything their
+//!   tasks would still hand over is dropped ([`DecisionStream::revoke`]):
+//!   an offset of a partition this member no longer owns is never sent.
+//!
+//! Offsets are committed by transactions only: the consumer's own commits
+//! are off while the stream is on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use firstcome::db::StoredDecision;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::config::WorkerConfig;
+use crate::metrics::WorkerMetrics;
+
+/// Most events waiting for a transaction; a partition task that would pass
+/// it waits for the next commit (and its partition's buffer fills, and the
+/// partition pauses at the broker).
+const MAX_PENDING: usize = 50_000;
+
+/// The namespace of event ids: UUID v5 of a request id and its status.
+const EVENT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6d1f_7c2e_4a4b_5e83_9b0c_51f1_8a0e_d3c7);
+
+/// One decision as the stream carries it (the contract of
+/// docs/decision-stream.md).
+#[derive(Debug, Serialize)]
+pub struct DecisionEvent<'a> {
+    /// Stable: the same decision has the same id, whoever publishes it. A
+    /// request has two events only if it `failed` and was replayed.
+    pub event_id: uuid::Uuid,
+    #[allow(missing_docs)]
+    pub request_id: String,
+    #[allow(missing_docs)]
+    pub coupon_id: &'a str,
+    #[allow(missing_docs)]
+    pub user_id: &'a str,
+    /// `issued`, `duplicate`, `sold_out`, `not_open` or `failed`.
+    pub status: &'a str,
+    #[allow(missing_docs)]
+    pub accepted_at: chrono::DateTime<chrono::Utc>,
+    #[allow(missing_docs)]
+    pub decided_at: chrono::DateTime<chrono::Utc>,
+    /// The decision's number in its coupon's sequence (`null` for `failed`).
+    pub decision_seq: Option<i64>,
+    /// Where the request sits in the request topic.
+    pub request_partition: i32,
+    #[allow(missing_docs)]
+    pub request_offset: i64,
+}
+
+impl<'a> DecisionEvent<'a> {
+    /// The event of a stored decision.
+    pub fn of(d: &'a StoredDecision) -> Self {
+        let status = d.status.as_str();
+        let id = d.request_id.to_string();
+        Self {
+            event_id: uuid::Uuid::new_v5(&EVENT_NAMESPACE, format!("{id}/{status}").as_bytes()),
+            request_id: id,
+            coupon_id: d.coupon_id.as_str(),
+            user_id: d.user_id.as_str(),
+            status,
+            accepted_at: d.accepted_at,
+            decided_at: d.decided_at,
+            decision_seq: d.decision_seq,
+            request_partition: d.kafka_partition,
+            request_offset: d.kafka_offset,
+        }
+    }
+}
+
+/// What waits for the next transaction.
+#[derive(Default)]
+struct Pending {
+    /// (key, value) in the order the batches were stored.
+    events: Vec<(String, Vec<u8>)>,
+    /// Per partition of the request topic, the offset past its last batch.
+    offsets: BTreeMap<i32, i64>,
+    /// The generation of each partition's task: its work is taken only
+    /// while this is its generation. A revoke moves the revoked partitions
+    /// on, a rewind every partition.
+    generations: HashMap<i32, u64>,
+    /// The generation of a partition not in `generations`.
+    base: u64,
+    /// The last generation handed out.
+    last: u64,
+}
+
+impl Pending {
+    fn generation(&self, partition: i32) -> u64 {
+        self.generations
+            .get(&partition)
+            .copied()
+            .unwrap_or(self.base)
+    }
+
+    /// Drops what is pending (its transaction is gone).
+    fn clear(&mut self) {
+        self.events.clear();
+        self.offsets.clear();
+    }
+}
+
+/// Asks the poll loop to take back the positions of an aborted transaction.
+pub type Rewind = Arc<Notify>;
+
+/// The transactional publisher of decisions; see the module docs.
+pub struct DecisionStream {
+    /// The producer, held for a whole transaction: the committer's and a
+    /// revoke's flush take turns. `None` after a fatal error until a new
+    /// one has initialized its transactions.
+    producer: Mutex<Option<ThreadedProducer<DefaultProducerContext>>>,
+    config: rdkafka::ClientConfig,
+    topic: String,
+    request_topic: String,
+    timeout: Duration,
+    pending: Mutex<Pending>,
+    /// Wakes partition tasks waiting for room in [`Pending`].
+    room: Notify,
+    rewind: Rewind,
+    metrics: Arc<WorkerMetrics>,
+}
+
+/// How a flush ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Committed (or nothing was pending).
+    Committed,
+    /// Aborted: the positions are taken back ([`Rewind`]).
+    Aborted,
+}
+
+impl DecisionStream {
+    /// A transactional producer for the decision topic, its transactions
+    /// initialized (which aborts what an earlier life of the same
+    /// `transactional.id` left open).
+    pub fn new(cfg: &WorkerConfig, metrics: Arc<WorkerMetrics>) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(cfg.transaction_timeout_ms);
+        let mut producer_cfg =
+            firstcome::kafka::producer_config(&cfg.common, timeout, Duration::from_millis(5))?;
+        producer_cfg
+            .set("transactional.id", cfg.transactional_id())
+            .set("transaction.timeout.ms", timeout.as_millis().to_string());
+        let producer = Self::producer(&producer_cfg, timeout)?;
+        Ok(Self {
+            producer: Mutex::new(Some(producer)),
+            config: producer_cfg,
+            topic: cfg.common.decision_topic.clone(),
+            request_topic: cfg.common.request_topic.clone(),
+            timeout,
+            pending: Mutex::new(Pending::default()),
+            room: Notify::new(),
+            rewind: Arc::new(Notify::new()),
+            metrics,
+        })
+    }
+
+    /// A producer with its transactions initialized, which fences any other
+    /// of the same `transactional.id` and aborts what it left open.
+    fn producer(
+        config: &rdkafka::ClientConfig,
+        timeout: Duration,
+    ) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+        let producer: ThreadedProducer<DefaultProducerContext> = config
+            .create()
+            .context("creating the decision stream's producer")?;
+        producer
+            .init_transactions(timeout * 3)
+            .context("initializing the decision stream's transactions")?;
+        Ok(producer)
+    }
+
+    /// The generation a task of `partition` spawned now belongs to.
+    pub fn generation(&self, partition: i32) -> u64 {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .generation(partition)
+    }
+
+    /// Ends the generation of `partitions` (revoked): work of their tasks
+    /// that was not handed over yet is dropped from now on. Call it before
+    /// the revoke's [`flush`](Self::flush), which commits what was handed
+    /// over while they were still this member's.
+    pub fn revoke(&self, partitions: &[i32]) {
+        let mut p = self.pending.lock().expect("pending lock");
+        for &partition in partitions {
+            p.last += 1;
+            let next = p.last;
+            p.generations.insert(partition, next);
+        }
+    }
+
+    /// What the poll loop waits on for a rewind.
+    pub fn rewinds(&self) -> Rewind {
+        self.rewind.clone()
+    }
+
+    /// Hands over one stored batch of `partition`: its decisions and the
+    /// offset past it, for the next transaction. Waits while too much is
+    /// pending. Work of an older generation is dropped: its partition was
+    /// rewound and reads the batch again.
+    pub async fn enqueue(
+        &self,
+        generation: u64,
+        partition: i32,
+        next_offset: i64,
+        decisions: &[StoredDecision],
+    ) -> anyhow::Result<()> {
+        let mut events = Vec::with_capacity(decisions.len());
+        for d in decisions {
+            events.push((
+                d.coupon_id.as_str().to_owned(),
+                serde_json::to_vec(&DecisionEvent::of(d))?,
+            ));
+        }
+        loop {
+            let room = self.room.notified();
+            {
+                let mut p = self.pending.lock().expect("pending lock");
+                if generation != p.generation(partition) {
+                    return Ok(());
+                }
+                if p.events.len() < MAX_PENDING || p.events.is_empty() {
+                    p.events.append(&mut events);
+                    p.offsets.insert(partition, next_offset);
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Commits what is pending in one transaction with the group's offsets
+    /// past it. Blocking: run it off the runtime's workers, or from the
+    /// consumer's own callbacks. `Err` only when another producer took this
+    /// one's `transactional.id` (two workers configured alike): the worker
+    /// must stop.
+    pub fn flush(&self, group: Option<ConsumerGroupMetadata>) -> anyhow::Result<Flushed> {
+        let mut producer = self.producer.lock().expect("producer lock");
+        let (events, offsets) = {
+            let mut p = self.pending.lock().expect("pending lock");
+            (
+                std::mem::take(&mut p.events),
+                std::mem::take(&mut p.offsets),
+            )
+        };
+        self.room.notify_waiters();
+        if offsets.is_empty() {
+            return Ok(Flushed::Committed);
+        }
+        if producer.is_none() {
+            match Self::producer(&self.config, self.timeout) {
+                Ok(p) => *producer = Some(p),
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "the decision stream has no producer yet"
+                    );
+                    self.metrics.stream_transaction("aborted");
+                    self.rewind_all();
+                    return Ok(Flushed::Aborted);
+                }
+            }
+        }
+        let live = producer.as_ref().expect("made above");
+        let n = events.len() as u64;
+        let Err(e) = self.transaction(live, &events, &offsets, group) else {
+            self.metrics.stream_transaction("committed");
+            self.metrics.stream_events.inc_by(n);
+            return Ok(Flushed::Committed);
+        };
+        self.metrics.stream_transaction("aborted");
+        self.rewind_all();
+        let code = e.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::ProducerFenced) {
+            anyhow::bail!(
+                "another producer took the decision stream's transactional.id {:?}: {e}",
+                self.config.get("transactional.id")
+            );
+        }
+        let fatal = matches!(&e, KafkaError::Transaction(t) if t.is_fatal())
+            || live.abort_transaction(self.timeout).is_err();
+        tracing::warn!(error = %e, fatal, "decision stream transaction failed; its records are read again");
+        if fatal {
+            // A new producer of the same id starts afresh (at the next flush).
+            *producer = None;
+        }
+        Ok(Flushed::Aborted)
+    }
+
+    /// Drops everything pending and of the current generation, and asks
+    /// the poll loop to take the positions back to the committed offsets.
+    fn rewind_all(&self) {
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            p.last += 1;
+            let next = p.last;
+            p.base = next;
+            for g in p.generations.values_mut() {
+                *g = next;
+            }
+            p.clear();
+        }
+        self.room.notify_waiters();
+        self.rewind.notify_one();
+    }
+
+    fn transaction(
+        &self,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        events: &[(String, Vec<u8>)],
+        offsets: &BTreeMap<i32, i64>,
+        group: Option<ConsumerGroupMetadata>,
+    ) -> Result<(), KafkaError> {
+        // None: the member is between generations; the offsets cannot go.
+        let group = group.ok_or(KafkaError::Global(RDKafkaErrorCode::State))?;
+        producer.begin_transaction()?;
+        for (key, value) in events {
+            let mut record = BaseRecord::to(&self.topic).key(key).payload(value);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&partition, &next) in offsets {
+            tpl.add_partition_offset(&self.request_topic, partition, Offset::Offset(next))?;
+        }
+        producer.send_offsets_to_transaction(&tpl, &group, self.timeout)?;
+        // A retriable failure of the commit may simply be tried again.
+        let mut tries = 0;
+        loop {
+            match producer.commit_transaction(self.timeout) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(t)) if t.is_retriable() && tries < 3 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

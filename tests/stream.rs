@@ -1,0 +1,115 @@
+//! The decision stream (docs/decision-stream.md): every stored decision
+//! once, for a `read_committed` consumer, in each coupon's decision order,
+//! while workers are killed and frozen past their session and the broker
+//! restarts under them.
+
+use std::time::Duration;
+
+use firstcome_suite::services::PrivateKafka;
+use firstcome_suite::{LoadOutcome, TestEnv};
+use tokio_util::sync::CancellationToken;
+
+/// A worker binary with the decision stream on.
+fn streaming_worker(env: &TestEnv) -> tokio::process::Child {
+    env.worker_command()
+        .arg("run")
+        .env("FIRSTCOME_DECISION_STREAM", "true")
+        .env("FIRSTCOME_TRANSACTION_TIMEOUT_MS", "5000")
+        .env("FIRSTCOME_SESSION_TIMEOUT_MS", "6000")
+        .env("FIRSTCOME_COMMIT_INTERVAL_MS", "200")
+        // Small batches: a kill lands between a store and its commit.
+        .env("FIRSTCOME_MAX_BATCH", "13")
+        .env("FIRSTCOME_PARTITION_BUFFER", "52")
+        .spawn()
+        .expect("the worker binary starts")
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_and_a_broker_restart()
+ {
+    let mut env = TestEnv::new().await;
+    let mut kafka = PrivateKafka::start().await;
+    env.use_broker(&kafka).await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupons: Vec<(String, i64)> = vec![
+        (env.coupon_id("s1"), 150),
+        (env.coupon_id("s2"), 40),
+        (env.coupon_id("s3"), 400),
+    ];
+    for (id, stock) in &coupons {
+        assert_eq!(client.create_coupon(id, *stock).await.0, 201);
+    }
+    let ids: Vec<&str> = coupons.iter().map(|(c, _)| c.as_str()).collect();
+    let stop = CancellationToken::new();
+    let load = firstcome_suite::spawn_open_load(
+        &client,
+        &coupons,
+        // 80 requests a second from the eight senders.
+        Duration::from_millis(100),
+        |i| format!("u{}", (i * 7919) % 700),
+        stop.clone(),
+    );
+    let mut a = streaming_worker(&env);
+    let mut b = streaming_worker(&env);
+    env.wait_decided(&ids, 150).await;
+
+    // 1. A worker killed: its open transaction is aborted by the broker,
+    // and its records are decided and streamed again by the other.
+    a.kill().await.unwrap();
+    let before = env.decided_count(&ids).await;
+    env.wait_decided(&ids, before + 150).await;
+    let mut a = streaming_worker(&env);
+
+    // 2. A worker frozen past its session: the group moves on without it;
+    // once thawed, its transaction carries a stale generation and aborts.
+    signal(&b, "STOP");
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    signal(&b, "CONT");
+    let before = env.decided_count(&ids).await;
+    env.wait_decided(&ids, before + 150).await;
+
+    // 3. The broker restarted under both: transactions in flight abort.
+    kafka.stop(0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kafka.restart(0).await;
+    let before = env.decided_count(&ids).await;
+    env.wait_decided(&ids, before + 150).await;
+
+    stop.cancel();
+    let seen: LoadOutcome = load.await.unwrap();
+    firstcome_suite::check_promise_with(
+        &env,
+        &client,
+        &coupons,
+        &seen.accepted,
+        &seen.unconfirmed,
+        Duration::from_secs(120),
+    )
+    .await;
+    // Stopped cleanly, each commits what it stored.
+    for w in [&a, &b] {
+        signal(w, "TERM");
+    }
+    for w in [&mut a, &mut b] {
+        let status = tokio::time::timeout(Duration::from_secs(60), w.wait())
+            .await
+            .expect("a worker stops within a minute")
+            .unwrap();
+        assert!(status.success(), "the worker stopped cleanly: {status}");
+    }
+    let n = firstcome_suite::check_decision_stream(&env, &ids, Duration::from_secs(60)).await;
+    eprintln!("{n} decisions streamed, each once and in order");
+    assert!(n >= 600, "the sale made {n} decisions");
+    ingress.stop().await;
+}

@@ -1,0 +1,180 @@
+//! The decision stream, read as a downstream `read_committed` consumer reads
+//! it, and checked against the ledger: every stored decision once, as
+//! Postgres holds it, in each coupon's decision order, and nothing else.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::*;
+
+/// One event of the decision topic and where it sat.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// The partition of the decision topic.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+    /// The record's key: the coupon id.
+    pub key: String,
+    /// The event (docs/decision-stream.md).
+    pub event: Value,
+}
+
+/// Reads the decision topic as a `read_committed` consumer, from the start
+/// to the end each partition has once every transaction open now has ended
+/// (committed, aborted, or timed out by the broker); panics past `limit`.
+pub fn read_decisions(env: &TestEnv, limit: Duration) -> Vec<StreamEvent> {
+    let topic = &env.common.decision_topic;
+    let consumer: BaseConsumer = firstcome::kafka::client_config(&env.common)
+        .unwrap()
+        .set("group.id", unique("stream-reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions: Vec<i32> = meta.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    assert!(!partitions.is_empty(), "topic {topic} exists");
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        ends.insert(p, high);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    let mut out = Vec::new();
+    loop {
+        // The position moves past commit markers and aborted records too,
+        // which the consumer never hands over.
+        let position = consumer.position().unwrap();
+        let behind: Vec<(i32, i64, i64)> = partitions
+            .iter()
+            .filter_map(|&p| {
+                let at = match position.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(n)) => n,
+                    _ => 0,
+                };
+                (at < ends[&p]).then_some((p, at, ends[&p]))
+            })
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the decision stream was not readable to its end in {limit:?} \
+             (partition, position, end): {behind:?}; an open transaction holds it"
+        );
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            out.push(StreamEvent {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap(),
+                event: serde_json::from_slice(m.payload().unwrap_or_default())
+                    .expect("an event is JSON"),
+            });
+        }
+    }
+    out.sort_by_key(|e| (e.partition, e.offset));
+    out
+}
+
+/// Checks the stream against the ledger for `coupons`: each stored decision
+/// appears exactly once (by event id and by request), says what the ledger
+/// says, under its coupon's key, in the coupon's decision order (the log
+/// order of the records that decided them, and their decision numbers);
+/// and no event names a decision the ledger does not hold. Returns the
+/// number of events checked.
+pub async fn check_decision_stream(env: &TestEnv, coupons: &[&str], limit: Duration) -> usize {
+    let coupon_list: Vec<String> = coupons.iter().map(|c| c.to_string()).collect();
+    let events: Vec<StreamEvent> = read_decisions(env, limit)
+        .into_iter()
+        .filter(|e| coupon_list.contains(&e.key))
+        .collect();
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(uuid::Uuid, String, String, String, Option<i64>, i32, i64)> = sqlx::query_as(
+        "SELECT request_id, coupon_id, user_id, status, decision_seq, kafka_partition, kafka_offset
+         FROM request_ledger WHERE coupon_id = ANY($1)",
+    )
+    .bind(&coupon_list)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let ledger: HashMap<String, _> = rows.into_iter().map(|r| (r.0.to_string(), r)).collect();
+
+    let mut seen_events = HashMap::new();
+    let mut seen_requests = HashMap::new();
+    let mut by_coupon: BTreeMap<String, Vec<&StreamEvent>> = BTreeMap::new();
+    for e in &events {
+        let ev = &e.event;
+        let event_id = ev["event_id"].as_str().expect("event_id").to_owned();
+        let request_id = ev["request_id"].as_str().expect("request_id").to_owned();
+        if let Some(first) = seen_events.insert(event_id.clone(), (e.partition, e.offset)) {
+            panic!(
+                "event {event_id} twice: at {first:?} and at {:?}: {ev}",
+                (e.partition, e.offset)
+            );
+        }
+        if let Some(first) = seen_requests.insert(request_id.clone(), (e.partition, e.offset)) {
+            panic!("request {request_id} decided twice in the stream: at {first:?} and {ev}");
+        }
+        let Some(row) = ledger.get(&request_id) else {
+            panic!("an event the ledger does not hold: {ev}");
+        };
+        assert_eq!(e.key, row.1, "keyed by its coupon: {ev}");
+        assert_eq!(ev["coupon_id"], row.1.as_str(), "{ev}");
+        assert_eq!(ev["user_id"], row.2.as_str(), "{ev}");
+        assert_eq!(ev["status"], row.3.as_str(), "what the ledger holds: {ev}");
+        assert_eq!(ev["decision_seq"].as_i64(), row.4, "{ev}");
+        assert_eq!(ev["request_partition"].as_i64(), Some(row.5 as i64), "{ev}");
+        assert_eq!(ev["request_offset"].as_i64(), Some(row.6), "{ev}");
+        by_coupon.entry(e.key.clone()).or_default().push(e);
+    }
+    let missing: Vec<&String> = ledger
+        .keys()
+        .filter(|id| !seen_requests.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} stored decisions are not in the stream, e.g. {:?}",
+        missing.len(),
+        ledger.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for (coupon, evs) in &by_coupon {
+        let partitions: std::collections::BTreeSet<i32> = evs.iter().map(|e| e.partition).collect();
+        assert_eq!(
+            partitions.len(),
+            1,
+            "coupon {coupon} in one partition of the stream"
+        );
+        for w in evs.windows(2) {
+            let (a, b) = (&w[0].event, &w[1].event);
+            assert!(
+                a["request_offset"].as_i64() < b["request_offset"].as_i64(),
+                "coupon {coupon}: the stream's order is not the decision order:\n{a}\n{b}"
+            );
+            if let (Some(x), Some(y)) = (a["decision_seq"].as_i64(), b["decision_seq"].as_i64()) {
+                assert!(
+                    x < y,
+                    "coupon {coupon}: decision numbers out of order:\n{a}\n{b}"
+                );
+            }
+        }
+    }
+    events.len()
+}
