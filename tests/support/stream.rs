@@ -94,17 +94,15 @@ pub fn read_decisions(env: &TestEnv, limit: Duration) -> Vec<StreamEvent> {
 }
 
 /// Checks the stream against the ledger for `coupons`: each stored decision
-/// appears exactly once (by event id and by request), says what the ledger
+/// appears exactly once (by event id and by request; a request that failed
+/// and was replayed has its `failed` event first), says what the ledger
 /// says, under its coupon's key, in the coupon's decision order (the log
 /// order of the records that decided them, and their decision numbers);
-/// and no event names a decision the ledger does not hold. Returns the
-/// number of events checked.
+/// and no event names a decision the ledger does not hold. Events still
+/// waiting for a worker's next transaction are waited for, up to `limit`.
+/// Returns the number of events checked.
 pub async fn check_decision_stream(env: &TestEnv, coupons: &[&str], limit: Duration) -> usize {
     let coupon_list: Vec<String> = coupons.iter().map(|c| c.to_string()).collect();
-    let events: Vec<StreamEvent> = read_decisions(env, limit)
-        .into_iter()
-        .filter(|e| coupon_list.contains(&e.key))
-        .collect();
     #[allow(clippy::type_complexity)]
     let rows: Vec<(uuid::Uuid, String, String, String, Option<i64>, i32, i64)> = sqlx::query_as(
         "SELECT request_id, coupon_id, user_id, status, decision_seq, kafka_partition, kafka_offset
@@ -115,46 +113,74 @@ pub async fn check_decision_stream(env: &TestEnv, coupons: &[&str], limit: Durat
     .await
     .unwrap();
     let ledger: HashMap<String, _> = rows.into_iter().map(|r| (r.0.to_string(), r)).collect();
+    let deadline = std::time::Instant::now() + limit;
+    let events = loop {
+        let events: Vec<StreamEvent> = read_decisions(env, limit)
+            .into_iter()
+            .filter(|e| coupon_list.contains(&e.key))
+            .collect();
+        let streamed: std::collections::HashSet<&str> = events
+            .iter()
+            .filter_map(|e| e.event["request_id"].as_str())
+            .collect();
+        let missing: Vec<&String> = ledger
+            .keys()
+            .filter(|id| !streamed.contains(id.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} stored decisions are not in the stream, e.g. {:?}",
+            missing.len(),
+            ledger.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
 
     let mut seen_events = HashMap::new();
-    let mut seen_requests = HashMap::new();
+    let mut by_request: HashMap<String, Vec<&StreamEvent>> = HashMap::new();
     let mut by_coupon: BTreeMap<String, Vec<&StreamEvent>> = BTreeMap::new();
     for e in &events {
         let ev = &e.event;
         let event_id = ev["event_id"].as_str().expect("event_id").to_owned();
-        let request_id = ev["request_id"].as_str().expect("request_id").to_owned();
         if let Some(first) = seen_events.insert(event_id.clone(), (e.partition, e.offset)) {
             panic!(
                 "event {event_id} twice: at {first:?} and at {:?}: {ev}",
                 (e.partition, e.offset)
             );
         }
-        if let Some(first) = seen_requests.insert(request_id.clone(), (e.partition, e.offset)) {
-            panic!("request {request_id} decided twice in the stream: at {first:?} and {ev}");
-        }
-        let Some(row) = ledger.get(&request_id) else {
-            panic!("an event the ledger does not hold: {ev}");
+        let request_id = ev["request_id"].as_str().expect("request_id").to_owned();
+        by_request.entry(request_id).or_default().push(e);
+        by_coupon.entry(e.key.clone()).or_default().push(e);
+    }
+    for (request_id, evs) in &by_request {
+        let Some(row) = ledger.get(request_id) else {
+            panic!("an event the ledger does not hold: {}", evs[0].event);
         };
-        assert_eq!(e.key, row.1, "keyed by its coupon: {ev}");
+        let (last, earlier) = evs.split_last().expect("one at least");
+        for e in earlier {
+            assert_eq!(
+                e.event["status"], "failed",
+                "request {request_id} decided twice in the stream: {} then {}",
+                e.event, last.event
+            );
+        }
+        let ev = &last.event;
+        assert_eq!(last.key, row.1, "keyed by its coupon: {ev}");
         assert_eq!(ev["coupon_id"], row.1.as_str(), "{ev}");
         assert_eq!(ev["user_id"], row.2.as_str(), "{ev}");
         assert_eq!(ev["status"], row.3.as_str(), "what the ledger holds: {ev}");
         assert_eq!(ev["decision_seq"].as_i64(), row.4, "{ev}");
-        assert_eq!(ev["request_partition"].as_i64(), Some(row.5 as i64), "{ev}");
+        assert_eq!(
+            ev["request_partition"].as_i64(),
+            Some(i64::from(row.5)),
+            "{ev}"
+        );
         assert_eq!(ev["request_offset"].as_i64(), Some(row.6), "{ev}");
-        by_coupon.entry(e.key.clone()).or_default().push(e);
     }
-    let missing: Vec<&String> = ledger
-        .keys()
-        .filter(|id| !seen_requests.contains_key(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} stored decisions are not in the stream, e.g. {:?}",
-        missing.len(),
-        ledger.len(),
-        &missing[..missing.len().min(5)]
-    );
     for (coupon, evs) in &by_coupon {
         let partitions: std::collections::BTreeSet<i32> = evs.iter().map(|e| e.partition).collect();
         assert_eq!(
@@ -162,7 +188,12 @@ pub async fn check_decision_stream(env: &TestEnv, coupons: &[&str], limit: Durat
             1,
             "coupon {coupon} in one partition of the stream"
         );
-        for w in evs.windows(2) {
+        // A failed request replayed later is decided at its new place.
+        let decided: Vec<&&StreamEvent> = evs
+            .iter()
+            .filter(|e| e.event["status"] != "failed")
+            .collect();
+        for w in decided.windows(2) {
             let (a, b) = (&w[0].event, &w[1].event);
             assert!(
                 a["request_offset"].as_i64() < b["request_offset"].as_i64(),
