@@ -62,6 +62,7 @@ async fn every_benchmark_scenario_runs_and_reports() {
         assert!(results[rate]["count"].as_u64().unwrap() >= 600, "{rate}");
     }
     assert_eq!(results["drain"]["all"]["count"], 600);
+    assert_eq!(results["drain_stream"]["all"]["count"], 600);
     let sale = &results["flash_sale"];
     assert_eq!(sale["violations"], 0, "{sale}");
     assert_eq!(sale["burst"]["ok"], 300);

@@ -102,6 +102,8 @@ enum Scenario {
     RawRedis,
     RawPg,
     Drain,
+    /// The drain with the decision stream on.
+    DrainStream,
     FlashSale,
     SeedBaseline,
     /// Honest clients with and without an attack beside them.
@@ -242,6 +244,10 @@ async fn run(
                 }
                 Scenario::Drain => {
                     r.drain = Some(scenarios::drain(size).await.with_context(context)?)
+                }
+                Scenario::DrainStream => {
+                    r.drain_stream =
+                        Some(scenarios::drain_stream(size).await.with_context(context)?)
                 }
                 Scenario::FlashSale => {
                     r.flash_sale = Some(scenarios::flash_sale(size).await.with_context(context)?)

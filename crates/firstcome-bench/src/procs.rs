@@ -254,11 +254,17 @@ pub async fn ingress(env: &BenchEnv) -> anyhow::Result<Proc> {
 
 /// Starts a worker.
 pub fn worker(env: &BenchEnv) -> anyhow::Result<Proc> {
-    let child = command(env, "firstcome-worker")?
-        .arg("run")
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the worker")?;
+    worker_with(env, &[])
+}
+
+/// Starts the worker with extra settings (`FIRSTCOME_…` and their values).
+pub fn worker_with(env: &BenchEnv, settings: &[(&str, &str)]) -> anyhow::Result<Proc> {
+    let mut cmd = command(env, "firstcome-worker")?;
+    cmd.arg("run").kill_on_drop(true);
+    for (k, v) in settings {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().context("starting the worker")?;
     Ok(Proc { child, addr: None })
 }
 

@@ -84,6 +84,8 @@ pub struct Results {
     pub raw_pg: Option<Rate>,
     /// `drain`.
     pub drain: Option<Drain>,
+    /// `drain-stream`: the drain with the decision stream on.
+    pub drain_stream: Option<Drain>,
     /// `flash-sale`.
     pub flash_sale: Option<FlashSale>,
     /// `seed-baseline`.
@@ -272,9 +274,13 @@ impl Results {
                 );
             }
         }
-        if let Some(d) = &self.drain {
+        for (name, d) in [
+            ("drain", &self.drain),
+            ("drain, decision stream on", &self.drain_stream),
+        ] {
+            let Some(d) = d else { continue };
             row(
-                "drain",
+                name,
                 format!(
                     "{:.0} records/s overall, hot coupon {:.0}/s ({} records); wall {:.1} s with the group join; accept→decide p50 {:.0} / p99 {:.0} ms; worker RSS {:.0} MiB{}",
                     d.all.per_s,

@@ -562,7 +562,17 @@ async fn latency_from_ledger(pool: &sqlx::PgPool, coupons: &[String]) -> anyhow:
 
 /// `drain`: one hot coupon with most of the traffic and a tail of 20.
 pub async fn drain(size: Size) -> anyhow::Result<Drain> {
-    let env = BenchEnv::new("drain").await?;
+    drain_with(size, false).await
+}
+
+/// `drain-stream`: the drain with the decision stream on (every decision
+/// read back and published in the worker's transactions).
+pub async fn drain_stream(size: Size) -> anyhow::Result<Drain> {
+    drain_with(size, true).await
+}
+
+async fn drain_with(size: Size, stream: bool) -> anyhow::Result<Drain> {
+    let env = BenchEnv::new(if stream { "dstream" } else { "drain" }).await?;
     let pool = env.common().connect_postgres().await?;
     let hot = env.coupon("hot");
     bench_coupon(&pool, &hot, 1_000).await?;
@@ -591,7 +601,13 @@ pub async fn drain(size: Size) -> anyhow::Result<Drain> {
 
     let started = Instant::now();
     let broker = procs::BrokerMeter::start();
-    let worker = procs::worker(&env)?;
+    let worker = procs::worker_with(
+        &env,
+        &[(
+            "FIRSTCOME_DECISION_STREAM",
+            if stream { "true" } else { "false" },
+        )],
+    )?;
     let mut all: Vec<String> = tail.clone();
     all.push(hot.clone());
     // Decision times are per batch, too coarse for a rate: time the ledger
