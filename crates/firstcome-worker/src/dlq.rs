@@ -345,7 +345,7 @@ pub async fn replay(
                         .map_err(|e| Failure::Transient(anyhow::Error::new(e)))
                 };
                 match REPLAY_RETRY.run(RetryStep::Replay, &never, send).await {
-                    Ok(()) => {}
+                    Ok(_) => {}
                     Err(Stop::GaveUp { error, .. }) => {
                         return Err(error.context(format!("replaying {p}/{o}")));
                     }

@@ -329,7 +329,8 @@ async fn decide<'r>(
                 let b = &coupons[i];
                 let batch: Vec<&IssueRequest> =
                     b.members.iter().map(|&j| &requests[j].request).collect();
-                async move { decide_coupon(shared, &b.coupon, &batch, now).await }
+                let last = b.members.last().map(|&j| requests[j].rec.offset);
+                async move { decide_coupon(shared, &b.coupon, &batch, now, last).await }
             }))
         })
         .await?;
@@ -368,9 +369,10 @@ async fn decide_coupon(
     coupon: &CouponId,
     batch: &[&IssueRequest],
     now: DateTime<Utc>,
+    last_offset: Option<i64>,
 ) -> anyhow::Result<Option<Decisions>> {
     let started = std::time::Instant::now();
-    let verdict = shared.states.decide(coupon, batch, now).await;
+    let verdict = shared.states.decide(coupon, batch, now, last_offset).await;
     shared.metrics.lua(started.elapsed());
     match verdict? {
         Verdict::Decided(d) => return Ok(Some(d)),
@@ -388,7 +390,11 @@ async fn decide_coupon(
         return Ok(None);
     };
     tracing::info!(%coupon, epoch = built.epoch, issued = built.issued, "built coupon state from postgres");
-    match shared.states.decide(coupon, batch, now).await? {
+    match shared
+        .states
+        .decide(coupon, batch, now, last_offset)
+        .await?
+    {
         Verdict::Decided(d) => Ok(Some(d)),
         Verdict::Paused => anyhow::bail!("coupon {coupon} is paused while its state is rebuilt"),
         Verdict::Uninitialized => anyhow::bail!("coupon state vanished right after it was built"),
@@ -578,6 +584,7 @@ async fn dead_letter(
                 .dlq
                 .send(record, DLQ_DELIVERY_TIMEOUT)
                 .await
+                .map(|_| ())
                 .map_err(|e| anyhow::Error::new(e).context("writing a dead letter"))
         })
         .await?;

@@ -13,7 +13,11 @@
 --                          redelivered record gets its first answer back
 --                          instead of a new one (+ the marker)
 -- ARGV[1]          decided_at_us stamped on the new decisions
--- ARGV[2..]        quadruples kind, id, a, b in log order:
+-- ARGV[2]          the log offset of the last record, or '': the coupon's
+--                  progress in its partition, kept in meta `offset` (only
+--                  ever raised), which a pending request's place in line is
+--                  counted from
+-- ARGV[3..]        quadruples kind, id, a, b in log order:
 --                    'r' request_id, user_id, accepted_at_us  (an issue request)
 --                    's' change_id, units, ''                 (add stock)
 --                    'c' change_id, at_us, ''                 (close at at_us)
@@ -36,7 +40,7 @@
 -- Outcomes: issued, duplicate, sold_out, not_open for requests, applied for
 -- changes.
 assert(#KEYS == 4, 'decide.lua takes 4 keys')
-assert(#ARGV >= 1 and (#ARGV - 1) % 4 == 0, 'decide.lua takes decided_at_us and record quadruples')
+assert(#ARGV >= 2 and (#ARGV - 2) % 4 == 0, 'decide.lua takes decided_at_us, an offset and record quadruples')
 
 local meta, stock_key, users, decided = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local m = redis.call('HMGET', meta, 'epoch', 'seq', 'total', 'issued', 'decisions',
@@ -64,7 +68,7 @@ local now = ARGV[1]
 local fresh, changed = 0, false
 local out = {'ok', epoch}
 
-for i = 2, #ARGV, 4 do
+for i = 3, #ARGV, 4 do
   local kind, id, a = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local prior = redis.call('HGET', decided, id)
   if prior then
@@ -123,6 +127,10 @@ for i = 2, #ARGV, 4 do
   end
 end
 
+local offset = tonumber(ARGV[2])
+if offset and offset > (tonumber(redis.call('HGET', meta, 'offset') or '') or -1) then
+  redis.call('HSET', meta, 'offset', offset)
+end
 if fresh > 0 then
   redis.call('SET', stock_key, math.max(total - issued, 0))
   redis.call('HSET', meta, 'seq', seq + fresh, 'issued', issued, 'decisions', decisions + fresh)

@@ -28,6 +28,9 @@ if current and current >= epoch then
   redis.call('UNLINK', KEYS[5], KEYS[6])
   return 0
 end
+-- The coupon's progress in its partition (decide.lua) outlives the state:
+-- a place in line never moves back because the state was built again.
+local offset = redis.call('HGET', KEYS[1], 'offset')
 redis.call('UNLINK', KEYS[1], KEYS[3], KEYS[4])
 for _, pair in ipairs({{KEYS[5], KEYS[3]}, {KEYS[6], KEYS[4]}}) do
   if redis.call('EXISTS', pair[1]) == 1 then
@@ -42,4 +45,7 @@ local decisions = redis.call('HLEN', KEYS[4]) - 1
 redis.call('SET', KEYS[2], math.max(total - issued, 0))
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', ARGV[5], 'total', ARGV[2],
   'issued', issued, 'decisions', decisions, 'starts_at_us', ARGV[3], 'ends_at_us', ARGV[4])
+if offset then
+  redis.call('HSET', KEYS[1], 'offset', offset)
+end
 return 1

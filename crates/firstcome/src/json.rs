@@ -92,6 +92,10 @@ impl RequestStatus {
                 o.out.extend_from_slice(b"null");
             }
         }
+        if let Some(offset) = self.log_offset {
+            o.key("log_offset");
+            let _ = std::io::Write::write_fmt(&mut o.out, format_args!("{offset}"));
+        }
         o.finish()
     }
 }
@@ -164,6 +168,7 @@ mod tests {
             let r = random.request();
             let status = match i % 7 {
                 0 => RequestStatus::pending(&r),
+                1 => RequestStatus::pending(&r).at_offset(random.0 as i64 >> (i % 60)),
                 n => RequestStatus::decided(
                     &r,
                     Decision {

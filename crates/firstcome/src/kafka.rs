@@ -213,19 +213,20 @@ impl HealingProducer {
     }
 
     /// Sends one record and waits for the broker's acknowledgement, or for
-    /// `queue_timeout` when the local queue is full.
+    /// `queue_timeout` when the local queue is full; where it was written
+    /// (partition, offset).
     pub async fn send<K, P>(
         &self,
         record: FutureRecord<'_, K, P>,
         queue_timeout: Duration,
-    ) -> Result<(), KafkaError>
+    ) -> Result<(i32, i64), KafkaError>
     where
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
         let (generation, producer) = self.current.read().expect("lock").clone();
         match producer.send(record, Timeout::After(queue_timeout)).await {
-            Ok(_) => Ok(()),
+            Ok(delivered) => Ok((delivered.partition, delivered.offset)),
             Err((e, _)) => {
                 self.failed(generation, &producer).await;
                 Err(e)

@@ -154,14 +154,36 @@ impl CouponState {
         coupon: &CouponId,
         requests: &[&IssueRequest],
         now: DateTime<Utc>,
+        last_offset: Option<i64>,
     ) -> Result<Verdict, StateError> {
-        decide(
+        decide_at(
             &mut self.redis.clone(),
             &self.keys.coupon(coupon),
             requests,
             now,
+            last_offset,
         )
         .await
+    }
+
+    /// Where a coupon's decisions stand, for the place in line of its
+    /// pending requests; `None` before its state holds a progress.
+    pub async fn line(&self, coupon: &CouponId) -> Result<Option<Line>, StateError> {
+        let keys = self.keys.coupon(coupon);
+        let (offset, stock): (Option<i64>, Option<i64>) = redis::pipe()
+            .cmd("HGET")
+            .arg(&keys.meta)
+            .arg("offset")
+            .cmd("GET")
+            .arg(&keys.stock)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(offset
+            .zip(stock)
+            .map(|(decided_offset, remaining_stock)| Line {
+                decided_offset,
+                remaining_stock,
+            }))
     }
 
     /// Takes a request's decision back (see [`undo`]).
@@ -241,6 +263,28 @@ pub enum Verdict {
     Decided(Decisions),
 }
 
+/// How far a coupon's decisions have come: the log offset of its last
+/// decided record (only ever raised) and the units left as last decided.
+/// A pending request at offset `o` of the coupon's partition has at most
+/// `o - decided_offset - 1` of the coupon's requests ahead of it: every
+/// record between is counted, the coupon's or not, so the figure is an
+/// upper bound, exact when the coupon has its partition to itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line {
+    /// The log offset of the coupon's last decided record.
+    pub decided_offset: i64,
+    /// Units left.
+    pub remaining_stock: i64,
+}
+
+impl Line {
+    /// At most how many requests are ahead of the one at `offset` and not
+    /// decided yet.
+    pub fn ahead_of(&self, offset: i64) -> i64 {
+        (offset - self.decided_offset - 1).max(0)
+    }
+}
+
 /// Decisions of one call, and the state they were taken on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decisions {
@@ -258,12 +302,28 @@ pub async fn decide<C: ConnectionLike + Send>(
     requests: &[&IssueRequest],
     now: DateTime<Utc>,
 ) -> Result<Verdict, StateError> {
+    decide_at(conn, keys, requests, now, None).await
+}
+
+/// [`decide`], and raises the coupon's progress in its partition to
+/// `last_offset`, the log offset of the last of `requests` (see [`Line`]).
+pub async fn decide_at<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &CouponKeys,
+    requests: &[&IssueRequest],
+    now: DateTime<Utc>,
+    last_offset: Option<i64>,
+) -> Result<Verdict, StateError> {
     let mut call = DECIDE.prepare_invoke();
     call.key(&keys.meta)
         .key(&keys.stock)
         .key(&keys.users)
         .key(&keys.decided)
         .arg(now.timestamp_micros());
+    match last_offset {
+        Some(o) => call.arg(o),
+        None => call.arg(""),
+    };
     for r in requests {
         call.arg("r")
             .arg(r.request_id.to_string())

@@ -90,6 +90,11 @@ pub struct RequestStatus {
     pub accepted_at: DateTime<Utc>,
     #[serde(serialize_with = "crate::time::serialize_option")]
     pub decided_at: Option<DateTime<Utc>>,
+    /// Where a pending request sits in its coupon's partition, as the
+    /// broker acknowledged it: what its place in line is counted from.
+    /// Kept in the cache only; a lookup answers the place instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_offset: Option<i64>,
 }
 
 impl RequestStatus {
@@ -102,6 +107,15 @@ impl RequestStatus {
             status: Status::Pending,
             accepted_at: r.accepted_at,
             decided_at: None,
+            log_offset: None,
+        }
+    }
+
+    /// A pending status that knows its offset in the log.
+    pub fn at_offset(self, offset: i64) -> Self {
+        Self {
+            log_offset: Some(offset),
+            ..self
         }
     }
 

@@ -51,7 +51,7 @@ pub(crate) async fn get_request(
     State(state): State<AppState>,
     Id(id): Id<RequestId>,
     query: Result<Query<WaitQuery>, QueryRejection>,
-) -> Result<Json<RequestStatus>, ApiError> {
+) -> Result<Json<Answer>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let max = state.cfg.max_wait_ms;
     let wait = match query.wait_ms {
@@ -64,19 +64,65 @@ pub(crate) async fn get_request(
         _ => None,
     };
     let Some(wait) = wait else {
-        return lookup(&state, id).await.map(Json);
+        let status = lookup(&state, id).await?;
+        return Ok(Json(answer(&state, status).await));
     };
     // Registered before the first look, so a decision in between wakes it.
     let waiter = state.waiters.register(id);
     match lookup(&state, id).await {
-        Ok(s) if s.status != Status::Pending => return Ok(Json(s)),
+        Ok(s) if s.status != Status::Pending => return Ok(Json(answer(&state, s).await)),
         // Pending, or not (yet) known: a request whose 503 hid a write, or
         // whose pending entry was skipped, may still be decided.
         Ok(_) | Err(ApiError::RequestNotFound(_)) => {}
         Err(e) => return Err(e),
     }
     waiter.wait(wait).await;
-    lookup(&state, id).await.map(Json)
+    let status = lookup(&state, id).await?;
+    Ok(Json(answer(&state, status).await))
+}
+
+/// What a lookup answers: the status, and a pending request's place in
+/// line.
+#[derive(Debug, Serialize)]
+pub(crate) struct Answer {
+    #[serde(flatten)]
+    status: RequestStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<LineView>,
+}
+
+/// A pending request's place in line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LineView {
+    /// At most this many of the coupon's requests are ahead of this one and
+    /// not decided yet: every record between the coupon's last decision and
+    /// this request in its partition counts, the coupon's or not (exact when
+    /// the coupon has its partition to itself). Never rises for one request.
+    pub ahead_at_most: i64,
+    /// Units of the coupon left, as last decided. While
+    /// `remaining_stock > ahead_at_most`, a unit is left for this request.
+    pub remaining_stock: i64,
+}
+
+/// The answer of `status`: the cache's offset is dropped, and a pending
+/// request whose offset and coupon progress are known gets its place (one
+/// round trip to the coupon's Redis slot; without Redis, none).
+async fn answer(state: &AppState, mut status: RequestStatus) -> Answer {
+    let offset = status.log_offset.take();
+    let line = match (status.status, offset) {
+        (Status::Pending, Some(offset)) => match state.states.line(&status.coupon_id).await {
+            Ok(line) => line.map(|l| LineView {
+                ahead_at_most: l.ahead_of(offset),
+                remaining_stock: l.remaining_stock,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "place in line unavailable");
+                None
+            }
+        },
+        _ => None,
+    };
+    Answer { status, line }
 }
 
 /// A request's status: the cache, else the ledger. A cached `pending`
@@ -144,6 +190,7 @@ async fn from_ledger(state: &AppState, id: RequestId) -> Result<Option<RequestSt
         status: row.status,
         accepted_at: row.accepted_at,
         decided_at: Some(row.decided_at),
+        log_offset: None,
     }))
 }
 
@@ -164,4 +211,8 @@ pub struct RequestStatusView {
     pub accepted_at: DateTime<Utc>,
     /// When the worker decided it; null while pending.
     pub decided_at: Option<DateTime<Utc>>,
+    /// While pending, once the worker has decided a request of the coupon:
+    /// where this one stands.
+    #[schema(nullable = false)]
+    pub line: Option<LineView>,
 }

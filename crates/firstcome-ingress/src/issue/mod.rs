@@ -164,9 +164,10 @@ impl Issue {
         // Not acknowledged does not mean not written: the answer carries the
         // request id, whose status tells the truth once the log is readable.
         let id = request.request_id;
-        match delivered {
-            Ok(Ok(())) => {
+        let offset = match delivered {
+            Ok(Ok((_, offset))) => {
                 self.metrics.accepted.inc();
+                offset
             }
             Ok(Err(e)) => {
                 self.metrics.broker_error("error");
@@ -179,11 +180,11 @@ impl Issue {
                     "kafka: no delivery report in time",
                 ));
             }
-        }
+        };
         // The record is in the log, so the request will be decided whatever
         // happens next; the pending entry only lets lookups say "pending"
         // rather than 404 until then.
-        self.pending.record(request).await;
+        self.pending.record(request, offset).await;
         Ok(())
     }
 }

@@ -47,16 +47,17 @@ impl PendingWrites {
         Self { queue, breaker }
     }
 
-    /// Records `request` as pending and returns once it is written (or
-    /// failed, or is being skipped).
-    pub async fn record(&self, request: &IssueRequest) {
+    /// Records `request`, acknowledged at `offset` of its partition, as
+    /// pending and returns once it is written (or failed, or is being
+    /// skipped).
+    pub async fn record(&self, request: &IssueRequest, offset: i64) {
         if self.breaker.open() {
             return;
         }
         let (done, written) = oneshot::channel();
         if self
             .queue
-            .send((RequestStatus::pending(request), done))
+            .send((RequestStatus::pending(request).at_offset(offset), done))
             .is_ok()
         {
             // The writer answers every entry, written or not.
