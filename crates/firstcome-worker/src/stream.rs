@@ -175,9 +175,21 @@ impl DecisionStream {
         producer_cfg
             .set("transactional.id", cfg.transactional_id())
             .set("transaction.timeout.ms", timeout.as_millis().to_string());
-        let producer = Self::producer(&producer_cfg, timeout)?;
+        // A broker's transaction coordinator is made at its first use (50
+        // partitions of `__transaction_state`), which on a slow machine
+        // takes longer than one try: the first flushes try again.
+        let producer = match Self::producer(&producer_cfg, timeout) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the decision stream's transactions are not ready yet; trying again at the next commit"
+                );
+                None
+            }
+        };
         Ok(Self {
-            producer: Mutex::new(Some(producer)),
+            producer: Mutex::new(producer),
             config: producer_cfg,
             topic: cfg.common.decision_topic.clone(),
             request_topic: cfg.common.request_topic.clone(),
