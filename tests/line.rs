@@ -98,3 +98,65 @@ async fn a_pending_request_knows_its_place_which_only_falls_and_never_promises_a
     worker.stop().await;
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_poll_with_a_step_answers_when_the_place_has_fallen_that_far_before_the_decision() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("step");
+    assert_eq!(client.create_coupon(&coupon, 1_000).await.0, 201);
+    let worker = env.spawn_worker().await;
+    let (_, first) = client.issue(&coupon, "u0").await;
+    let first = first["request_id"].as_str().unwrap().to_owned();
+    client.wait_final(&first, Duration::from_secs(30)).await;
+    worker.stop().await;
+
+    let mut ids = Vec::new();
+    for i in 1..=300 {
+        let (code, body) = client.issue(&coupon, &format!("u{i}")).await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    let last = ids.last().unwrap().clone();
+    let (_, before) = client.get(&format!("/v1/issue-requests/{last}")).await;
+    assert_eq!(before["line"]["ahead_at_most"], 299, "{before}");
+
+    // A step without a wait, or out of range: refused.
+    for query in ["step=5", "wait_ms=1000&step=0", "wait_ms=1000&step=x"] {
+        let (code, body) = client
+            .get(&format!("/v1/issue-requests/{last}?{query}"))
+            .await;
+        assert_eq!(code, 422, "{query}: {body}");
+    }
+
+    // Batches of two: the place falls by 20 after ten batches, long before
+    // the 150th batch decides this request.
+    let poll = {
+        let client = client.clone();
+        let last = last.clone();
+        tokio::spawn(async move {
+            client
+                .get(&format!("/v1/issue-requests/{last}?wait_ms=10000&step=20"))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut wcfg = env.worker_config();
+    wcfg.max_batch = 2;
+    let worker = env.spawn_worker_with(wcfg).await;
+    let (code, moved) = poll.await.unwrap();
+    assert_eq!(code, 200, "{moved}");
+    assert_eq!(
+        moved["status"], "pending",
+        "answered before the decision: {moved}"
+    );
+    let ahead = moved["line"]["ahead_at_most"].as_i64().unwrap();
+    assert!(ahead <= 299 - 20, "fallen by the step at least: {moved}");
+    assert_eq!(
+        client.wait_final(&last, Duration::from_secs(60)).await["status"],
+        "issued"
+    );
+    worker.stop().await;
+    ingress.stop().await;
+}

@@ -7,11 +7,11 @@
 //! at all; a lost message (the subscription reconnecting) only means its
 //! client waits out its `wait_ms` and gets the plain answer then.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use firstcome::RequestId;
+use firstcome::{CouponId, RequestId};
 use futures::StreamExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::oneshot;
@@ -31,6 +31,10 @@ pub struct Waiters {
 #[derive(Default)]
 struct Registered {
     by_request: HashMap<RequestId, Vec<(u64, oneshot::Sender<()>)>>,
+    /// Long polls that also end once their coupon's progress reaches an
+    /// offset (a place in line fallen by the step asked for), by coupon,
+    /// in the order of that offset.
+    by_coupon: HashMap<CouponId, BTreeMap<(i64, u64), oneshot::Sender<()>>>,
     /// The number the next waiter gets, so its drop finds its own entry.
     next: u64,
 }
@@ -42,6 +46,8 @@ pub struct Waiter {
     request: RequestId,
     number: u64,
     woken: oneshot::Receiver<()>,
+    /// With [`Waiter::until_progress`]: the coupon and offset waited for.
+    progress: Option<(CouponId, i64, oneshot::Receiver<()>)>,
 }
 
 impl Waiters {
@@ -71,6 +77,7 @@ impl Waiters {
             request,
             number,
             woken: rx,
+            progress: None,
         }
     }
 
@@ -96,6 +103,22 @@ impl Waiters {
         }
     }
 
+    /// Wakes whoever waits for `coupon`'s progress to reach `offset` or
+    /// less (their entries for the request stay until the wait ends).
+    fn progress(&self, coupon: &CouponId, offset: i64) {
+        let mut inner = self.inner.lock().expect("lock");
+        let Some(waiting) = inner.by_coupon.get_mut(coupon) else {
+            return;
+        };
+        let later = waiting.split_off(&(offset + 1, 0));
+        for (_, tx) in std::mem::replace(waiting, later) {
+            let _ = tx.send(());
+        }
+        if waiting.is_empty() {
+            inner.by_coupon.remove(coupon);
+        }
+    }
+
     /// Wakes everybody (shutdown): they answer what they know now.
     fn wake_all(&self) {
         let mut inner = self.inner.lock().expect("lock");
@@ -103,13 +126,47 @@ impl Waiters {
             self.gauge.dec();
             let _ = tx.send(());
         }
+        for (_, tx) in inner.by_coupon.drain().flat_map(|(_, list)| list) {
+            let _ = tx.send(());
+        }
     }
 }
 
 impl Waiter {
-    /// Until the request is decided, everybody is woken, or `limit` passes.
+    /// Also ends the wait once `coupon`'s decisions reach `offset` of its
+    /// partition (announced by the worker with each batch).
+    pub fn until_progress(mut self, coupon: CouponId, offset: i64) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.waiters.inner.lock().expect("lock");
+        inner
+            .by_coupon
+            .entry(coupon.clone())
+            .or_default()
+            .insert((offset, self.number), tx);
+        drop(inner);
+        self.progress = Some((coupon, offset, rx));
+        self
+    }
+
+    /// Until the request is decided, its coupon's progress reaches what
+    /// [`Waiter::until_progress`] asked, everybody is woken, or `limit`
+    /// passes.
     pub async fn wait(mut self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, &mut self.woken).await;
+        let progress = async {
+            match self.progress.as_mut() {
+                Some((_, _, rx)) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let _ = tokio::time::timeout(limit, async {
+            tokio::select! {
+                _ = &mut self.woken => {}
+                () = progress => {}
+            }
+        })
+        .await;
     }
 }
 
@@ -117,6 +174,14 @@ impl Drop for Waiter {
     /// Takes this wait's own entry off the list, if a wake has not already.
     fn drop(&mut self) {
         let mut inner = self.waiters.inner.lock().expect("lock");
+        if let Some((coupon, offset, _)) = &self.progress
+            && let Some(waiting) = inner.by_coupon.get_mut(coupon)
+        {
+            waiting.remove(&(*offset, self.number));
+            if waiting.is_empty() {
+                inner.by_coupon.remove(coupon);
+            }
+        }
         if let Some(list) = inner.by_request.get_mut(&self.request) {
             let before = list.len();
             list.retain(|(number, _)| *number != self.number);
@@ -150,11 +215,18 @@ pub async fn listen(
             let mut messages = pubsub.on_message();
             while let Some(msg) = messages.next().await {
                 let payload: String = msg.get_payload()?;
-                waiters.wake(
-                    payload
-                        .split_ascii_whitespace()
-                        .filter_map(|id| RequestId::parse(id).ok()),
-                );
+                let (progress, ids): (Vec<&str>, Vec<&str>) = payload
+                    .split_ascii_whitespace()
+                    .partition(|t| t.starts_with('@'));
+                waiters.wake(ids.into_iter().filter_map(|id| RequestId::parse(id).ok()));
+                for token in progress {
+                    let parsed = token[1..].split_once('=').and_then(|(c, o)| {
+                        Some((CouponId::parse(c.to_owned()).ok()?, o.parse::<i64>().ok()?))
+                    });
+                    if let Some((coupon, offset)) = parsed {
+                        waiters.progress(&coupon, offset);
+                    }
+                }
             }
             Ok::<(), redis::RedisError>(())
         };
@@ -208,6 +280,36 @@ mod tests {
         drop(second);
         assert_eq!(waiters.len(), 0);
         assert!(waiters.is_empty());
+        assert_eq!(waiters.gauge.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_progress_wakes_the_polls_it_reaches_and_every_poll_leaves_nothing_behind() {
+        let waiters = waiters();
+        let coupon = CouponId::parse("c1".to_owned()).unwrap();
+        let near = waiters
+            .register(RequestId::new())
+            .until_progress(coupon.clone(), 10);
+        let far = waiters
+            .register(RequestId::new())
+            .until_progress(coupon.clone(), 30);
+        waiters.progress(&coupon, 20);
+        // Woken: answers at once, long before its limit.
+        tokio::time::timeout(Duration::from_secs(5), near.wait(Duration::from_secs(3600)))
+            .await
+            .expect("the progress reached it");
+        assert!(
+            tokio::time::timeout(
+                Duration::from_millis(50),
+                far.wait(Duration::from_secs(3600))
+            )
+            .await
+            .is_err(),
+            "not reached yet"
+        );
+        // The timed-out future dropped its waiter: nothing is left.
+        let inner = waiters.inner.lock().unwrap();
+        assert!(inner.by_coupon.is_empty() && inner.by_request.is_empty());
         assert_eq!(waiters.gauge.get(), 0);
     }
 

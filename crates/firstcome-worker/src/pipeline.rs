@@ -602,11 +602,19 @@ async fn publish(
         .iter()
         .map(|d| RequestStatus::decided(d.request, d.decision))
         .collect();
+    // Each coupon's last decided offset in this batch: the long polls
+    // waiting for a place in line to fall hear of it.
+    let mut last: HashMap<&CouponId, i64> = HashMap::new();
+    for d in decided {
+        let o = last.entry(&d.request.coupon_id).or_insert(d.offset);
+        *o = (*o).max(d.offset);
+    }
+    let progress: Vec<(&CouponId, i64)> = last.into_iter().collect();
     shared
         .retry(RetryStep::PublishStatuses, cancel, || async {
             shared
                 .statuses
-                .put_final(&statuses)
+                .put_decided(&statuses, &progress)
                 .await
                 .context("writing request statuses")
         })

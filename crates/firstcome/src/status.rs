@@ -71,6 +71,23 @@ impl StatusCache {
         put_statuses(&mut self.redis.clone(), &self.keys, statuses, self.ttl).await
     }
 
+    /// Writes a batch's final statuses and announces them with each
+    /// coupon's progress (see [`put_decided`]).
+    pub async fn put_decided(
+        &self,
+        statuses: &[RequestStatus],
+        progress: &[(&CouponId, i64)],
+    ) -> Result<(), StateError> {
+        put_decided(
+            &mut self.redis.clone(),
+            &self.keys,
+            statuses,
+            progress,
+            self.ttl,
+        )
+        .await
+    }
+
     /// The channel the ids of stored batches are published on.
     pub fn decided_channel(&self) -> String {
         self.keys.decided_channel()
@@ -191,18 +208,35 @@ pub async fn put_statuses<C: Connection>(
     statuses: &[RequestStatus],
     ttl: Duration,
 ) -> Result<(), StateError> {
+    put_decided(conn, keys, statuses, &[], ttl).await
+}
+
+/// [`put_statuses`], and announces with the ids each coupon's progress in
+/// its partition (`@{coupon}={offset}`: the log offset of its last decided
+/// record), which wakes the long polls waiting for a place in line to fall.
+pub async fn put_decided<C: Connection>(
+    conn: &mut C,
+    keys: &Keys,
+    statuses: &[RequestStatus],
+    progress: &[(&CouponId, i64)],
+    ttl: Duration,
+) -> Result<(), StateError> {
     // A batch of dead letters only has no status to write; Redis refuses an
     // empty pipeline.
     if statuses.is_empty() {
         return Ok(());
     }
     let ttl = ttl.as_secs().max(1);
-    let mut ids = String::with_capacity(statuses.len() * 37);
+    let mut ids = String::with_capacity(statuses.len() * 37 + progress.len() * 40);
     for s in statuses {
         if !ids.is_empty() {
             ids.push(' ');
         }
         ids.push_str(s.request_id.encode(&mut [0; 36]));
+    }
+    for (coupon, offset) in progress {
+        use std::fmt::Write;
+        let _ = write!(ids, " @{}={offset}", coupon.as_str());
     }
     let set = |s: &RequestStatus| set_status(keys, s, ttl, false);
     if conn.clustered() {

@@ -10,6 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use firstcome::db;
+use firstcome::state::Line;
 use firstcome::status::RequestStatus;
 use firstcome::{RequestId, Status};
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,10 @@ pub struct WaitQuery {
     /// maximum, 10,000 by default); absent or 0 answers at once.
     #[param(minimum = 0, maximum = 10_000)]
     wait_ms: Option<u64>,
+    /// With `wait_ms`: also answer, still pending, as soon as the request's
+    /// `line.ahead_at_most` has fallen by this much since the call.
+    #[param(minimum = 1, maximum = 1_000_000_000)]
+    step: Option<i64>,
 }
 
 #[utoipa::path(
@@ -63,22 +68,41 @@ pub(crate) async fn get_request(
         Some(ms) if ms > 0 => Some(Duration::from_millis(ms)),
         _ => None,
     };
+    let step = match query.step {
+        Some(n) if !(1..=1_000_000_000).contains(&n) => {
+            return Err(ApiError::InvalidRequest(
+                "step must be 1 to 1000000000".into(),
+            ));
+        }
+        Some(_) if wait.is_none() => {
+            return Err(ApiError::InvalidRequest("step needs wait_ms".into()));
+        }
+        step => step,
+    };
     let Some(wait) = wait else {
         let status = lookup(&state, id).await?;
-        return Ok(Json(answer(&state, status).await));
+        return Ok(Json(answer(&state, status).await.0));
     };
     // Registered before the first look, so a decision in between wakes it.
-    let waiter = state.waiters.register(id);
+    let mut waiter = state.waiters.register(id);
     match lookup(&state, id).await {
-        Ok(s) if s.status != Status::Pending => return Ok(Json(answer(&state, s).await)),
-        // Pending, or not (yet) known: a request whose 503 hid a write, or
-        // whose pending entry was skipped, may still be decided.
-        Ok(_) | Err(ApiError::RequestNotFound(_)) => {}
+        Ok(s) if s.status != Status::Pending => return Ok(Json(answer(&state, s).await.0)),
+        Ok(s) => {
+            // Also woken once the coupon's decisions have come `step`
+            // records further: the place has fallen by `step` at least.
+            let coupon = s.coupon_id.clone();
+            if let (Some(step), (_, Some(line))) = (step, answer(&state, s).await) {
+                waiter = waiter.until_progress(coupon, line.decided_offset.saturating_add(step));
+            }
+        }
+        // Not (yet) known: a request whose 503 hid a write, or whose
+        // pending entry was skipped, may still be decided.
+        Err(ApiError::RequestNotFound(_)) => {}
         Err(e) => return Err(e),
     }
     waiter.wait(wait).await;
     let status = lookup(&state, id).await?;
-    Ok(Json(answer(&state, status).await))
+    Ok(Json(answer(&state, status).await.0))
 }
 
 /// What a lookup answers: the status, and a pending request's place in
@@ -106,15 +130,13 @@ pub struct LineView {
 
 /// The answer of `status`: the cache's offset is dropped, and a pending
 /// request whose offset and coupon progress are known gets its place (one
-/// round trip to the coupon's Redis slot; without Redis, none).
-async fn answer(state: &AppState, mut status: RequestStatus) -> Answer {
+/// round trip to the coupon's Redis slot; without Redis, none). Also the
+/// coupon's progress the place was counted from.
+async fn answer(state: &AppState, mut status: RequestStatus) -> (Answer, Option<Line>) {
     let offset = status.log_offset.take();
     let line = match (status.status, offset) {
         (Status::Pending, Some(offset)) => match state.states.line(&status.coupon_id).await {
-            Ok(line) => line.map(|l| LineView {
-                ahead_at_most: l.ahead_of(offset),
-                remaining_stock: l.remaining_stock,
-            }),
+            Ok(line) => line.map(|l| (l, offset)),
             Err(e) => {
                 tracing::warn!(error = %e, "place in line unavailable");
                 None
@@ -122,7 +144,11 @@ async fn answer(state: &AppState, mut status: RequestStatus) -> Answer {
         },
         _ => None,
     };
-    Answer { status, line }
+    let view = line.map(|(l, offset)| LineView {
+        ahead_at_most: l.ahead_of(offset),
+        remaining_stock: l.remaining_stock,
+    });
+    (Answer { status, line: view }, line.map(|(l, _)| l))
 }
 
 /// A request's status: the cache, else the ledger. A cached `pending`
