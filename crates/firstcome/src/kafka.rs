@@ -75,7 +75,42 @@ pub async fn ensure_topics(
             Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
         }
     }
+    // Created is not yet usable: each partition needs a leader, which the
+    // controller elects a moment later (on a slow machine, long enough for
+    // a first read to fail with NotLeaderForPartition).
+    let names: Vec<&str> = topics.iter().map(|(name, _)| *name).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !all_led(admin.inner(), &names) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "topics {names:?} have partitions without a leader 30 s after they were created"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
+}
+
+/// Whether every partition of `topics` has a leader, as the broker says now.
+fn all_led<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topics: &[&str],
+) -> bool {
+    topics.iter().all(|topic| {
+        client
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|m| {
+                let t = m.topics().first()?;
+                Some(
+                    t.error().is_none()
+                        && !t.partitions().is_empty()
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.error().is_none() && p.leader() >= 0),
+                )
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// How long each topic keeps its records (`retention.ms`); `None` for a
