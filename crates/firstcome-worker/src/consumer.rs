@@ -342,12 +342,7 @@ pub async fn run(
         }
     }
 
-    let tasks: Vec<PartitionTask> = partitions
-        .lock()
-        .expect("partition map lock")
-        .drain()
-        .map(|(_, t)| t)
-        .collect();
+    let tasks = take_all(&partitions);
     // The tasks saw `shutdown` too: they take no new batch and finish the
     // ones in hand, for at most the grace period; then they give them up.
     let grace = Duration::from_millis(shared.cfg.shutdown_timeout_ms);
@@ -424,12 +419,7 @@ fn rewind(
     partitions: &Partitions,
     paused: &mut HashSet<i32>,
 ) {
-    let tasks: Vec<PartitionTask> = partitions
-        .lock()
-        .expect("partition map lock")
-        .drain()
-        .map(|(_, t)| t)
-        .collect();
+    let tasks = take_all(partitions);
     for t in &tasks {
         t.cancel.cancel();
     }
@@ -468,6 +458,16 @@ fn rewind(
         tasks = tasks.len(),
         "partitions taken back to their committed offsets"
     );
+}
+
+/// Every partition task, taken out of the map.
+fn take_all(partitions: &Partitions) -> Vec<PartitionTask> {
+    partitions
+        .lock()
+        .expect("partition map lock")
+        .drain()
+        .map(|(_, t)| t)
+        .collect()
 }
 
 /// Longest a rewind waits for the broker.
