@@ -60,15 +60,19 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
         |i| format!("u{}", (i * 7919) % 700),
         stop.clone(),
     );
+    let started = tokio::time::Instant::now();
+    let phase = |what: &str| eprintln!("stream test: {what} at {:?}", started.elapsed());
     let mut a = streaming_worker(&env);
     let mut b = streaming_worker(&env);
     env.wait_decided(&ids, 150).await;
+    phase("150 decided");
 
     // 1. A worker killed: its open transaction is aborted by the broker,
     // and its records are decided and streamed again by the other.
     a.kill().await.unwrap();
     let before = env.decided_count(&ids).await;
     env.wait_decided(&ids, before + 150).await;
+    phase("150 more after the kill");
     let mut a = streaming_worker(&env);
 
     // 2. A worker frozen past its session: the group moves on without it;
@@ -78,6 +82,7 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
     signal(&b, "CONT");
     let before = env.decided_count(&ids).await;
     env.wait_decided(&ids, before + 150).await;
+    phase("150 more after the freeze");
 
     // 3. The broker restarted under both: transactions in flight abort.
     kafka.stop(0).await;
@@ -85,6 +90,7 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
     kafka.restart(0).await;
     let before = env.decided_count(&ids).await;
     env.wait_decided(&ids, before + 150).await;
+    phase("150 more after the broker restart");
 
     stop.cancel();
     let seen: LoadOutcome = load.await.unwrap();
@@ -97,6 +103,7 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
         Duration::from_secs(120),
     )
     .await;
+    phase("every accepted request decided");
     // Stopped cleanly, each commits what it stored.
     for w in [&a, &b] {
         signal(w, "TERM");
@@ -108,7 +115,9 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
             .unwrap();
         assert!(status.success(), "the worker stopped cleanly: {status}");
     }
+    phase("workers stopped");
     let n = firstcome_suite::check_decision_stream(&env, &ids, Duration::from_secs(60)).await;
+    phase("stream checked");
     eprintln!("{n} decisions streamed, each once and in order");
     assert!(n >= 600, "the sale made {n} decisions");
     ingress.stop().await;
