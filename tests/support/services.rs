@@ -58,6 +58,18 @@ pub fn signal(pid: u32, signal: &str) {
     assert!(ok, "kill -{signal} {pid} failed");
 }
 
+/// Whether the Redis on `port` answers `PING` with `PONG` (not `LOADING`).
+fn answers_ping(port: u16) -> bool {
+    redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .ok()
+        .and_then(|c| {
+            c.get_connection_with_timeout(Duration::from_millis(500))
+                .ok()
+        })
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
+        .is_some_and(|p| p == "PONG")
+}
+
 /// A Redis server of its own, with AOF like the local stack.
 pub struct PrivateRedis {
     /// A free port found at start, on 127.0.0.1.
@@ -96,7 +108,10 @@ impl PrivateRedis {
             .expect("redis-server runs; `scripts/stack up` installs it");
         self.child = Some(child);
         let port = self.port;
-        wait_until("redis", || port_open(port)).await;
+        // Open is not ready: started on a big AOF, Redis answers LOADING to
+        // everything until it has read it (after a long soak, past the
+        // nemesis's next fault).
+        wait_until("redis", || port_open(port) && answers_ping(port)).await;
     }
 
     /// Its URL.
