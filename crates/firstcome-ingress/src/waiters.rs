@@ -110,7 +110,7 @@ impl Waiters {
         let Some(waiting) = inner.by_coupon.get_mut(coupon) else {
             return;
         };
-        let later = waiting.split_off(&(offset + 1, 0));
+        let later = waiting.split_off(&(offset.saturating_add(1), 0));
         for (_, tx) in std::mem::replace(waiting, later) {
             let _ = tx.send(());
         }

@@ -94,7 +94,7 @@ impl RequestStatus {
         }
         if let Some(offset) = self.log_offset {
             o.key("log_offset");
-            let _ = std::io::Write::write_fmt(&mut o.out, format_args!("{offset}"));
+            serde_json::to_writer(&mut o.out, &offset).expect("an integer serializes");
         }
         o.finish()
     }
