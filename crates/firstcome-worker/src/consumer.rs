@@ -456,6 +456,7 @@ fn rewind(
     }
     tracing::warn!(
         tasks = tasks.len(),
+        committed = ?committed.elements_for_topic(topic).iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>(),
         "partitions taken back to their committed offsets"
     );
 }

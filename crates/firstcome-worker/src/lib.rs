@@ -132,6 +132,17 @@ impl Worker {
             .set("queued.max.messages.kbytes", "2048")
             // For the consumer lag per partition on /metrics.
             .set("statistics.interval.ms", cfg.stats_interval_ms.to_string());
+        if stream.is_some() {
+            // KIP-447: a partition's new owner starts only once the offsets
+            // a transaction still open carries for it are committed or
+            // aborted (a member frozen past its session commits its last
+            // one when it thaws, if the broker has not timed it out yet);
+            // otherwise it starts below them and streams those decisions
+            // again. librdkafka asks for stable offsets exactly when it
+            // reads committed records: its default, stated here because the
+            // stream depends on it.
+            consumer_cfg.set("isolation.level", "read_committed");
+        }
         if !cfg.group_instance_id.is_empty() {
             consumer_cfg.set("group.instance.id", &cfg.group_instance_id);
         }
@@ -190,6 +201,13 @@ impl Worker {
             .ops
             .spawn(ops_router(self.shared.clone()), shutdown.clone());
         let retiring = tokio::spawn(retire::run(self.shared.clone(), shutdown.clone()));
+        let watching = self.shared.stream.is_some().then(|| {
+            tokio::spawn(stream::watch_stalls(
+                Arc::new(self.shared.cfg.clone()),
+                self.shared.metrics.clone(),
+                shutdown.clone(),
+            ))
+        });
         let consumed = consumer::run(
             self.consumer,
             self.shared,
@@ -201,6 +219,9 @@ impl Worker {
         // leaves nothing half done.
         shutdown.cancel();
         retiring.abort();
+        if let Some(w) = watching {
+            w.abort();
+        }
         let _ = ops.await;
         tracing::info!("worker stopped");
         consumed

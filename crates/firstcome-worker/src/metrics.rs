@@ -43,6 +43,8 @@ pub struct WorkerMetrics {
     stream_transactions: Family<Label, Counter>,
     /// Decisions published in committed transactions of the decision stream.
     pub stream_events: Counter,
+    /// Partitions of the decision topic held back by a hanging transaction.
+    pub stream_stalled_partitions: Gauge,
 }
 
 impl WorkerMetrics {
@@ -71,6 +73,7 @@ impl WorkerMetrics {
             paused_partitions: Gauge::default(),
             stream_transactions: Family::default(),
             stream_events: Counter::default(),
+            stream_stalled_partitions: Gauge::default(),
         };
         registry.register(
             WORKER_DECISIONS,
@@ -141,6 +144,12 @@ impl WorkerMetrics {
             WORKER_STREAM_EVENTS,
             "Decisions published to the decision stream in committed transactions",
             m.stream_events.clone(),
+        );
+        registry.register(
+            WORKER_STREAM_STALLED_PARTITIONS,
+            "Partitions of the decision topic whose last stable offset stood below their end \
+             for longer than any live transaction lasts (a hanging transaction)",
+            m.stream_stalled_partitions.clone(),
         );
         for outcome in ["committed", "aborted"] {
             let _ = m.stream_transactions.get_or_create(&[("outcome", outcome)]);

@@ -162,7 +162,13 @@ pub async fn process(
         Some(stream) => {
             let stored = read_back(shared, &recs, &requests, cancel).await?;
             stream
-                .enqueue(gate.generation, last.partition, last.offset + 1, &stored)
+                .enqueue(
+                    gate.generation,
+                    last.partition,
+                    recs[0].offset,
+                    last.offset + 1,
+                    &stored,
+                )
                 .await
                 .expect("a decision serializes");
         }

@@ -118,6 +118,9 @@ struct Pending {
     base: u64,
     /// The last generation handed out.
     last: u64,
+    /// Per partition, the offset past the last batch taken in its current
+    /// generation: the next batch must start there.
+    next: HashMap<i32, i64>,
 }
 
 impl Pending {
@@ -132,6 +135,7 @@ impl Pending {
     fn clear(&mut self) {
         self.events.clear();
         self.offsets.clear();
+        self.next.clear();
     }
 }
 
@@ -234,6 +238,7 @@ impl DecisionStream {
             p.last += 1;
             let next = p.last;
             p.generations.insert(partition, next);
+            p.next.remove(&partition);
         }
     }
 
@@ -250,6 +255,7 @@ impl DecisionStream {
         &self,
         generation: u64,
         partition: i32,
+        first_offset: i64,
         next_offset: i64,
         decisions: &[StoredDecision],
     ) -> anyhow::Result<()> {
@@ -268,6 +274,22 @@ impl DecisionStream {
                     return Ok(());
                 }
                 if p.events.len() < MAX_PENDING || p.events.is_empty() {
+                    match p.next.insert(partition, next_offset) {
+                        Some(expected) if expected != first_offset => tracing::error!(
+                            partition,
+                            expected,
+                            first_offset,
+                            generation,
+                            "decision stream: a batch does not start where the last one ended"
+                        ),
+                        None => tracing::debug!(
+                            partition,
+                            first_offset,
+                            generation,
+                            "decision stream: a partition's first batch"
+                        ),
+                        _ => {}
+                    }
                     p.events.append(&mut events);
                     p.offsets.insert(partition, next_offset);
                     return Ok(());
@@ -312,6 +334,7 @@ impl DecisionStream {
         let live = producer.as_ref().expect("made above");
         let n = events.len() as u64;
         let Err(e) = self.transaction(live, &events, &offsets, group) else {
+            tracing::debug!(?offsets, events = n, "decision stream: committed");
             self.metrics.stream_transaction("committed");
             self.metrics.stream_events.inc_by(n);
             return Ok(Flushed::Committed);
@@ -389,5 +412,149 @@ impl DecisionStream {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// How often [`watch_stalls`] looks at the decision topic.
+const STALL_CHECK: Duration = Duration::from_secs(5);
+
+/// How long past the transaction timeout a partition's last stable offset
+/// may stand still below its end before it counts as stalled: the broker
+/// aborts a transaction that outlived its timeout in a sweep every 10 s
+/// (`transaction.abort.timed.out.transaction.cleanup.interval.ms`).
+const STALL_MARGIN: Duration = Duration::from_secs(30);
+
+/// Watches the decision topic for a hanging transaction until `shutdown`.
+///
+/// A `read_committed` consumer reads a partition only up to its last stable
+/// offset (LSO): the first offset of the oldest transaction still open
+/// there. A live transaction ends within its timeout (committed, aborted,
+/// or aborted by the broker past it), so an LSO that stands still below the
+/// partition's end for longer than that names a transaction the broker lost
+/// track of, and every decision behind it waits, in every downstream
+/// reader, until an operator aborts it. Kafka 4.4 was seen to leave one on a
+/// single broker stopped while a transaction committed (docs/operations.md,
+/// "The decision stream stands still"). Counted in
+/// `firstcome_worker_stream_stalled_partitions` and logged with the remedy.
+pub async fn watch_stalls(
+    cfg: Arc<WorkerConfig>,
+    metrics: Arc<WorkerMetrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let limit = Duration::from_millis(cfg.transaction_timeout_ms) + STALL_MARGIN;
+    let watcher = match StallWatch::new(&cfg) {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "the decision stream's stall watch did not start"
+            );
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(STALL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let w = watcher.clone();
+        let checked =
+            tokio::task::spawn_blocking(move || w.lock().expect("stall watch lock").check(limit))
+                .await;
+        match checked {
+            Ok(Ok(stalled)) => {
+                metrics.stream_stalled_partitions.set(stalled as i64);
+            }
+            Ok(Err(e)) => tracing::debug!(
+                error = format!("{e:#}"),
+                "stall watch: the decision topic is not readable now"
+            ),
+            Err(e) => tracing::warn!(error = %e, "stall watch task failed"),
+        }
+    }
+}
+
+/// The state of [`watch_stalls`]: per partition, the LSO last seen below
+/// the end and since when it stands there.
+struct StallWatch {
+    committed: rdkafka::consumer::BaseConsumer,
+    uncommitted: rdkafka::consumer::BaseConsumer,
+    topic: String,
+    brokers: String,
+    standing: HashMap<i32, (i64, std::time::Instant)>,
+    reported: std::collections::HashSet<i32>,
+}
+
+impl StallWatch {
+    fn new(cfg: &WorkerConfig) -> anyhow::Result<Self> {
+        let client = |isolation: &str| -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+            let mut c = firstcome::kafka::client_config(&cfg.common)?;
+            c.set("group.id", format!("{}-stall-watch", cfg.group_id))
+                .set("isolation.level", isolation)
+                .set("enable.auto.commit", "false");
+            Ok(c.create()?)
+        };
+        Ok(Self {
+            committed: client("read_committed")?,
+            uncommitted: client("read_uncommitted")?,
+            topic: cfg.common.decision_topic.clone(),
+            brokers: cfg.common.kafka_brokers.clone(),
+            standing: HashMap::new(),
+            reported: std::collections::HashSet::new(),
+        })
+    }
+
+    /// Looks at every partition once; returns how many are stalled.
+    fn check(&mut self, limit: Duration) -> anyhow::Result<usize> {
+        use rdkafka::consumer::Consumer;
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        let meta = self
+            .uncommitted
+            .fetch_metadata(Some(&self.topic), TIMEOUT)?;
+        let partitions: Vec<i32> = meta
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut stalled = 0;
+        for p in partitions {
+            let (_, lso) = self.committed.fetch_watermarks(&self.topic, p, TIMEOUT)?;
+            let (_, end) = self.uncommitted.fetch_watermarks(&self.topic, p, TIMEOUT)?;
+            if lso >= end {
+                self.standing.remove(&p);
+                if self.reported.remove(&p) {
+                    tracing::info!(partition = p, lso, "decision stream partition moves again");
+                }
+                continue;
+            }
+            let now = std::time::Instant::now();
+            let since = match self.standing.get(&p) {
+                Some(&(seen, since)) if seen == lso => since,
+                _ => {
+                    self.standing.insert(p, (lso, now));
+                    now
+                }
+            };
+            if now.duration_since(since) < limit {
+                continue;
+            }
+            stalled += 1;
+            if self.reported.insert(p) {
+                tracing::error!(
+                    topic = %self.topic,
+                    partition = p,
+                    last_stable_offset = lso,
+                    end = end,
+                    standing = ?now.duration_since(since),
+                    "the decision stream stands still behind a transaction the broker left open; \
+                     find and abort it: scripts/kafka-node transactions --bootstrap-server {} \
+                     find-hanging --broker-id <leader> (docs/operations.md)",
+                    self.brokers
+                );
+            }
+        }
+        Ok(stalled)
     }
 }

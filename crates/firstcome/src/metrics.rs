@@ -85,6 +85,10 @@ pub mod names {
     /// Counter: decisions published to the decision stream in committed
     /// transactions.
     pub const WORKER_STREAM_EVENTS: &str = "firstcome_worker_stream_events";
+    /// Gauge: partitions of the decision topic whose last stable offset has
+    /// stood below their end for longer than any live transaction lasts (a
+    /// hanging transaction: docs/operations.md).
+    pub const WORKER_STREAM_STALLED_PARTITIONS: &str = "firstcome_worker_stream_stalled_partitions";
 
     /// The names a scrape shows for each metric (suffixes included).
     pub fn exposed() -> Vec<String> {
@@ -108,6 +112,7 @@ pub mod names {
             INGRESS_CONNECTIONS,
             INGRESS_DEPENDENCY_UP,
             WORKER_CONSUMER_LAG,
+            WORKER_STREAM_STALLED_PARTITIONS,
             WORKER_ASSIGNED_PARTITIONS,
             WORKER_PAUSED_PARTITIONS,
         ];
