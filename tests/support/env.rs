@@ -446,11 +446,17 @@ impl TestEnv {
 
     /// Waits until at least `n` requests of `coupons` are in the ledger.
     pub async fn wait_decided(&self, coupons: &[&str], n: i64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        self.wait_decided_for(coupons, n, Duration::from_secs(90))
+            .await;
+    }
+
+    /// [`Self::wait_decided`] with a limit of its own.
+    pub async fn wait_decided_for(&self, coupons: &[&str], n: i64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
         while self.decided_count(coupons).await < n {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "fewer than {n} requests decided after 90 s"
+                "fewer than {n} requests decided after {limit:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

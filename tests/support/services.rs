@@ -438,70 +438,13 @@ impl PrivateKafka {
         );
     }
 
-    /// The transactions of `topic` that Kafka's own `find-hanging` lists
-    /// (through `scripts/kafka-node transactions`, the operator's tool: open
-    /// on a partition while their coordinator does not know them as open)
-    /// and that wrote nothing for `quiet`: (partition, producer id,
-    /// producer epoch, coordinator epoch, start offset).
-    pub fn hanging_transactions(&self, topic: &str, quiet: Duration) -> Vec<[i64; 5]> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        let mut found = Vec::new();
-        for node in &self.nodes {
-            let out = self.transactions(&[
-                "find-hanging",
-                "--broker-id",
-                &node.id.to_string(),
-                "--max-transaction-timeout",
-                "0",
-            ]);
-            for line in out.lines().skip(1) {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                if cols.first() != Some(&topic) {
-                    continue;
-                }
-                let n = |i: usize| cols[i].parse::<i64>().expect("a number");
-                if now_ms - n(6) >= quiet.as_millis() as i64 {
-                    found.push([n(1), n(2), n(3), n(4), n(5)]);
-                }
-            }
+    /// An operator's hands on this cluster's transactions, usable from
+    /// another task.
+    pub fn operator(&self) -> KafkaOperator {
+        KafkaOperator {
+            brokers: self.brokers(),
+            ids: self.nodes.iter().map(|n| n.id).collect(),
         }
-        found
-    }
-
-    /// Aborts one transaction [`Self::hanging_transactions`] found, as the
-    /// runbook does (docs/operations.md).
-    pub fn abort_transaction(&self, topic: &str, partition: i64, start_offset: i64) {
-        self.transactions(&[
-            "abort",
-            "--topic",
-            topic,
-            "--partition",
-            &partition.to_string(),
-            "--start-offset",
-            &start_offset.to_string(),
-        ]);
-    }
-
-    fn transactions(&self, args: &[&str]) -> String {
-        let kafka_dist = crate::stack_env()
-            .remove("KAFKA_DIST")
-            .expect("KAFKA_DIST missing from the stack env file; rerun `scripts/stack up`");
-        let out = Command::new(kafka_node_script())
-            .arg("transactions")
-            .args(["--bootstrap-server", &self.brokers()])
-            .args(args)
-            .env("KAFKA_DIST", kafka_dist)
-            .output()
-            .expect("scripts/kafka-node runs");
-        assert!(
-            out.status.success(),
-            "scripts/kafka-node transactions {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `SIGSTOP` of node `i`: the process is frozen, its connections stay
@@ -530,6 +473,95 @@ impl Drop for PrivateKafka {
                 let _ = std::fs::remove_dir_all(&self.nodes[i].dir);
             }
         }
+    }
+}
+
+/// Kafka's own transaction tool (`kafka-transactions.sh`, through
+/// `scripts/kafka-node transactions`) on a [`PrivateKafka`], as the
+/// runbook uses it (docs/operations.md, "Decision stream hanging").
+#[derive(Clone)]
+pub struct KafkaOperator {
+    brokers: String,
+    ids: Vec<usize>,
+}
+
+/// One transaction `find-hanging` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hanging {
+    /// Its topic (`__consumer_offsets` for the group's offsets).
+    pub topic: String,
+    /// Its partition.
+    pub partition: i64,
+    /// The producer that left it open.
+    pub producer_id: i64,
+    /// The offset it starts at.
+    pub start_offset: i64,
+}
+
+impl KafkaOperator {
+    /// The transactions Kafka's `find-hanging` lists on any broker (open on
+    /// a partition while their coordinator does not know them as open)
+    /// that wrote nothing for `quiet`.
+    pub fn hanging(&self, quiet: Duration) -> Vec<Hanging> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let mut found = Vec::new();
+        for id in &self.ids {
+            let out = self.run(&[
+                "find-hanging",
+                "--broker-id",
+                &id.to_string(),
+                "--max-transaction-timeout",
+                "0",
+            ]);
+            for line in out.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                let n = |i: usize| cols[i].parse::<i64>().expect("a number");
+                if cols.len() >= 7 && now_ms - n(6) >= quiet.as_millis() as i64 {
+                    found.push(Hanging {
+                        topic: cols[0].to_owned(),
+                        partition: n(1),
+                        producer_id: n(2),
+                        start_offset: n(5),
+                    });
+                }
+            }
+        }
+        found
+    }
+
+    /// Aborts one transaction [`Self::hanging`] found.
+    pub fn abort(&self, h: &Hanging) {
+        self.run(&[
+            "abort",
+            "--topic",
+            &h.topic,
+            "--partition",
+            &h.partition.to_string(),
+            "--start-offset",
+            &h.start_offset.to_string(),
+        ]);
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let kafka_dist = crate::stack_env()
+            .remove("KAFKA_DIST")
+            .expect("KAFKA_DIST missing from the stack env file; rerun `scripts/stack up`");
+        let out = Command::new(kafka_node_script())
+            .arg("transactions")
+            .args(["--bootstrap-server", &self.brokers])
+            .args(args)
+            .env("KAFKA_DIST", kafka_dist)
+            .output()
+            .expect("scripts/kafka-node runs");
+        assert!(
+            out.status.success(),
+            "scripts/kafka-node transactions {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
