@@ -161,6 +161,10 @@ pub async fn process(
     match &shared.stream {
         Some(stream) => {
             let stored = read_back(shared, &recs, &requests, cancel).await?;
+            let committed = match stream.knows_start(last.partition) {
+                true => None,
+                false => committed_offset(shared, last.partition).await,
+            };
             stream
                 .enqueue(
                     gate.generation,
@@ -168,6 +172,7 @@ pub async fn process(
                     recs[0].offset,
                     last.offset + 1,
                     &stored,
+                    committed,
                 )
                 .await
                 .expect("a decision serializes");
@@ -193,6 +198,28 @@ pub async fn process(
     }
     let _ = gate.done.send(());
     Ok(())
+}
+
+/// The group's stable committed offset of `partition` (where its stream
+/// goes on); `None` when the broker does not say (the stream then reads
+/// every partition again).
+async fn committed_offset(shared: &Shared, partition: i32) -> Option<i64> {
+    let offsets = shared.offsets.clone();
+    match tokio::task::spawn_blocking(move || offsets.committed(partition)).await {
+        Ok(Ok(n)) => Some(n),
+        Ok(Err(e)) => {
+            tracing::warn!(
+                partition,
+                error = format!("{e:#}"),
+                "committed offset unknown"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(partition, error = %e, "committed offset task failed");
+            None
+        }
+    }
 }
 
 /// Step 6 with the decision stream on: the batch's decisions as the ledger

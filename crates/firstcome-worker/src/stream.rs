@@ -247,10 +247,33 @@ impl DecisionStream {
         self.rewind.clone()
     }
 
-    /// Hands over one stored batch of `partition`: its decisions and the
-    /// offset past it, for the next transaction. Waits while too much is
-    /// pending. Work of an older generation is dropped: its partition was
-    /// rewound and reads the batch again.
+    /// Whether the stream knows where `partition`'s next batch must start
+    /// (it took a batch of it in this generation). If not, the caller
+    /// passes the group's committed offset to [`Self::enqueue`].
+    pub fn knows_start(&self, partition: i32) -> bool {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .next
+            .contains_key(&partition)
+    }
+
+    /// Hands over one stored batch of `partition` (records `first_offset`
+    /// up to `next_offset`): its decisions and the offset past it, for the
+    /// next transaction. Waits while too much is pending. Work of an older
+    /// generation is dropped: its partition was rewound and reads the batch
+    /// again.
+    ///
+    /// The batches of a partition must follow each other, starting at the
+    /// group's committed offset (`committed`, the stable one: a transaction
+    /// still open holds it back), whatever the consumer hands over: a batch
+    /// that starts below it carries records streamed already, and only its
+    /// events from the committed offset on are taken (librdkafka 2.12
+    /// restarts a partition from the beginning when its assignment changes
+    /// while the offset fetch waits on such a transaction; tests/stream.rs
+    /// caught request offset 0 streamed twice). A batch past the end of the
+    /// batch before it, or one whose start is not known, rewinds every
+    /// partition to its committed offset.
     pub async fn enqueue(
         &self,
         generation: u64,
@@ -258,10 +281,12 @@ impl DecisionStream {
         first_offset: i64,
         next_offset: i64,
         decisions: &[StoredDecision],
+        committed: Option<i64>,
     ) -> anyhow::Result<()> {
         let mut events = Vec::with_capacity(decisions.len());
         for d in decisions {
             events.push((
+                d.kafka_offset,
                 d.coupon_id.as_str().to_owned(),
                 serde_json::to_vec(&DecisionEvent::of(d))?,
             ));
@@ -273,24 +298,36 @@ impl DecisionStream {
                 if generation != p.generation(partition) {
                     return Ok(());
                 }
+                // From the group's offset a partition may start later (the
+                // log's retention deleted what was never committed).
+                let expected = match (p.next.get(&partition).copied(), committed) {
+                    (Some(next), _) => Some(next),
+                    (None, Some(c)) => Some(c.min(first_offset)),
+                    (None, None) => None,
+                };
+                let Some(expected) = expected.filter(|&e| first_offset <= e) else {
+                    drop(p);
+                    tracing::error!(
+                        partition,
+                        first_offset,
+                        ?expected,
+                        "decision stream: a batch does not start where the partition's stream ends; reading every partition again from its committed offset"
+                    );
+                    self.rewind_all();
+                    return Ok(());
+                };
+                if next_offset <= expected {
+                    // Streamed already, all of it.
+                    return Ok(());
+                }
                 if p.events.len() < MAX_PENDING || p.events.is_empty() {
-                    match p.next.insert(partition, next_offset) {
-                        Some(expected) if expected != first_offset => tracing::error!(
-                            partition,
-                            expected,
-                            first_offset,
-                            generation,
-                            "decision stream: a batch does not start where the last one ended"
-                        ),
-                        None => tracing::debug!(
-                            partition,
-                            first_offset,
-                            generation,
-                            "decision stream: a partition's first batch"
-                        ),
-                        _ => {}
-                    }
-                    p.events.append(&mut events);
+                    p.events.extend(
+                        events
+                            .drain(..)
+                            .filter(|(offset, _, _)| *offset >= expected)
+                            .map(|(_, key, value)| (key, value)),
+                    );
+                    p.next.insert(partition, next_offset);
                     p.offsets.insert(partition, next_offset);
                     return Ok(());
                 }
