@@ -464,7 +464,7 @@ async fn inject(
             let path = format!("/v1/admin/coupons/{coupon}/stock");
             for attempt in ["first", "retry"] {
                 let (code, body) =
-                    admin(&sys.env, at, &path, json!({ "add": units }), Some(&key)).await;
+                    admin_done(&sys.env, at, &path, json!({ "add": units }), &key).await;
                 assert_eq!(code, 200, "add stock ({attempt}): {body}");
             }
             format!("{coupon} +{units}, sent twice")
@@ -472,14 +472,14 @@ async fn inject(
         Fault::Close => {
             let path = format!("/v1/admin/coupons/{coupon}/close");
             let key = format!("close-{}", rng.next());
-            let (code, body) = admin(&sys.env, at, &path, json!({}), Some(&key)).await;
+            let (code, body) = admin_done(&sys.env, at, &path, json!({}), &key).await;
             assert_eq!(code, 200, "close: {body}");
             coupon
         }
         Fault::Reopen => {
             let path = format!("/v1/admin/coupons/{coupon}/reopen");
             let key = format!("reopen-{}", rng.next());
-            let (code, body) = admin(&sys.env, at, &path, json!({}), Some(&key)).await;
+            let (code, body) = admin_done(&sys.env, at, &path, json!({}), &key).await;
             assert_eq!(code, 200, "reopen: {body}");
             coupon
         }
@@ -552,6 +552,28 @@ async fn admin(
         r = r.header("idempotency-key", k);
     }
     split(r.send().await.unwrap()).await
+}
+
+/// An admin change as an operator makes it while faults run: a `503` (a
+/// dependency down, or the request's time limit passed while one was
+/// frozen) is not an answer, so the same change is sent again under the
+/// same idempotency key until it is (for at most two minutes). Seen on two
+/// cores: a reopen past the ingress's request timeout, `503` with no body.
+async fn admin_done(
+    env: &TestEnv,
+    at: SocketAddr,
+    path: &str,
+    body: Value,
+    key: &str,
+) -> (u16, Value) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, answer) = admin(env, at, path, body.clone(), Some(key)).await;
+        if code != 503 || Instant::now() >= deadline {
+            return (code, answer);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits until the ledger holds what the log implies, then checks every
