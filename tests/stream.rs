@@ -206,3 +206,93 @@ async fn on_call_operator(
         aborted.extend(hanging);
     }
 }
+
+/// The stall watch (docs/operations.md, "Decision stream hanging"): a
+/// transaction held open on a decision partition far past the workers'
+/// transaction timeout is reported in
+/// `firstcome_worker_stream_stalled_partitions`, and the report goes once
+/// it ends. The transaction here is a producer's of the test's own, with a
+/// timeout of its own far above the worker's, as a lost one looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_open_on_the_decision_topic_is_reported_until_it_ends() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let env = TestEnv::new().await;
+    let ops: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut worker = env
+        .worker_command()
+        .arg("run")
+        .env("FIRSTCOME_METRICS_LISTEN", ops.to_string())
+        .env("FIRSTCOME_DECISION_STREAM", "true")
+        .env("FIRSTCOME_TRANSACTION_TIMEOUT_MS", "1000")
+        .spawn()
+        .expect("the worker binary starts");
+    let stalled = |at| async move {
+        let mut tries = 0;
+        loop {
+            // The operations port opens once the worker has started.
+            match reqwest::get(format!("http://{at}/metrics")).await {
+                Ok(_) => {
+                    break Scrape::of(at)
+                        .await
+                        .get("firstcome_worker_stream_stalled_partitions");
+                }
+                Err(_) if tries < 600 => tries += 1,
+                Err(e) => panic!("the worker's operations port: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let open: ThreadedProducer<DefaultProducerContext> =
+        firstcome::kafka::client_config(&env.common)
+            .unwrap()
+            .set("transactional.id", firstcome_suite::unique("left-open"))
+            .set("transaction.timeout.ms", "180000")
+            .create()
+            .unwrap();
+    open.init_transactions(Duration::from_secs(60)).unwrap();
+    open.begin_transaction().unwrap();
+    open.send(
+        BaseRecord::to(&env.common.decision_topic)
+            .key("left-open")
+            .payload("{}"),
+    )
+    .map_err(|(e, _)| e)
+    .unwrap();
+    open.flush(Duration::from_secs(30)).unwrap();
+    let opened = tokio::time::Instant::now();
+    assert_eq!(stalled(ops).await, 0.0, "nothing stands still yet");
+
+    // Reported past the worker's transaction timeout and 30 s, once looked at.
+    loop {
+        if stalled(ops).await >= 1.0 {
+            break;
+        }
+        assert!(
+            opened.elapsed() < Duration::from_secs(90),
+            "a transaction open for 90 s was not reported"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let reported = opened.elapsed();
+    assert!(
+        reported >= Duration::from_secs(31),
+        "reported after {reported:?}: a live transaction may last the timeout and the broker's sweep"
+    );
+
+    open.commit_transaction(Duration::from_secs(30)).unwrap();
+    let ended = tokio::time::Instant::now();
+    while stalled(ops).await != 0.0 {
+        assert!(
+            ended.elapsed() < Duration::from_secs(30),
+            "still reported 30 s after the transaction ended"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    signal(&worker, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(60), worker.wait())
+        .await
+        .expect("the worker stops within a minute")
+        .unwrap();
+    assert!(status.success(), "the worker stopped cleanly: {status}");
+}
