@@ -131,6 +131,21 @@ impl Pending {
             .unwrap_or(self.base)
     }
 
+    /// Where the stream of `partition` goes on, for a batch that starts at
+    /// `first_offset`: its events from there on are new. `None` when the
+    /// batch leaves a gap behind the one before it, or when nothing tells
+    /// where the partition's stream ends (`committed` unknown).
+    fn start(&self, partition: i32, first_offset: i64, committed: Option<i64>) -> Option<i64> {
+        match (self.next.get(&partition), committed) {
+            (Some(&next), _) => (first_offset <= next).then_some(next),
+            // The first batch of a generation: below the group's offset it
+            // was streamed already; past it, the log's retention deleted
+            // what was never committed.
+            (None, Some(c)) => Some(c.max(first_offset)),
+            (None, None) => None,
+        }
+    }
+
     /// Drops what is pending (its transaction is gone).
     fn clear(&mut self) {
         self.events.clear();
@@ -298,19 +313,12 @@ impl DecisionStream {
                 if generation != p.generation(partition) {
                     return Ok(());
                 }
-                // From the group's offset a partition may start later (the
-                // log's retention deleted what was never committed).
-                let expected = match (p.next.get(&partition).copied(), committed) {
-                    (Some(next), _) => Some(next),
-                    (None, Some(c)) => Some(c.min(first_offset)),
-                    (None, None) => None,
-                };
-                let Some(expected) = expected.filter(|&e| first_offset <= e) else {
+                let Some(expected) = p.start(partition, first_offset, committed) else {
                     drop(p);
                     tracing::error!(
                         partition,
                         first_offset,
-                        ?expected,
+                        ?committed,
                         "decision stream: a batch does not start where the partition's stream ends; reading every partition again from its committed offset"
                     );
                     self.rewind_all();
@@ -471,7 +479,7 @@ const STALL_MARGIN: Duration = Duration::from_secs(30);
 /// track of, and every decision behind it waits, in every downstream
 /// reader, until an operator aborts it. Kafka 4.4 was seen to leave one on a
 /// single broker stopped while a transaction committed (docs/operations.md,
-/// "The decision stream stands still"). Counted in
+/// "Decision stream hanging"). Counted in
 /// `firstcome_worker_stream_stalled_partitions` and logged with the remedy.
 pub async fn watch_stalls(
     cfg: Arc<WorkerConfig>,
@@ -479,8 +487,8 @@ pub async fn watch_stalls(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let limit = Duration::from_millis(cfg.transaction_timeout_ms) + STALL_MARGIN;
-    let watcher = match StallWatch::new(&cfg) {
-        Ok(w) => Arc::new(Mutex::new(w)),
+    let mut watcher = match StallWatch::new(&cfg) {
+        Ok(w) => w,
         Err(e) => {
             tracing::error!(
                 error = format!("{e:#}"),
@@ -496,19 +504,27 @@ pub async fn watch_stalls(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let w = watcher.clone();
-        let checked =
-            tokio::task::spawn_blocking(move || w.lock().expect("stall watch lock").check(limit))
-                .await;
+        let (w, checked) = match tokio::task::spawn_blocking(move || {
+            let checked = watcher.check(limit);
+            (watcher, checked)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(error = %e, "stall watch task failed; the watch stops");
+                return;
+            }
+        };
+        watcher = w;
         match checked {
-            Ok(Ok(stalled)) => {
+            Ok(stalled) => {
                 metrics.stream_stalled_partitions.set(stalled as i64);
             }
-            Ok(Err(e)) => tracing::debug!(
+            Err(e) => tracing::debug!(
                 error = format!("{e:#}"),
                 "stall watch: the decision topic is not readable now"
             ),
-            Err(e) => tracing::warn!(error = %e, "stall watch task failed"),
         }
     }
 }
@@ -593,5 +609,34 @@ impl StallWatch {
             }
         }
         Ok(stalled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_batch_below_the_committed_offset_streams_only_what_follows_it() {
+        let p = Pending::default();
+        // librdkafka restarted the partition at 0 though 131 was committed.
+        assert_eq!(p.start(2, 0, Some(131)), Some(131));
+        // Where it should have started.
+        assert_eq!(p.start(2, 131, Some(131)), Some(131));
+        // Retention deleted records never committed: the log starts later.
+        assert_eq!(p.start(2, 500, Some(0)), Some(500));
+        // Nothing says where the partition's stream ends.
+        assert_eq!(p.start(2, 0, None), None);
+    }
+
+    #[test]
+    fn a_later_batch_goes_on_where_the_one_before_ended_or_not_at_all() {
+        let mut p = Pending::default();
+        p.next.insert(2, 140);
+        assert_eq!(p.start(2, 140, None), Some(140));
+        // A re-fetch that overlaps: only what follows 140 is new.
+        assert_eq!(p.start(2, 135, Some(0)), Some(140));
+        // A gap: records 140..150 would never be streamed.
+        assert_eq!(p.start(2, 150, Some(150)), None);
     }
 }
