@@ -85,27 +85,8 @@ async fn a_broker_killed_then_frozen_mid_burst_costs_503s_for_that_time_and_lose
     let back = until_accepting(&client, ids[0], &mut probed, &mut probe_refused).await;
     eprintln!("accepting again {back:?} after the thaw");
     // The load goes on until every coupon is sold out, so the check below
-    // has demand past the stock however slowly this machine got requests
-    // through the outages (a fixed two seconds more was not always enough).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    for (id, stock) in &coupons {
-        loop {
-            let held: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM user_coupon WHERE coupon_id = $1")
-                    .bind(id)
-                    .fetch_one(&env.pool)
-                    .await
-                    .unwrap();
-            if held >= *stock {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} never sold out under the load ({held} of {stock})"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    // has demand past the stock.
+    env.wait_sold_out(&coupons, Duration::from_secs(120)).await;
     stop.cancel();
     let seen = load.await.unwrap();
     eprintln!(

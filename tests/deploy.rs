@@ -3,11 +3,12 @@
 //! file against the Compose specification, every kustomize overlay rendered
 //! by kubectl and validated against the Kubernetes schemas (the KEDA
 //! ScaledObject against `deploy/kubernetes/schemas/`), the alert rules and
-//! the dashboard parsed as PromQL over the metrics the binaries export, and
+//! the dashboard parsed as PromQL over the metrics the binaries export, the
+//! alerts unit-tested by promtool, and
 //! every setting they pass checked against the binaries' own `--help`.
 //! None of this runs a container or a cluster; see deploy/README.md.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -310,17 +311,20 @@ fn the_validators_refuse_broken_material() {
     assert!(!ok, "a ScaledObject without a target passes");
 }
 
-/// Every `firstcome_…` name in a PromQL expression.
+/// Every `firstcome_…` metric and `firstcome:…` recorded series named in a
+/// PromQL expression.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mut rest = expr;
-    while let Some(at) = rest.find("firstcome_") {
+    while let Some(at) = rest.find("firstcome") {
         let tail = &rest[at..];
         let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
             .unwrap_or(tail.len());
-        found.push(tail[..end].to_owned());
-        rest = &tail[end..];
+        if matches!(tail.as_bytes().get("firstcome".len()), Some(b'_' | b':')) {
+            found.push(tail[..end].to_owned());
+        }
+        rest = &tail[end.max(1)..];
     }
     found
 }
@@ -336,18 +340,87 @@ fn check_promql(what: &str, expr: &str, exported: &BTreeSet<String>) {
     }
 }
 
+/// Debian's `promtool`, or a failure that says how to get it.
+fn promtool() -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("promtool"))
+        .find(|p| p.exists());
+    found.expect("promtool is missing; `scripts/stack up` installs Debian's prometheus package")
+}
+
+/// The alert rules as Prometheus reads them (`promtool check rules`), and
+/// promtool's unit tests of them (deploy/prometheus/alerts.test.yml): every
+/// alert has series that fire it, with its labels and annotations after its
+/// `for:`, and series that must leave it quiet.
+#[test]
+fn promtool_fires_each_alert_on_its_series_and_on_nothing_else() {
+    let dir = root().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let (ok, out) = run(Command::new(promtool()).current_dir(&dir).args(args));
+        assert!(ok, "promtool {}:\n{out}", args.join(" "));
+    }
+    let read = |f: &str| -> Value {
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+    };
+    let (rules, tests) = (read("alerts.yml"), read("alerts.test.yml"));
+    let cases: Vec<&Value> = tests["tests"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_sequence().into_iter().flatten())
+        .collect();
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let Some(name) = rule["alert"].as_str() else {
+                continue;
+            };
+            let mine = || {
+                cases
+                    .iter()
+                    .filter(|c| c["alertname"].as_str() == Some(name))
+            };
+            let fires = |c: &&&Value| !c["exp_alerts"].as_sequence().unwrap().is_empty();
+            assert!(mine().any(|c| fires(&c)), "no test fires {name}");
+            assert!(mine().any(|c| !fires(&c)), "no test keeps {name} quiet");
+        }
+    }
+}
+
 #[test]
 fn the_alert_rules_and_the_dashboard_are_promql_over_exported_metrics() {
-    let exported: BTreeSet<String> = names::exposed().into_iter().collect();
+    let mut exported: BTreeSet<String> = names::exposed().into_iter().collect();
 
     let rules: Value = serde_yaml::from_str(
         &std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap(),
     )
     .unwrap();
+    // Recorded series stand for the metrics their rule reads.
+    let mut recorded: HashMap<String, Vec<String>> = HashMap::new();
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            if let Some(name) = rule["record"].as_str() {
+                let expr = rule["expr"].as_str().unwrap();
+                check_promql(name, expr, &exported);
+                assert!(
+                    name.starts_with("firstcome:"),
+                    "{name}: level:metric:operations"
+                );
+                recorded.insert(name.to_owned(), metric_names(expr));
+            }
+        }
+    }
+    exported.extend(recorded.keys().cloned());
     let mut alerts = BTreeSet::new();
     for group in rules["groups"].as_sequence().unwrap() {
         for rule in group["rules"].as_sequence().unwrap() {
-            let name = rule["alert"].as_str().expect("every rule is an alert");
+            let Some(name) = rule["alert"].as_str() else {
+                continue;
+            };
             let expr = rule["expr"].as_str().unwrap();
             check_promql(name, expr, &exported);
             assert!(
@@ -371,12 +444,10 @@ fn the_alert_rules_and_the_dashboard_are_promql_over_exported_metrics() {
     let guide = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
     for group in rules["groups"].as_sequence().unwrap() {
         for rule in group["rules"].as_sequence().unwrap() {
-            let anchor = rule["annotations"]["runbook"]
-                .as_str()
-                .unwrap()
-                .split('#')
-                .nth(1)
-                .unwrap();
+            let Some(runbook) = rule["annotations"]["runbook"].as_str() else {
+                continue;
+            };
+            let anchor = runbook.split('#').nth(1).unwrap();
             let heading = guide.lines().any(|l| {
                 l.starts_with('#')
                     && l.trim_start_matches('#')
@@ -403,7 +474,14 @@ fn the_alert_rules_and_the_dashboard_are_promql_over_exported_metrics() {
                 .unwrap()
                 .replace("$__rate_interval", "1m");
             check_promql(panel["title"].as_str().unwrap(), &expr, &exported);
-            seen.extend(metric_names(&expr));
+            for name in metric_names(&expr) {
+                match recorded.get(&name) {
+                    Some(sources) => seen.extend(sources.iter().cloned()),
+                    None => {
+                        seen.insert(name);
+                    }
+                }
+            }
         }
     }
     // The dashboard shows every metric there is.
@@ -417,7 +495,7 @@ fn the_alert_rules_and_the_dashboard_are_promql_over_exported_metrics() {
                 })
         })
         .collect();
-    for name in &exported {
+    for name in exported.iter().filter(|n| !recorded.contains_key(*n)) {
         let base = ["_bucket", "_sum", "_count"]
             .iter()
             .fold(name.clone(), |n, s| {

@@ -165,6 +165,7 @@ async fn on_three_brokers_a_leader_killed_and_a_rolling_restart_keep_the_promise
     let rolling_window = (rolling_from, Instant::now());
     let before = env.decided_count(&ids).await;
     env.wait_decided(&ids, before + 100).await;
+    env.wait_sold_out(&coupons, Duration::from_secs(120)).await;
     stop.cancel();
 
     let mut seen = LoadOutcome::default();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::net::SocketAddr;
 
 use firstcome_suite::client::Scrape;
-use firstcome_suite::services::{Hanging, KafkaOperator, PrivateKafka, free_port};
+use firstcome_suite::services::{PrivateKafka, free_port};
 use firstcome_suite::{LoadOutcome, TestEnv};
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +104,7 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
     kafka.restart(0).await;
     let restarted = tokio::time::Instant::now();
     let on_call = CancellationToken::new();
-    let operator = tokio::spawn(on_call_operator(
+    let operator = tokio::spawn(firstcome_suite::on_call_operator(
         kafka.operator(),
         vec![a_ops, b_ops],
         on_call.clone(),
@@ -113,6 +113,10 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
     env.wait_decided_for(&ids, before + 150, Duration::from_secs(180))
         .await;
     phase("150 more after the broker restart");
+    // Demand past every coupon's stock before the load stops (the check
+    // below asks it).
+    env.wait_sold_out(&coupons, Duration::from_secs(120)).await;
+    phase("every coupon sold out");
 
     stop.cancel();
     let seen: LoadOutcome = load.await.unwrap();
@@ -160,51 +164,6 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
     eprintln!("{n} decisions streamed, each once and in order");
     assert!(n >= 600, "the sale made {n} decisions");
     ingress.stop().await;
-}
-
-/// The operator on call: whenever a worker reports the decision stream
-/// stalled, aborts every transaction Kafka's find-hanging lists (any topic:
-/// the group's offsets too). Until `stop`; returns what it aborted. A
-/// report that find-hanging does not confirm fails the test.
-async fn on_call_operator(
-    kafka: KafkaOperator,
-    workers: Vec<SocketAddr>,
-    stop: CancellationToken,
-) -> Vec<Hanging> {
-    let mut aborted = Vec::new();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return aborted,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        let mut stalled = 0.0;
-        for ops in &workers {
-            stalled += Scrape::of(*ops)
-                .await
-                .get("firstcome_worker_stream_stalled_partitions");
-        }
-        if stalled < 1.0 {
-            continue;
-        }
-        let k = kafka.clone();
-        // Quiet for three transaction timeouts: no live transaction is.
-        let hanging = tokio::task::spawn_blocking(move || {
-            let found = k.hanging(Duration::from_secs(15));
-            for h in &found {
-                k.abort(h);
-            }
-            found
-        })
-        .await
-        .unwrap();
-        eprintln!("stream test: the workers report {stalled} stalled; aborted {hanging:?}");
-        if hanging.is_empty() && aborted.is_empty() {
-            panic!(
-                "the workers report a stalled decision stream that find-hanging does not confirm"
-            );
-        }
-        aborted.extend(hanging);
-    }
 }
 
 /// The stall watch (docs/operations.md, "Decision stream hanging"): a

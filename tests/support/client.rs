@@ -124,7 +124,26 @@ impl Scrape {
             content_type.starts_with("application/openmetrics-text"),
             "{content_type}"
         );
-        let text = answer.text().await.unwrap();
+        Self::parse(answer.text().await.unwrap())
+    }
+
+    /// Scrapes the `/metrics` at `addr` if it answers within `limit`; `None`
+    /// for a process that is down or frozen.
+    pub async fn try_of(addr: SocketAddr, limit: Duration) -> Option<Self> {
+        tokio::time::timeout(limit, async {
+            let answer = reqwest::get(format!("http://{addr}/metrics")).await.ok()?;
+            if answer.status() != 200 {
+                return None;
+            }
+            let text = answer.text().await.ok()?;
+            Some(Self::parse(text))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    fn parse(text: String) -> Self {
         let samples = text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -462,6 +462,33 @@ impl TestEnv {
         }
     }
 
+    /// Waits until every coupon's stock is held: a test whose load runs
+    /// until then has demand past the stock however slowly this machine
+    /// got requests through its faults (a fixed time was not always
+    /// enough: the stream test once stopped with 367 of 400 units asked
+    /// for, when its broker came back quickly).
+    pub async fn wait_sold_out(&self, coupons: &[(String, i64)], limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        for (id, stock) in coupons {
+            loop {
+                let held: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM user_coupon WHERE coupon_id = $1")
+                        .bind(id)
+                        .fetch_one(&self.pool)
+                        .await
+                        .unwrap();
+                if held >= *stock {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{id} never sold out under the load ({held} of {stock})"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
     /// `firstcome-worker reconcile` of these coupons: the worst exit code
     /// and the tables.
     pub async fn reconcile(&self, coupons: &[&str]) -> (i32, String) {

@@ -11,7 +11,8 @@
 //! - [`proxy`]: a TCP proxy a test can cut
 //! - [`topic`]: reading a topic back
 //! - [`promise`]: the promise, checked with the oracle
-//! - [`stream`]: the decision stream, read back and checked with the ledger
+//! - [`stream`]: the decision stream, read back and checked with the ledger,
+//!   and the operator on call who aborts what Kafka left hanging
 //! - [`load`]: clients that make load, and sales
 //! - [`hostile`]: clients that behave as attackers do (hang up, send slowly)
 //! - [`tokens`]: signed user tokens and their JWKS, for the verified identity

@@ -703,3 +703,109 @@ impl Drop for PrivatePostgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Prometheus server of its own (Debian's), scraping the given targets
+/// every second and evaluating `deploy/prometheus/alerts.yml` every second.
+pub struct PrivatePrometheus {
+    /// A free port found at start, on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl PrivatePrometheus {
+    /// Starts it over `targets`: (job, `host:port` of a `/metrics`).
+    pub async fn start(rules: &Path, targets: &[(&str, std::net::SocketAddr)]) -> Self {
+        let dir = scratch_dir("prometheus");
+        let mut config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {}\nscrape_configs:\n",
+            rules.display()
+        );
+        for (job, addr) in targets {
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: ['{addr}']\n"
+            ));
+        }
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus runs; `scripts/stack up` installs Debian's prometheus package");
+        let p = Self { port, dir, child };
+        let ready = format!("http://127.0.0.1:{port}/-/ready");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = reqwest::get(&ready)
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if up {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "prometheus did not come up: {}",
+                std::fs::read_to_string(p.dir.join("prometheus.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        p
+    }
+
+    /// `GET /api/v1/<path>` with `query`; the `data` of a successful answer.
+    pub async fn api(&self, path: &str, query: &[(&str, &str)]) -> serde_json::Value {
+        let answer: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/{path}", self.port))
+            .query(query)
+            .send()
+            .await
+            .expect("prometheus answers")
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["status"], "success", "{path} {query:?}: {answer}");
+        answer["data"].clone()
+    }
+
+    /// An instant query's samples, asserting it is a vector.
+    pub async fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let data = self.api("query", &[("query", expr)]).await;
+        assert_eq!(data["resultType"], "vector", "{expr}: {data}");
+        data["result"].as_array().unwrap().clone()
+    }
+
+    /// The alerts pending or firing now: (name, state).
+    pub async fn alerts(&self) -> Vec<(String, String)> {
+        let data = self.api("alerts", &[]).await;
+        data["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["labels"]["alertname"].as_str().unwrap().to_owned(),
+                    a["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for PrivatePrometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::client::Scrape;
+use crate::services::{Hanging, KafkaOperator};
+
 use super::*;
 
 /// One event of the decision topic and where it sat.
@@ -270,4 +273,51 @@ fn gaps(
         ));
     }
     format!("{out}\ncommitted offsets of the group: {committed:?}")
+}
+
+/// The operator on call (docs/operations.md, "Decision stream hanging"):
+/// whenever a worker reports the decision stream stalled, aborts every
+/// transaction Kafka's find-hanging lists (any topic: the group's offsets
+/// too). A worker that is down or frozen is skipped. Until `stop`; returns
+/// what it aborted. A report that find-hanging does not confirm fails the
+/// test.
+pub async fn on_call_operator(
+    kafka: KafkaOperator,
+    workers: Vec<SocketAddr>,
+    stop: CancellationToken,
+) -> Vec<Hanging> {
+    let mut aborted = Vec::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return aborted,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let mut stalled = 0.0;
+        for ops in &workers {
+            if let Some(scrape) = Scrape::try_of(*ops, Duration::from_secs(2)).await {
+                stalled += scrape.get("firstcome_worker_stream_stalled_partitions");
+            }
+        }
+        if stalled < 1.0 {
+            continue;
+        }
+        let k = kafka.clone();
+        // Quiet for three transaction timeouts: no live transaction is.
+        let hanging = tokio::task::spawn_blocking(move || {
+            let found = k.hanging(Duration::from_secs(15));
+            for h in &found {
+                k.abort(h);
+            }
+            found
+        })
+        .await
+        .unwrap();
+        eprintln!("operator on call: the workers report {stalled} stalled; aborted {hanging:?}");
+        if hanging.is_empty() && aborted.is_empty() {
+            panic!(
+                "the workers report a stalled decision stream that find-hanging does not confirm"
+            );
+        }
+        aborted.extend(hanging);
+    }
 }
