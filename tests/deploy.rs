@@ -14,7 +14,7 @@ use std::process::Command;
 
 use firstcome::metrics::names;
 use firstcome_suite::{ingress_binary, unique, worker_binary};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// The Kubernetes version the manifests are validated against.
 const KUBERNETES: &str = "1.33.0";
@@ -85,7 +85,7 @@ fn render(dir: &str) -> String {
 }
 
 fn documents(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
+    serde_norway::Deserializer::from_str(yaml)
         .map(|d| {
             let mut v = Value::deserialize(d).expect("rendered YAML parses");
             v.apply_merge().expect("merge keys resolve");
@@ -185,7 +185,7 @@ fn the_compose_broker_runs_the_kafka_version_and_settings_the_tests_run() {
             .unwrap_or_else(|| panic!("compose's kafka does not set {var} ({key})"));
         match v {
             Value::String(s) => s.clone(),
-            other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
+            other => serde_norway::to_string(other).unwrap().trim().to_owned(),
         }
     };
     for (key, value) in broker_settings() {
@@ -365,7 +365,7 @@ fn promtool_fires_each_alert_on_its_series_and_on_nothing_else() {
         assert!(ok, "promtool {}:\n{out}", args.join(" "));
     }
     let read = |f: &str| -> Value {
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+        serde_norway::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
     };
     let (rules, tests) = (read("alerts.yml"), read("alerts.test.yml"));
     let cases: Vec<&Value> = tests["tests"]
@@ -395,7 +395,7 @@ fn promtool_fires_each_alert_on_its_series_and_on_nothing_else() {
 fn the_alert_rules_and_the_dashboard_are_promql_over_exported_metrics() {
     let mut exported: BTreeSet<String> = names::exposed().into_iter().collect();
 
-    let rules: Value = serde_yaml::from_str(
+    let rules: Value = serde_norway::from_str(
         &std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap(),
     )
     .unwrap();

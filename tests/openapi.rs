@@ -73,6 +73,31 @@ async fn the_served_openapi_document_is_the_committed_one() {
     ingress.stop().await;
 }
 
+/// `/docs` renders the same document for people (Redoc): an HTML page
+/// carrying every path of the served document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docs_page_renders_the_served_document() {
+    let env = TestEnv::new().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let page = client
+        .http
+        .get(format!("{}/docs", client.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let page = page.text().await.unwrap();
+    assert!(page.contains("<title>firstcome API</title>"), "{page}");
+    assert!(page.contains("Redoc.init("), "{page}");
+    let (_, doc) = client.get("/openapi.json").await;
+    for path in doc["paths"].as_object().unwrap().keys() {
+        assert!(page.contains(&format!("\"{path}\"")), "/docs lacks {path}");
+    }
+    ingress.stop().await;
+}
+
 fn schemathesis() -> PathBuf {
     let bin = root().join(".state/venv/bin/schemathesis");
     assert!(

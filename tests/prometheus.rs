@@ -71,7 +71,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
 
 /// (name, expression, is an alert) of every rule in alerts.yml.
 fn rules() -> Vec<(String, String, bool)> {
-    let rules: serde_yaml::Value = serde_yaml::from_str(
+    let rules: serde_norway::Value = serde_norway::from_str(
         &std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap(),
     )
     .unwrap();

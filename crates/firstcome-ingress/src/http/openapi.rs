@@ -1,7 +1,8 @@
 //! The OpenAPI 3.1 document of the HTTP API, generated from the handlers'
 //! annotations in the resource modules, served at `GET /openapi.json` and
-//! committed as `docs/openapi.json` (a test keeps the two equal). It sits
-//! beside the router, above every resource it lists.
+//! committed as `docs/openapi.json` (a test keeps the two equal), and
+//! rendered for people at `GET /docs` (Redoc). It sits beside the router,
+//! above every resource it lists.
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
@@ -15,7 +16,9 @@ use crate::services::AppState;
 
 /// The route of the document.
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/openapi.json", get(openapi_json))
+    Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(docs))
 }
 
 /// The OpenAPI document of the public API, served at `/openapi.json`; the
@@ -27,7 +30,7 @@ pub fn routes() -> Router<AppState> {
         description = "First-come-first-served coupon issuance. An issue request is appended to \
             an ordered log and answered 202 once the broker acknowledged it; a worker decides \
             requests in log order. Every error answers `{\"error\":{\"code\",\"message\"}}`.",
-        license(name = "MIT OR Apache-2.0")
+        license(name = "Apache-2.0")
     ),
     paths(
         coupons::create_coupon,
@@ -38,6 +41,7 @@ pub fn routes() -> Router<AppState> {
         health::healthz,
         health::readyz,
         openapi_json,
+        docs,
         admin::list_coupons,
         admin::get_counters,
         admin::add_stock,
@@ -89,6 +93,27 @@ pub(crate) async fn openapi_json() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         DOCUMENT.clone(),
+    )
+        .into_response()
+}
+
+/// This API's documentation, rendered (Redoc).
+#[utoipa::path(
+    get, path = "/docs", tag = "health",
+    responses((status = 200, description = "The OpenAPI document rendered by Redoc: an HTML page \
+        with the document inside; the browser loads Redoc's script from its CDN", content_type = "text/html"))
+)]
+pub(crate) async fn docs() -> Response {
+    // Built once, like the document: the page carries the whole document.
+    static PAGE: std::sync::LazyLock<axum::body::Bytes> = std::sync::LazyLock::new(|| {
+        utoipa_redoc::Redoc::new(ApiDoc::openapi())
+            .to_html()
+            .replace("<title>Redoc</title>", "<title>firstcome API</title>")
+            .into()
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        PAGE.clone(),
     )
         .into_response()
 }

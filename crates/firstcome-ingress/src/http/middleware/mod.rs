@@ -67,6 +67,7 @@ pub(crate) const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/openapi.json",
+    "/docs",
 ];
 
 /// The metrics label of a request's route.
