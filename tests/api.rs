@@ -234,7 +234,7 @@ async fn without_a_broker_acknowledgement_an_issue_request_is_503_with_retry_aft
 
     let mut cfg = env.ingress_config();
     cfg.common.kafka_brokers = "127.0.0.1:1".into();
-    cfg.produce_timeout_ms = 1_000;
+    cfg.produce_timeout = Duration::from_millis(1_000);
     let app = firstcome_ingress::Application::build(cfg).await.unwrap();
     let addr = app.local_addr();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -463,7 +463,7 @@ async fn past_the_in_flight_limit_requests_are_503_overloaded_at_once_and_health
 async fn once_sold_out_or_outside_its_window_a_coupon_answers_409_and_appends_nothing() {
     let env = TestEnv::new().await;
     let mut cfg = env.ingress_config();
-    cfg.sold_out_check_ms = 100;
+    cfg.sold_out_check = Duration::from_millis(100);
     let ingress = env.spawn_ingress_with(cfg).await;
     let worker = env.spawn_worker().await;
     let client = env.client(&ingress);
@@ -712,8 +712,8 @@ async fn a_status_lookup_with_wait_ms_answers_once_the_request_is_decided() {
     // Waits far longer than this test lets them run: only a wake-up can end
     // the long poll below in time.
     let mut cfg = env.ingress_config();
-    cfg.request_timeout_ms = 300_000;
-    cfg.max_wait_ms = 200_000;
+    cfg.request_timeout = Duration::from_millis(300_000);
+    cfg.max_wait = Duration::from_millis(200_000);
     let ingress = env.spawn_ingress_with(cfg).await;
     let client = env.client(&ingress);
     let coupon = env.coupon_id("wait");

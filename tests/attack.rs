@@ -50,7 +50,7 @@ async fn under_every_attack_at_once_the_honest_sale_keeps_its_promise_and_the_in
         .env("FIRSTCOME_JWT_ISSUER", ISSUER)
         .env("FIRSTCOME_JWT_AUDIENCE", AUDIENCE)
         .env("FIRSTCOME_MAX_CONNECTIONS", "256")
-        .env("FIRSTCOME_HEADER_READ_TIMEOUT_MS", "1000")
+        .env("FIRSTCOME_HEADER_READ_TIMEOUT", "1000ms")
         .env("FIRSTCOME_RATE_LIMIT_PER_SEC", "200")
         .env("FIRSTCOME_RATE_LIMIT_BURST", "50")
         .env("FIRSTCOME_CLIENT_IP_HEADER", "x-forwarded-for")

@@ -90,8 +90,8 @@ async fn a_coupons_state_leaves_redis_after_its_sale_and_a_late_record_keeps_its
     env.use_postgres(pg.url()).await;
     let ingress = env.spawn_ingress().await;
     let mut cfg = env.worker_config();
-    cfg.retire_after_secs = 0;
-    cfg.retire_interval_ms = 200;
+    cfg.retire_after = Duration::from_secs(0);
+    cfg.retire_interval = Duration::from_millis(200);
     let worker = env.spawn_worker_with(cfg).await;
     let client = env.client(&ingress);
     let coupon = env.coupon_id("sale");
@@ -280,7 +280,7 @@ async fn idle_and_half_sent_connections_give_their_place_back() {
     let env = TestEnv::new().await;
     let mut cfg = env.ingress_config();
     cfg.max_connections = 64;
-    cfg.header_read_timeout_ms = 1_000;
+    cfg.header_read_timeout = Duration::from_millis(1_000);
     let ingress = env.spawn_ingress_with(cfg).await;
     let addr = ingress.addr.unwrap();
     let mut held = Vec::new();

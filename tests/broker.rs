@@ -45,7 +45,7 @@ async fn a_broker_killed_then_frozen_mid_burst_costs_503s_for_that_time_and_lose
     let mut broker = PrivateKafka::start().await;
     env.use_broker(&broker).await;
     let mut icfg = env.ingress_config();
-    icfg.produce_timeout_ms = PRODUCE_TIMEOUT_MS;
+    icfg.produce_timeout = Duration::from_millis(PRODUCE_TIMEOUT_MS);
     let ingress = env.spawn_ingress_with(icfg).await;
     let client = env.client(&ingress);
     let coupons = vec![(env.coupon_id("k1"), 40), (env.coupon_id("k2"), 70)];

@@ -26,7 +26,7 @@ async fn while_postgres_is_unreachable_the_partition_waits_paused_and_the_worker
     cfg.common.database_url = proxy.rewrite(&env.common.database_url);
     cfg.max_batch = 5;
     cfg.partition_buffer = 5;
-    cfg.max_poll_interval_ms = 6_000;
+    cfg.max_poll_interval = Duration::from_millis(6_000);
     let worker = env.spawn_worker_with(cfg).await;
     let all = PARTITIONS as usize;
     worker

@@ -68,7 +68,7 @@ async fn on_three_brokers_a_leader_killed_and_a_rolling_restart_keep_the_promise
     let mut kafka = PrivateKafka::start_cluster(3).await;
     env.use_broker(&kafka).await;
     let mut icfg = env.ingress_config();
-    icfg.produce_timeout_ms = PRODUCE_TIMEOUT_MS;
+    icfg.produce_timeout = Duration::from_millis(PRODUCE_TIMEOUT_MS);
     let ingresses = [
         env.spawn_ingress_with(icfg.clone()).await,
         env.spawn_ingress_with(icfg).await,

@@ -40,7 +40,7 @@ async fn start_ingress(env: &TestEnv, addr: SocketAddr) -> Child {
 fn start_worker(env: &TestEnv) -> Child {
     env.worker_command()
         .arg("run")
-        .env("FIRSTCOME_SESSION_TIMEOUT_MS", "6000")
+        .env("FIRSTCOME_SESSION_TIMEOUT", "6000ms")
         .env("FIRSTCOME_MAX_BATCH", "11")
         .env(
             "FIRSTCOME_SHUTDOWN_TIMEOUT_MS",

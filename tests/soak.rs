@@ -140,8 +140,8 @@ struct System {
 impl System {
     fn start_ingress(env: &TestEnv, addr: SocketAddr) -> Child {
         env.ingress_command(addr)
-            .env("FIRSTCOME_PRODUCE_TIMEOUT_MS", "5000")
-            .env("FIRSTCOME_SHUTDOWN_TIMEOUT_MS", "2000")
+            .env("FIRSTCOME_PRODUCE_TIMEOUT", "5000ms")
+            .env("FIRSTCOME_SHUTDOWN_TIMEOUT", "2000ms")
             .spawn()
             .expect("the ingress binary starts")
     }
@@ -151,21 +151,21 @@ impl System {
             .arg("run")
             .env("FIRSTCOME_METRICS_LISTEN", ops.to_string())
             .env("FIRSTCOME_DECISION_STREAM", "true")
-            .env("FIRSTCOME_TRANSACTION_TIMEOUT_MS", "5000")
+            .env("FIRSTCOME_TRANSACTION_TIMEOUT", "5000ms")
             .env(
                 "FIRSTCOME_SESSION_TIMEOUT_MS",
                 SESSION_TIMEOUT_MS.to_string(),
             )
-            .env("FIRSTCOME_COMMIT_INTERVAL_MS", "200")
+            .env("FIRSTCOME_COMMIT_INTERVAL", "200ms")
             .env("FIRSTCOME_MAX_BATCH", "16")
             .env("FIRSTCOME_PARTITION_BUFFER", "64")
-            .env("FIRSTCOME_SHUTDOWN_TIMEOUT_MS", "2000")
+            .env("FIRSTCOME_SHUTDOWN_TIMEOUT", "2000ms")
             // A closed coupon's state leaves Redis 3 s later, while the
             // nemesis may reopen it and late records still arrive (the
             // soak's Postgres is its own, so the sweep sees only its
             // coupons).
-            .env("FIRSTCOME_RETIRE_AFTER_SECS", "3")
-            .env("FIRSTCOME_RETIRE_INTERVAL_MS", "1000")
+            .env("FIRSTCOME_RETIRE_AFTER", "3s")
+            .env("FIRSTCOME_RETIRE_INTERVAL", "1000ms")
             .spawn()
             .expect("the worker binary starts")
     }
@@ -343,11 +343,16 @@ async fn a_seeded_nemesis_never_breaks_the_promise() {
     let streamed =
         firstcome_suite::check_decision_stream(&sys.env, &ids, Duration::from_secs(180)).await;
     on_call.cancel();
-    let aborted = operator.await.unwrap();
+    let done = operator.await.unwrap();
     eprintln!(
         "soak: {streamed} decisions streamed, each once and in order; \
          the operator aborted {} hanging transactions",
-        aborted.len()
+        done.aborted.len()
+    );
+    assert!(
+        done.false_alarms.is_empty(),
+        "the workers reported stalls Kafka did not confirm: {:?}",
+        done.false_alarms
     );
     // Stopped cleanly, each worker commits what it stored; then every open
     // transaction is one Kafka lost that no worker reported.

@@ -20,9 +20,9 @@ fn streaming_worker(env: &TestEnv) -> (tokio::process::Child, SocketAddr) {
         .arg("run")
         .env("FIRSTCOME_METRICS_LISTEN", ops.to_string())
         .env("FIRSTCOME_DECISION_STREAM", "true")
-        .env("FIRSTCOME_TRANSACTION_TIMEOUT_MS", "5000")
-        .env("FIRSTCOME_SESSION_TIMEOUT_MS", "6000")
-        .env("FIRSTCOME_COMMIT_INTERVAL_MS", "200")
+        .env("FIRSTCOME_TRANSACTION_TIMEOUT", "5000ms")
+        .env("FIRSTCOME_SESSION_TIMEOUT", "6000ms")
+        .env("FIRSTCOME_COMMIT_INTERVAL", "200ms")
         // Small batches: a kill lands between a store and its commit.
         .env("FIRSTCOME_MAX_BATCH", "13")
         .env("FIRSTCOME_PARTITION_BUFFER", "52")
@@ -135,8 +135,13 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
     // by now.
     tokio::time::sleep_until(restarted + Duration::from_secs(5 + 30 + 10)).await;
     on_call.cancel();
-    let aborted = operator.await.unwrap();
-    phase(&format!("the operator aborted {aborted:?}"));
+    let on_call = operator.await.unwrap();
+    phase(&format!("the operator aborted {:?}", on_call.aborted));
+    assert!(
+        on_call.false_alarms.is_empty(),
+        "the workers reported stalls Kafka did not confirm: {:?}",
+        on_call.false_alarms
+    );
     // Stopped cleanly, each commits what it stored.
     for w in [&a, &b] {
         signal(w, "TERM");
@@ -183,7 +188,7 @@ async fn a_transaction_left_open_on_the_decision_topic_is_reported_until_it_ends
         .arg("run")
         .env("FIRSTCOME_METRICS_LISTEN", ops.to_string())
         .env("FIRSTCOME_DECISION_STREAM", "true")
-        .env("FIRSTCOME_TRANSACTION_TIMEOUT_MS", "1000")
+        .env("FIRSTCOME_TRANSACTION_TIMEOUT", "1000ms")
         .spawn()
         .expect("the worker binary starts");
     let stalled = |at| async move {

@@ -100,9 +100,9 @@ impl TestEnv {
             request_topic: format!("{tag}.requests"),
             dlq_topic: format!("{tag}.dlq"),
             decision_topic: format!("{tag}.decisions"),
-            status_ttl_secs: 3_600,
+            status_ttl: Duration::from_secs(3_600),
             pg_max_connections: 4,
-            pg_acquire_timeout_ms: 3_000,
+            pg_acquire_timeout: Duration::from_millis(3_000),
             log_json: false,
         };
         let hint = "is the local stack up? Run `scripts/stack up`";

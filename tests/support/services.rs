@@ -503,19 +503,30 @@ impl KafkaOperator {
     /// a partition while their coordinator does not know them as open)
     /// that wrote nothing for `quiet`.
     pub fn hanging(&self, quiet: Duration) -> Vec<Hanging> {
+        self.try_hanging(quiet)
+            .unwrap_or_else(|e| panic!("scripts/kafka-node transactions find-hanging: {e}"))
+    }
+
+    /// [`Self::hanging`], or what the tool said when it could not look (a
+    /// broker down or starting).
+    pub fn try_hanging(&self, quiet: Duration) -> Result<Vec<Hanging>, String> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64;
         let mut found = Vec::new();
         for id in &self.ids {
-            let out = self.run(&[
+            let out = self.output(&[
                 "find-hanging",
                 "--broker-id",
                 &id.to_string(),
                 "--max-transaction-timeout",
                 "0",
             ]);
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            let out = String::from_utf8_lossy(&out.stdout);
             for line in out.lines().skip(1) {
                 let cols: Vec<&str> = line.split_whitespace().collect();
                 let n = |i: usize| cols[i].parse::<i64>().expect("a number");
@@ -529,7 +540,7 @@ impl KafkaOperator {
                 }
             }
         }
-        found
+        Ok(found)
     }
 
     /// Aborts one transaction [`Self::hanging`] found. One that ended
@@ -537,6 +548,13 @@ impl KafkaOperator {
     /// end it on the others too (seen: its `__consumer_offsets` entry was
     /// gone by the time its turn came).
     pub fn abort(&self, h: &Hanging) {
+        if let Err(said) = self.try_abort(h) {
+            panic!("scripts/kafka-node transactions abort {h:?}: {said}");
+        }
+    }
+
+    /// [`Self::abort`], or what the tool said when it could not.
+    pub fn try_abort(&self, h: &Hanging) -> Result<(), String> {
         let args = [
             "abort",
             "--topic",
@@ -548,20 +566,11 @@ impl KafkaOperator {
         ];
         let out = self.output(&args);
         let said = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() || said.contains("Could not find any open transactions"),
-            "scripts/kafka-node transactions {args:?}: {said}"
-        );
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        let out = self.output(args);
-        assert!(
-            out.status.success(),
-            "scripts/kafka-node transactions {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        if out.status.success() || said.contains("Could not find any open transactions") {
+            Ok(())
+        } else {
+            Err(said.into_owned())
+        }
     }
 
     fn output(&self, args: &[&str]) -> std::process::Output {

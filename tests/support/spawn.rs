@@ -21,12 +21,12 @@ impl TestEnv {
         // allows in production (tests/bounds.rs checks the bound itself).
         cfg.max_connections = 4_096;
         // A test that stops an ingress waits at most this for it.
-        cfg.shutdown_timeout_ms = 5_000;
+        cfg.shutdown_timeout = Duration::from_millis(5_000);
         // Off: most tests check what the log decides for requests past the
         // stock; `api.rs` tests the short-circuit.
-        cfg.sold_out_check_ms = 0;
+        cfg.sold_out_check = Duration::from_millis(0);
         // The tests' keys leave the shared Redis within the hour.
-        cfg.idempotency_ttl_secs = 3_600;
+        cfg.idempotency_ttl = Duration::from_secs(3_600);
         cfg
     }
 
@@ -43,18 +43,18 @@ impl TestEnv {
         cfg.common = self.common.clone();
         cfg.group_id = self.group_id.clone();
         cfg.metrics_listen = "127.0.0.1:0".parse().unwrap();
-        cfg.stats_interval_ms = 1_000;
-        cfg.session_timeout_ms = 6_000;
-        cfg.commit_interval_ms = 500;
+        cfg.stats_interval = Duration::from_millis(1_000);
+        cfg.session_timeout = Duration::from_millis(6_000);
+        cfg.commit_interval = Duration::from_millis(500);
         cfg.max_batch = 200;
         cfg.partition_buffer = 2_000;
-        cfg.retry_initial_ms = 50;
-        cfg.retry_max_ms = 1_000;
-        cfg.shutdown_timeout_ms = 10_000;
+        cfg.retry_initial = Duration::from_millis(50);
+        cfg.retry_max = Duration::from_millis(1_000);
+        cfg.shutdown_timeout = Duration::from_millis(10_000);
         // Off: a sweep retires the ended coupons of the whole database,
         // other tests' too; tests/bounds.rs turns it on, on a Postgres of
         // its own.
-        cfg.retire_interval_ms = 0;
+        cfg.retire_interval = Duration::from_millis(0);
         cfg
     }
 
@@ -89,7 +89,7 @@ impl TestEnv {
     ) -> Running {
         let mut cfg = self.ingress_config();
         cfg.common.kafka_brokers = "127.0.0.1:1".into();
-        cfg.produce_timeout_ms = produce_timeout_ms;
+        cfg.produce_timeout = Duration::from_millis(produce_timeout_ms);
         cfg.max_in_flight = max_in_flight;
         self.spawn_ingress_with(cfg).await
     }
@@ -147,7 +147,7 @@ impl TestEnv {
         let mut cmd = self.command(worker_binary());
         cmd.env("FIRSTCOME_GROUP_ID", &self.group_id)
             // As in `worker_config`: a sweep reaches every test's coupons.
-            .env("FIRSTCOME_RETIRE_INTERVAL_MS", "0");
+            .env("FIRSTCOME_RETIRE_INTERVAL", "0ms");
         cmd
     }
 
@@ -168,7 +168,7 @@ impl TestEnv {
             .env("FIRSTCOME_ADMIN_TOKEN", &self.admin_token)
             // As in `ingress_config`.
             .env("FIRSTCOME_IDENTITY", "body")
-            .env("FIRSTCOME_SOLD_OUT_CHECK_MS", "0");
+            .env("FIRSTCOME_SOLD_OUT_CHECK", "0ms");
         cmd
     }
 
@@ -177,8 +177,8 @@ impl TestEnv {
     pub fn spawn_worker_process(&self, max_batch: usize) -> tokio::process::Child {
         self.worker_command()
             .arg("run")
-            .env("FIRSTCOME_SESSION_TIMEOUT_MS", "6000")
-            .env("FIRSTCOME_COMMIT_INTERVAL_MS", "200")
+            .env("FIRSTCOME_SESSION_TIMEOUT", "6000ms")
+            .env("FIRSTCOME_COMMIT_INTERVAL", "200ms")
             .env("FIRSTCOME_MAX_BATCH", max_batch.to_string())
             .env("FIRSTCOME_PARTITION_BUFFER", (max_batch * 4).to_string())
             .spawn()

@@ -382,10 +382,10 @@ fn under_callgrind(cmd: &Command, dir: &Path, what: &str) -> (Command, PathBuf) 
     // connection idle through `callgrind_control` passed the 10 s
     // header-read timeout and was closed under the client.
     for (setting, ms) in [
-        ("FIRSTCOME_PG_ACQUIRE_TIMEOUT_MS", "60000"),
-        ("FIRSTCOME_PRODUCE_TIMEOUT_MS", "60000"),
-        ("FIRSTCOME_REQUEST_TIMEOUT_MS", "120000"),
-        ("FIRSTCOME_HEADER_READ_TIMEOUT_MS", "120000"),
+        ("FIRSTCOME_PG_ACQUIRE_TIMEOUT", "60s"),
+        ("FIRSTCOME_PRODUCE_TIMEOUT", "60s"),
+        ("FIRSTCOME_REQUEST_TIMEOUT", "120s"),
+        ("FIRSTCOME_HEADER_READ_TIMEOUT", "120s"),
     ] {
         c.env(setting, ms);
     }

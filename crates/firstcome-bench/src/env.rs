@@ -30,10 +30,10 @@ pub struct BenchEnv {
     pub group_id: String,
     /// Admin token of this scenario's ingress.
     pub admin_token: String,
-    /// Session timeout for the workers (`FIRSTCOME_SESSION_TIMEOUT_MS`,
+    /// Session timeout for the workers (`FIRSTCOME_SESSION_TIMEOUT`,
     /// else 10 s): a scenario's worker stops before the next one starts, so
     /// nothing waits on it.
-    pub session_timeout_ms: u64,
+    pub session_timeout: String,
     /// Short random tag; coupon ids start with it.
     pub tag: String,
 }
@@ -64,10 +64,8 @@ impl BenchEnv {
             dlq_topic: format!("{tag}.dlq"),
             group_id: format!("{tag}-workers"),
             admin_token: format!("bench-token-{tag}"),
-            session_timeout_ms: std::env::var("FIRSTCOME_SESSION_TIMEOUT_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(10_000),
+            session_timeout: std::env::var("FIRSTCOME_SESSION_TIMEOUT")
+                .unwrap_or_else(|_| "10s".to_owned()),
             tag,
         };
         USED.lock().expect("lock").push(env.tag.clone());
@@ -101,9 +99,9 @@ impl BenchEnv {
             request_topic: self.request_topic.clone(),
             dlq_topic: self.dlq_topic.clone(),
             decision_topic: format!("{}.decisions", self.tag),
-            status_ttl_secs: 3_600,
+            status_ttl: std::time::Duration::from_secs(3_600),
             pg_max_connections: 8,
-            pg_acquire_timeout_ms: 3_000,
+            pg_acquire_timeout: std::time::Duration::from_secs(3),
             log_json: false,
         }
     }

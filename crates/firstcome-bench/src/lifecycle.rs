@@ -156,7 +156,7 @@ pub async fn lifecycle(size: LifecycleSize) -> anyhow::Result<Lifecycle> {
     let addr = procs::free_addr();
     let mut cmd = procs::command(&env, "firstcome-ingress")?;
     cmd.env("FIRSTCOME_LISTEN", addr.to_string())
-        .env("FIRSTCOME_STATUS_TTL_SECS", "60")
+        .env("FIRSTCOME_STATUS_TTL", "60s")
         .env("FIRSTCOME_RATE_LIMIT_PER_SEC", "1000")
         .env("FIRSTCOME_RATE_LIMIT_BURST", "1000")
         .env("FIRSTCOME_CLIENT_IP_HEADER", "x-forwarded-for")
@@ -165,9 +165,9 @@ pub async fn lifecycle(size: LifecycleSize) -> anyhow::Result<Lifecycle> {
     let worker = Proc {
         child: procs::command(&env, "firstcome-worker")?
             .arg("run")
-            .env("FIRSTCOME_STATUS_TTL_SECS", "60")
-            .env("FIRSTCOME_RETIRE_AFTER_SECS", "2")
-            .env("FIRSTCOME_RETIRE_INTERVAL_MS", "1000")
+            .env("FIRSTCOME_STATUS_TTL", "60s")
+            .env("FIRSTCOME_RETIRE_AFTER", "2s")
+            .env("FIRSTCOME_RETIRE_INTERVAL", "1s")
             .kill_on_drop(true)
             .spawn()
             .context("starting the worker")?,

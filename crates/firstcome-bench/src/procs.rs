@@ -200,13 +200,13 @@ pub async fn serve_within(
 
 /// Settings of the binaries that the bench's own environment may override.
 const PASSED_ON: [&str; 9] = [
-    "FIRSTCOME_SOLD_OUT_CHECK_MS",
+    "FIRSTCOME_SOLD_OUT_CHECK",
     "FIRSTCOME_MAX_IN_FLIGHT",
     "FIRSTCOME_MAX_CONNECTIONS",
     "FIRSTCOME_MAX_BATCH",
     "FIRSTCOME_PARTITION_BUFFER",
-    "FIRSTCOME_COMMIT_INTERVAL_MS",
-    "FIRSTCOME_PRODUCE_LINGER_MS",
+    "FIRSTCOME_COMMIT_INTERVAL",
+    "FIRSTCOME_PRODUCE_LINGER",
     "FIRSTCOME_PG_MAX_CONNECTIONS",
     "FIRSTCOME_KAFKA_OPTIONS",
 ];
@@ -230,10 +230,7 @@ pub fn command(env: &BenchEnv, binary: &str) -> anyhow::Result<Command> {
         .env("FIRSTCOME_IDENTITY", "body")
         .env("FIRSTCOME_GROUP_ID", &env.group_id)
         .env("FIRSTCOME_METRICS_LISTEN", "127.0.0.1:0")
-        .env(
-            "FIRSTCOME_SESSION_TIMEOUT_MS",
-            env.session_timeout_ms.to_string(),
-        );
+        .env("FIRSTCOME_SESSION_TIMEOUT", &env.session_timeout);
     // Tuning knobs given to the bench reach the binaries (e.g.
     // `FIRSTCOME_MAX_BATCH=1000 scripts/bench --scenario drain`).
     for (k, v) in std::env::vars() {

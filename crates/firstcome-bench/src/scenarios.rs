@@ -292,7 +292,7 @@ pub(crate) fn request(coupon: &CouponId, user: String) -> IssueRequest {
 }
 
 pub(crate) fn producer(env: &BenchEnv) -> anyhow::Result<FutureProducer> {
-    // The ingress's settings (`FIRSTCOME_PRODUCE_LINGER_MS` default 2).
+    // The ingress's settings (`FIRSTCOME_PRODUCE_LINGER` default 2).
     Ok(firstcome::kafka::producer_config(
         &env.common(),
         Duration::from_secs(30),

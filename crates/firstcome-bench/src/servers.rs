@@ -113,7 +113,7 @@ pub async fn seed(listen: SocketAddr) -> anyhow::Result<()> {
         dlq_topic: String::new(),
         group_id: String::new(),
         admin_token: String::new(),
-        session_timeout_ms: 0,
+        session_timeout: String::new(),
         tag: String::new(),
     };
     let redis =

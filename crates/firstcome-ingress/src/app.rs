@@ -45,7 +45,7 @@ impl Application {
             HealingProducer::new(kafka::producer_config(
                 &cfg.common,
                 cfg.produce_timeout(),
-                Duration::from_millis(cfg.linger_ms),
+                cfg.produce_linger,
             )?)
             .context("creating the Kafka producer (KAFKA_BROKERS)")?,
         );
@@ -68,10 +68,7 @@ impl Application {
         let statuses = StatusCache::new(redis.clone(), keys.clone(), cfg.common.status_ttl());
         let issue = Issue::new(IssueParts {
             coupons: CouponCache::new(pool.clone()),
-            sold_out: SoldOutCheck::new(
-                states.clone(),
-                Duration::from_millis(cfg.sold_out_check_ms),
-            ),
+            sold_out: SoldOutCheck::new(states.clone(), cfg.sold_out_check),
             pending: PendingWrites::new(statuses.clone()),
             states: states.clone(),
             producer: producer.clone(),
@@ -128,7 +125,7 @@ impl Application {
             redis_clients,
         } = self;
         let cfg = &state.cfg;
-        let grace = Duration::from_millis(cfg.shutdown_timeout_ms);
+        let grace = cfg.shutdown_timeout;
         tracing::info!(addr = %listener.local_addr()?, metrics = %ops.local_addr(), "ingress listening");
         let metrics = state.metrics.clone();
         // The probes here too: the kubelet asks them on this port, away
@@ -160,7 +157,7 @@ impl Application {
             state.metrics.connections.clone(),
         );
         let limits = connections::Limits {
-            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+            header_read_timeout: cfg.header_read_timeout,
             max_buf_bytes: cfg.max_header_bytes,
             per_peer: cfg.max_connections_per_peer,
             trusted: cfg.trusted_proxy_nets()?,

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use firstcome::config::{CommonConfig, ConfigError};
+use firstcome::config::{CommonConfig, ConfigError, duration, renamed_default};
 
 /// Everything the ingress needs to run.
 #[derive(Clone, clap::Parser)]
@@ -79,21 +79,41 @@ pub struct IngressConfig {
 
     /// How long a request waits for the broker's acknowledgement before the
     /// client gets `503 unavailable`.
-    #[arg(long, env = "FIRSTCOME_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
-    pub produce_timeout_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_PRODUCE_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_PRODUCE_TIMEOUT_MS", "ms", "FIRSTCOME_PRODUCE_TIMEOUT", "5s")
+    )]
+    pub produce_timeout: Duration,
 
     /// How long the producer waits to fill a batch. A few milliseconds buy
     /// large batches under load for little latency; see docs/design.md.
-    #[arg(long, env = "FIRSTCOME_PRODUCE_LINGER_MS", default_value_t = 2)]
-    pub linger_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_PRODUCE_LINGER",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_PRODUCE_LINGER_MS", "ms", "FIRSTCOME_PRODUCE_LINGER", "2ms")
+    )]
+    pub produce_linger: Duration,
 
     /// Longest any HTTP request may take before it is cut off.
-    #[arg(long, env = "FIRSTCOME_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
-    pub request_timeout_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_REQUEST_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_REQUEST_TIMEOUT_MS", "ms", "FIRSTCOME_REQUEST_TIMEOUT", "15s")
+    )]
+    pub request_timeout: Duration,
 
     /// Longest a graceful shutdown waits for in-flight requests.
-    #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
-    pub shutdown_timeout_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_SHUTDOWN_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_SHUTDOWN_TIMEOUT_MS", "ms", "FIRSTCOME_SHUTDOWN_TIMEOUT", "10s")
+    )]
+    pub shutdown_timeout: Duration,
 
     /// Most API requests served at once; past it the ingress answers `503
     /// overloaded` with `Retry-After` at once instead of queueing (memory
@@ -116,10 +136,11 @@ pub struct IngressConfig {
     /// place back).
     #[arg(
         long,
-        env = "FIRSTCOME_HEADER_READ_TIMEOUT_MS",
-        default_value_t = 10_000
+        env = "FIRSTCOME_HEADER_READ_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_HEADER_READ_TIMEOUT_MS", "ms", "FIRSTCOME_HEADER_READ_TIMEOUT", "10s")
     )]
-    pub header_read_timeout_ms: u64,
+    pub header_read_timeout: Duration,
 
     /// Largest read buffer of a connection, in bytes: a header block larger
     /// than this is refused, and a connection never holds more of an
@@ -140,12 +161,22 @@ pub struct IngressConfig {
     /// Redis. While the worker has the stock at zero, issue requests are
     /// answered `409 sold_out` without touching the log (they would all be
     /// decided `sold_out`); 0 turns the short-circuit off.
-    #[arg(long, env = "FIRSTCOME_SOLD_OUT_CHECK_MS", default_value_t = 250)]
-    pub sold_out_check_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_SOLD_OUT_CHECK",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_SOLD_OUT_CHECK_MS", "ms", "FIRSTCOME_SOLD_OUT_CHECK", "250ms")
+    )]
+    pub sold_out_check: Duration,
 
     /// Longest `wait_ms` a status lookup may ask for (long poll).
-    #[arg(long, env = "FIRSTCOME_MAX_WAIT_MS", default_value_t = 10_000)]
-    pub max_wait_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_MAX_WAIT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_MAX_WAIT_MS", "ms", "FIRSTCOME_MAX_WAIT", "10s")
+    )]
+    pub max_wait: Duration,
 
     /// How long a status lookup trusts a cached `pending` before it asks
     /// the ledger too. A Redis that lost its last writes (a crash with
@@ -153,12 +184,22 @@ pub struct IngressConfig {
     /// `pending` whose final status it lost, and nothing writes that status
     /// again; past this age the lookup reads the ledger (one primary-key
     /// query), answers the decision and puts it back in the cache.
-    #[arg(long, env = "FIRSTCOME_PENDING_RECHECK_MS", default_value_t = 2_000)]
-    pub pending_recheck_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_PENDING_RECHECK",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_PENDING_RECHECK_MS", "ms", "FIRSTCOME_PENDING_RECHECK", "2s")
+    )]
+    pub pending_recheck: Duration,
 
     /// How long an `Idempotency-Key` is remembered (in Redis).
-    #[arg(long, env = "FIRSTCOME_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
-    pub idempotency_ttl_secs: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_IDEMPOTENCY_TTL",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_IDEMPOTENCY_TTL_SECS", "s", "FIRSTCOME_IDEMPOTENCY_TTL", "24h")
+    )]
+    pub idempotency_ttl: Duration,
 
     /// Per-client rate limit on the API, requests per second; 0 (the
     /// default) turns it off. Past it: `429 rate_limited` with `Retry-After`.
@@ -219,18 +260,18 @@ impl std::fmt::Debug for IngressConfig {
             .field("jwt_audience", &self.jwt_audience)
             .field("user_header", &self.user_header)
             .field("listen", &self.listen)
-            .field("produce_timeout_ms", &self.produce_timeout_ms)
-            .field("linger_ms", &self.linger_ms)
+            .field("produce_timeout", &self.produce_timeout)
+            .field("produce_linger", &self.produce_linger)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_peer", &self.max_connections_per_peer)
-            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("header_read_timeout", &self.header_read_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("max_body_bytes", &self.max_body_bytes)
-            .field("sold_out_check_ms", &self.sold_out_check_ms)
-            .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
-            .field("max_wait_ms", &self.max_wait_ms)
-            .field("pending_recheck_ms", &self.pending_recheck_ms)
+            .field("sold_out_check", &self.sold_out_check)
+            .field("idempotency_ttl", &self.idempotency_ttl)
+            .field("max_wait", &self.max_wait)
+            .field("pending_recheck", &self.pending_recheck)
             .field("rate_limit_per_sec", &self.rate_limit_per_sec)
             .field("rate_limit_burst", &self.rate_limit_burst)
             .field("rate_limit_clients", &self.rate_limit_clients)
@@ -252,10 +293,10 @@ impl IngressConfig {
             });
         }
         self.admin_tokens()?;
-        if self.produce_timeout_ms == 0 || self.request_timeout_ms <= self.produce_timeout_ms {
+        if self.produce_timeout.is_zero() || self.request_timeout <= self.produce_timeout {
             return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_PRODUCE_TIMEOUT_MS",
-                message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
+                key: "FIRSTCOME_PRODUCE_TIMEOUT",
+                message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT".into(),
             });
         }
         match self.identity {
@@ -321,15 +362,15 @@ impl IngressConfig {
                 message: "must be between 32 and 128".into(),
             });
         }
-        if self.max_wait_ms >= self.request_timeout_ms {
+        if self.max_wait >= self.request_timeout {
             return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_MAX_WAIT_MS",
-                message: "must be below FIRSTCOME_REQUEST_TIMEOUT_MS".into(),
+                key: "FIRSTCOME_MAX_WAIT",
+                message: "must be below FIRSTCOME_REQUEST_TIMEOUT".into(),
             });
         }
-        if self.idempotency_ttl_secs == 0 {
+        if self.idempotency_ttl < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_IDEMPOTENCY_TTL_SECS",
+                key: "FIRSTCOME_IDEMPOTENCY_TTL",
                 message: "must be at least 1".into(),
             });
         }
@@ -345,9 +386,9 @@ impl IngressConfig {
                 message: "must be at least 8192".into(),
             });
         }
-        if self.header_read_timeout_ms == 0 {
+        if self.header_read_timeout.is_zero() {
             return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_HEADER_READ_TIMEOUT_MS",
+                key: "FIRSTCOME_HEADER_READ_TIMEOUT",
                 message: "must be positive".into(),
             });
         }
@@ -415,7 +456,7 @@ impl IngressConfig {
 
     /// The produce timeout.
     pub fn produce_timeout(&self) -> Duration {
-        Duration::from_millis(self.produce_timeout_ms)
+        self.produce_timeout
     }
 }
 
@@ -461,8 +502,8 @@ mod tests {
             (&["--identity", "header"], "FIRSTCOME_USER_HEADER"),
             (&["--max-header-bytes", "100"], "FIRSTCOME_MAX_HEADER_BYTES"),
             (
-                &["--header-read-timeout-ms", "0"],
-                "FIRSTCOME_HEADER_READ_TIMEOUT_MS",
+                &["--header-read-timeout", "0s"],
+                "FIRSTCOME_HEADER_READ_TIMEOUT",
             ),
             (
                 &["--rate-limit-ipv6-prefix", "16"],
@@ -491,10 +532,7 @@ mod tests {
             (&["--admin-token", "short"], "FIRSTCOME_ADMIN_TOKEN"),
             (&["--redis-prefix", "a{b"], "FIRSTCOME_REDIS_PREFIX"),
             (&["--kafka-options", "nonsense"], "FIRSTCOME_KAFKA_OPTIONS"),
-            (
-                &["--produce-timeout-ms", "20000"],
-                "FIRSTCOME_PRODUCE_TIMEOUT_MS",
-            ),
+            (&["--produce-timeout", "20s"], "FIRSTCOME_PRODUCE_TIMEOUT"),
             (
                 &["--dlq-topic", "firstcome.issue-requests"],
                 "FIRSTCOME_DLQ_TOPIC",

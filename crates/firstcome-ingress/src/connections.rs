@@ -15,7 +15,7 @@
 //! own accept loop on hyper (axum's `serve` gives hyper no timer, which
 //! turns hyper's header-read timeout off):
 //! - a connection must deliver a request's whole header block within
-//!   `FIRSTCOME_HEADER_READ_TIMEOUT_MS`, and an idle keep-alive connection
+//!   `FIRSTCOME_HEADER_READ_TIMEOUT`, and an idle keep-alive connection
 //!   waiting for its next request is under the same clock: idle, slow-header
 //!   and half-sent connections are closed, whatever they trickle;
 //! - its read buffer holds at most `FIRSTCOME_MAX_HEADER_BYTES` (hyper's

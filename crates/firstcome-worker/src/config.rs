@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstcome::config::{CommonConfig, ConfigError};
+use firstcome::config::{CommonConfig, ConfigError, duration, renamed_default};
 
 /// Everything `firstcome-worker run` needs.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,28 +35,44 @@ pub struct WorkerConfig {
 
     /// How often librdkafka reports statistics, from which the consumer
     /// lag per partition is exported.
-    #[arg(long, env = "FIRSTCOME_STATS_INTERVAL_MS", default_value_t = 5_000)]
-    pub stats_interval_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_STATS_INTERVAL",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_STATS_INTERVAL_MS", "ms", "FIRSTCOME_STATS_INTERVAL", "5s")
+    )]
+    pub stats_interval: Duration,
 
     /// Consumer session timeout. A worker that stops heartbeating for this
     /// long loses its partitions to the others.
-    #[arg(long, env = "FIRSTCOME_SESSION_TIMEOUT_MS", default_value_t = 45_000)]
-    pub session_timeout_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_SESSION_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_SESSION_TIMEOUT_MS", "ms", "FIRSTCOME_SESSION_TIMEOUT", "45s")
+    )]
+    pub session_timeout: Duration,
 
     /// Longest the consumer may go without polling before it leaves the
     /// group. The poll loop never waits on a slow partition (it pauses it),
     /// so this only fires if the process itself is stuck.
     #[arg(
         long,
-        env = "FIRSTCOME_MAX_POLL_INTERVAL_MS",
-        default_value_t = 300_000
+        env = "FIRSTCOME_MAX_POLL_INTERVAL",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_MAX_POLL_INTERVAL_MS", "ms", "FIRSTCOME_MAX_POLL_INTERVAL", "5m")
     )]
-    pub max_poll_interval_ms: u64,
+    pub max_poll_interval: Duration,
 
     /// How often stored offsets are committed (and always synchronously on
     /// revoke and shutdown).
-    #[arg(long, env = "FIRSTCOME_COMMIT_INTERVAL_MS", default_value_t = 1_000)]
-    pub commit_interval_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_COMMIT_INTERVAL",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_COMMIT_INTERVAL_MS", "ms", "FIRSTCOME_COMMIT_INTERVAL", "1s")
+    )]
+    pub commit_interval: Duration,
 
     /// Most records one partition decides in one Lua call and persists in
     /// one Postgres statement. Measured (docs/benchmarks.md): a hot coupon
@@ -72,12 +88,22 @@ pub struct WorkerConfig {
     pub partition_buffer: usize,
 
     /// First retry delay after a transient failure (Postgres, Redis, broker).
-    #[arg(long, env = "FIRSTCOME_RETRY_INITIAL_MS", default_value_t = 100)]
-    pub retry_initial_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_RETRY_INITIAL",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_RETRY_INITIAL_MS", "ms", "FIRSTCOME_RETRY_INITIAL", "100ms")
+    )]
+    pub retry_initial: Duration,
 
     /// Longest retry delay; delays double up to it, with jitter.
-    #[arg(long, env = "FIRSTCOME_RETRY_MAX_MS", default_value_t = 10_000)]
-    pub retry_max_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_RETRY_MAX",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_RETRY_MAX_MS", "ms", "FIRSTCOME_RETRY_MAX", "10s")
+    )]
+    pub retry_max: Duration,
 
     /// Attempts at storing a record that Postgres refuses for good (a data or
     /// constraint error) before it is given up: dead-lettered, its Redis
@@ -89,12 +115,22 @@ pub struct WorkerConfig {
     /// state may leave Redis, once every record of it is stored. Longer
     /// than an ingress may still accept for it (its coupon cache, 1 s, and
     /// a produce timeout), so the log holds no more records of it.
-    #[arg(long, env = "FIRSTCOME_RETIRE_AFTER_SECS", default_value_t = 600)]
-    pub retire_after_secs: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_RETIRE_AFTER",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_RETIRE_AFTER_SECS", "s", "FIRSTCOME_RETIRE_AFTER", "10m")
+    )]
+    pub retire_after: Duration,
 
     /// How often the worker looks for coupon states to retire; 0 never.
-    #[arg(long, env = "FIRSTCOME_RETIRE_INTERVAL_MS", default_value_t = 60_000)]
-    pub retire_interval_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_RETIRE_INTERVAL",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_RETIRE_INTERVAL_MS", "ms", "FIRSTCOME_RETIRE_INTERVAL", "1m")
+    )]
+    pub retire_interval: Duration,
 
     /// Publish every stored decision to `FIRSTCOME_DECISION_TOPIC`, exactly
     /// once for a `read_committed` consumer: the decisions of the batches
@@ -107,7 +143,7 @@ pub struct WorkerConfig {
     /// `FIRSTCOME_GROUP_INSTANCE_ID` when that is set (a restarted member
     /// then aborts what its previous life left open at once), else the
     /// group id and a random suffix (left open, it holds `read_committed`
-    /// consumers for at most `FIRSTCOME_TRANSACTION_TIMEOUT_MS`).
+    /// consumers for at most `FIRSTCOME_TRANSACTION_TIMEOUT`).
     #[arg(long, env = "FIRSTCOME_TRANSACTIONAL_ID", default_value = "")]
     pub transactional_id: String,
 
@@ -115,14 +151,20 @@ pub struct WorkerConfig {
     /// keeps a dead worker's transaction open before it aborts it.
     #[arg(
         long,
-        env = "FIRSTCOME_TRANSACTION_TIMEOUT_MS",
-        default_value_t = 10_000
+        env = "FIRSTCOME_TRANSACTION_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_TRANSACTION_TIMEOUT_MS", "ms", "FIRSTCOME_TRANSACTION_TIMEOUT", "10s")
     )]
-    pub transaction_timeout_ms: u64,
+    pub transaction_timeout: Duration,
 
     /// Longest a graceful shutdown waits for the batches in hand.
-    #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
-    pub shutdown_timeout_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_SHUTDOWN_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_SHUTDOWN_TIMEOUT_MS", "ms", "FIRSTCOME_SHUTDOWN_TIMEOUT", "20s")
+    )]
+    pub shutdown_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -147,9 +189,9 @@ impl WorkerConfig {
         if self.group_id.is_empty() {
             return Err(invalid("FIRSTCOME_GROUP_ID", "must not be empty"));
         }
-        if self.decision_stream && self.transaction_timeout_ms < 1_000 {
+        if self.decision_stream && self.transaction_timeout < Duration::from_secs(1) {
             return Err(invalid(
-                "FIRSTCOME_TRANSACTION_TIMEOUT_MS",
+                "FIRSTCOME_TRANSACTION_TIMEOUT",
                 "must be at least 1000",
             ));
         }
@@ -162,10 +204,10 @@ impl WorkerConfig {
                 "must be at least FIRSTCOME_MAX_BATCH",
             ));
         }
-        if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return Err(invalid(
-                "FIRSTCOME_RETRY_MAX_MS",
-                "must be at least FIRSTCOME_RETRY_INITIAL_MS, which must be positive",
+                "FIRSTCOME_RETRY_MAX",
+                "must be at least FIRSTCOME_RETRY_INITIAL, which must be positive",
             ));
         }
         if self.permanent_attempts == 0 {
@@ -174,22 +216,23 @@ impl WorkerConfig {
                 "must be at least 1",
             ));
         }
-        if self.session_timeout_ms < 3_000 {
+        if self.session_timeout < Duration::from_secs(3) {
             return Err(invalid(
-                "FIRSTCOME_SESSION_TIMEOUT_MS",
+                "FIRSTCOME_SESSION_TIMEOUT",
                 "must be at least 3000",
             ));
         }
-        if !(100..=3_600_000).contains(&self.stats_interval_ms) {
+        if !(Duration::from_millis(100)..=Duration::from_secs(3_600)).contains(&self.stats_interval)
+        {
             return Err(invalid(
-                "FIRSTCOME_STATS_INTERVAL_MS",
+                "FIRSTCOME_STATS_INTERVAL",
                 "must be 100 to 3600000",
             ));
         }
-        if self.max_poll_interval_ms < self.session_timeout_ms {
+        if self.max_poll_interval < self.session_timeout {
             return Err(invalid(
-                "FIRSTCOME_MAX_POLL_INTERVAL_MS",
-                "must be at least FIRSTCOME_SESSION_TIMEOUT_MS",
+                "FIRSTCOME_MAX_POLL_INTERVAL",
+                "must be at least FIRSTCOME_SESSION_TIMEOUT",
             ));
         }
         Ok(())
@@ -198,8 +241,8 @@ impl WorkerConfig {
     /// The retry schedule.
     pub fn backoff(&self) -> Backoff {
         Backoff {
-            initial: Duration::from_millis(self.retry_initial_ms),
-            max: Duration::from_millis(self.retry_max_ms),
+            initial: self.retry_initial,
+            max: self.retry_max,
         }
     }
 }
@@ -247,7 +290,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod validation {
+pub(crate) mod validation {
     use clap::Parser;
 
     use super::WorkerConfig;
@@ -258,7 +301,8 @@ mod validation {
         cfg: WorkerConfig,
     }
 
-    fn parse(extra: &[&str]) -> WorkerConfig {
+    /// The worker's settings from these flags and the required ones.
+    pub(crate) fn parse(extra: &[&str]) -> WorkerConfig {
         let mut args = vec![
             "firstcome-worker",
             "--database-url",
@@ -282,12 +326,12 @@ mod validation {
                 "FIRSTCOME_PARTITION_BUFFER",
             ),
             (
-                &["--retry-initial-ms", "500", "--retry-max-ms", "100"],
-                "FIRSTCOME_RETRY_MAX_MS",
+                &["--retry-initial", "500ms", "--retry-max", "100ms"],
+                "FIRSTCOME_RETRY_MAX",
             ),
             (
-                &["--max-poll-interval-ms", "5000"],
-                "FIRSTCOME_MAX_POLL_INTERVAL_MS",
+                &["--max-poll-interval", "5s"],
+                "FIRSTCOME_MAX_POLL_INTERVAL",
             ),
             (
                 &["--permanent-attempts", "0"],

@@ -4,7 +4,7 @@
 //!
 //! Offsets are stored by the partition task only after a batch is durable
 //! (see [`crate::pipeline`]); librdkafka commits stored offsets every
-//! `FIRSTCOME_COMMIT_INTERVAL_MS`, and we commit synchronously on revoke and
+//! `FIRSTCOME_COMMIT_INTERVAL`, and we commit synchronously on revoke and
 //! on shutdown. A revoked partition's task is cancelled; whatever it had not
 //! stored is read again by the next owner, and because a decided request
 //! keeps its decision, reading it again changes nothing.
@@ -153,7 +153,7 @@ impl Rebalancer {
 
 impl ClientContext for Rebalancer {
     /// Exports the consumer lag of the owned partitions (librdkafka reports
-    /// every `FIRSTCOME_STATS_INTERVAL_MS`; -1, not known yet, is left out).
+    /// every `FIRSTCOME_STATS_INTERVAL`; -1, not known yet, is left out).
     fn stats(&self, statistics: Statistics) {
         let owned = self.assignment.borrow().clone();
         let lags: Vec<(i32, i64)> = statistics
@@ -266,7 +266,7 @@ pub async fn run(
         tokio::spawn(commit_loop(
             stream.clone(),
             consumer.clone(),
-            Duration::from_millis(shared.cfg.commit_interval_ms),
+            shared.cfg.commit_interval,
             shutdown.clone(),
         ))
     });
@@ -345,7 +345,7 @@ pub async fn run(
     let tasks = take_all(&partitions);
     // The tasks saw `shutdown` too: they take no new batch and finish the
     // ones in hand, for at most the grace period; then they give them up.
-    let grace = Duration::from_millis(shared.cfg.shutdown_timeout_ms);
+    let grace = shared.cfg.shutdown_timeout;
     let aborts: Vec<CancellationToken> = tasks.iter().map(|t| t.cancel.clone()).collect();
     let mut joined = futures::future::join_all(tasks.into_iter().map(|t| t.join));
     if tokio::time::timeout(grace, &mut joined).await.is_err() {

@@ -105,20 +105,26 @@ impl Worker {
             .set("enable.auto.commit", (stream.is_none()).to_string())
             .set(
                 "auto.commit.interval.ms",
-                cfg.commit_interval_ms.to_string(),
+                cfg.commit_interval.as_millis().to_string(),
             )
             // Offsets are stored by hand, only once a batch is durable.
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
-            .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
+            .set(
+                "session.timeout.ms",
+                cfg.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "max.poll.interval.ms",
+                cfg.max_poll_interval.as_millis().to_string(),
+            )
             // A member learns of a rebalance from a heartbeat's answer, so
             // a joining worker waits up to one interval for the others: 3 s
             // (the Java client's default), or a third of a shorter session.
             .set(
                 "heartbeat.interval.ms",
-                (cfg.session_timeout_ms / 3).min(3_000).to_string(),
+                (cfg.session_timeout.as_millis() / 3).min(3_000).to_string(),
             )
             .set("fetch.wait.max.ms", "100")
             // librdkafka prefetches up to this much per partition, and a
@@ -131,7 +137,10 @@ impl Worker {
             // KiB: 5,000/s). docs/benchmarks.md, "Tuning, measured".
             .set("queued.max.messages.kbytes", "2048")
             // For the consumer lag per partition on /metrics.
-            .set("statistics.interval.ms", cfg.stats_interval_ms.to_string());
+            .set(
+                "statistics.interval.ms",
+                cfg.stats_interval.as_millis().to_string(),
+            );
         if stream.is_some() {
             // KIP-447: a partition's new owner starts only once the offsets
             // a transaction still open carries for it are committed or

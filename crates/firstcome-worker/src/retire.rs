@@ -2,8 +2,8 @@
 //! record of it is stored, so Redis holds the coupons on sale, not every
 //! coupon ever sold (see docs/design.md, "A coupon's state leaves Redis").
 //!
-//! Every `FIRSTCOME_RETIRE_INTERVAL_MS` a sweep takes the coupons whose
-//! window ended more than `FIRSTCOME_RETIRE_AFTER_SECS` ago (no ingress
+//! Every `FIRSTCOME_RETIRE_INTERVAL` a sweep takes the coupons whose
+//! window ended more than `FIRSTCOME_RETIRE_AFTER` ago (no ingress
 //! accepts for them any more) and whose current state was not retired, and
 //! for each:
 //! 1. reads the end of its partition (the high watermark) and records it with
@@ -20,7 +20,6 @@
 //! two sweeps of one coupon do the same thing twice.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use firstcome::CouponId;
 use firstcome::db::{self, RetireCandidate};
@@ -32,9 +31,9 @@ use crate::pipeline::Shared;
 /// Coupons looked at per sweep.
 const SWEEP_LIMIT: i64 = 100;
 
-/// Sweeps every `FIRSTCOME_RETIRE_INTERVAL_MS` until `stop`.
+/// Sweeps every `FIRSTCOME_RETIRE_INTERVAL` until `stop`.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let every = Duration::from_millis(shared.cfg.retire_interval_ms);
+    let every = shared.cfg.retire_interval;
     if every.is_zero() {
         return;
     }
@@ -55,7 +54,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// One sweep; returns the coupon states it deleted.
 pub async fn sweep(shared: &Shared) -> anyhow::Result<usize> {
-    let over_for = Duration::from_secs(shared.cfg.retire_after_secs);
+    let over_for = shared.cfg.retire_after;
     let mut deleted = 0;
     for c in db::retire_candidates(&shared.pool, over_for, SWEEP_LIMIT).await? {
         if stored_through_end(shared, &c).await? && retire(shared, &c).await? {

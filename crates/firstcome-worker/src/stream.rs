@@ -188,7 +188,7 @@ impl DecisionStream {
     /// initialized (which aborts what an earlier life of the same
     /// `transactional.id` left open).
     pub fn new(cfg: &WorkerConfig, metrics: Arc<WorkerMetrics>) -> anyhow::Result<Self> {
-        let timeout = Duration::from_millis(cfg.transaction_timeout_ms);
+        let timeout = cfg.transaction_timeout;
         let mut producer_cfg =
             firstcome::kafka::producer_config(&cfg.common, timeout, Duration::from_millis(5))?;
         producer_cfg
@@ -486,7 +486,7 @@ pub async fn watch_stalls(
     metrics: Arc<WorkerMetrics>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let limit = Duration::from_millis(cfg.transaction_timeout_ms) + STALL_MARGIN;
+    let limit = cfg.transaction_timeout + STALL_MARGIN;
     let mut watcher = match StallWatch::new(&cfg) {
         Ok(w) => w,
         Err(e) => {
@@ -506,6 +506,9 @@ pub async fn watch_stalls(
         }
         let (w, checked) = match tokio::task::spawn_blocking(move || {
             let checked = watcher.check(limit);
+            if checked.is_err() {
+                watcher.unreadable();
+            }
             (watcher, checked)
         })
         .await
@@ -575,24 +578,13 @@ impl StallWatch {
         for p in partitions {
             let (_, lso) = self.committed.fetch_watermarks(&self.topic, p, TIMEOUT)?;
             let (_, end) = self.uncommitted.fetch_watermarks(&self.topic, p, TIMEOUT)?;
-            if lso >= end {
-                self.standing.remove(&p);
+            let now = std::time::Instant::now();
+            let Some(standing) = self.observe(p, lso, end, now, limit) else {
                 if self.reported.remove(&p) {
                     tracing::info!(partition = p, lso, "decision stream partition moves again");
                 }
                 continue;
-            }
-            let now = std::time::Instant::now();
-            let since = match self.standing.get(&p) {
-                Some(&(seen, since)) if seen == lso => since,
-                _ => {
-                    self.standing.insert(p, (lso, now));
-                    now
-                }
             };
-            if now.duration_since(since) < limit {
-                continue;
-            }
             stalled += 1;
             if self.reported.insert(p) {
                 tracing::error!(
@@ -600,7 +592,7 @@ impl StallWatch {
                     partition = p,
                     last_stable_offset = lso,
                     end = end,
-                    standing = ?now.duration_since(since),
+                    standing = ?standing,
                     "the decision stream stands still behind a transaction the broker left open; \
                      find and abort it: scripts/kafka-node transactions --bootstrap-server {} \
                      find-hanging --broker-id <leader> (docs/operations.md)",
@@ -610,11 +602,75 @@ impl StallWatch {
         }
         Ok(stalled)
     }
+
+    /// One look at partition `p`: how long its LSO has stood still below
+    /// its end, if for `limit` or longer.
+    fn observe(
+        &mut self,
+        p: i32,
+        lso: i64,
+        end: i64,
+        now: std::time::Instant,
+        limit: Duration,
+    ) -> Option<Duration> {
+        if lso >= end {
+            self.standing.remove(&p);
+            return None;
+        }
+        let since = match self.standing.get(&p) {
+            Some(&(seen, since)) if seen == lso => since,
+            _ => {
+                self.standing.insert(p, (lso, now));
+                now
+            }
+        };
+        Some(now.duration_since(since)).filter(|d| *d >= limit)
+    }
+
+    /// The topic could not be read: the broker is down or its leaders
+    /// move. A transaction open across that ends only once the broker is
+    /// back (its coordinator loads, finds it past its timeout at its next
+    /// scan, and aborts it), so standing time counts again from then. The
+    /// soak's broker, killed and 17 s back under load, held a live
+    /// transaction open 35 s: counted through the outage, it was reported
+    /// as hanging, and Kafka's find-hanging found nothing.
+    fn unreadable(&mut self) {
+        self.standing.clear();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn watch() -> StallWatch {
+        StallWatch::new(&crate::config::validation::parse(&[])).unwrap()
+    }
+
+    #[test]
+    fn an_lso_standing_below_the_end_past_the_limit_is_a_stall_and_an_outage_restarts_the_clock() {
+        let mut w = watch();
+        let limit = Duration::from_secs(35);
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(w.observe(3, 100, 120, at(0), limit), None);
+        assert_eq!(w.observe(3, 100, 130, at(34), limit), None);
+        assert_eq!(
+            w.observe(3, 100, 130, at(36), limit),
+            Some(Duration::from_secs(36))
+        );
+        // It moved: a new transaction is the oldest open one now.
+        assert_eq!(w.observe(3, 125, 140, at(40), limit), None);
+        assert_eq!(w.observe(3, 125, 140, at(70), limit), None);
+        // The broker was down in between: the clock starts again.
+        w.unreadable();
+        assert_eq!(w.observe(3, 125, 140, at(80), limit), None);
+        assert_eq!(w.observe(3, 125, 140, at(114), limit), None);
+        assert!(w.observe(3, 125, 140, at(115), limit).is_some());
+        // Caught up: nothing stands.
+        assert_eq!(w.observe(3, 140, 140, at(116), limit), None);
+        assert_eq!(w.observe(3, 140, 150, at(200), limit), None);
+    }
 
     #[test]
     fn a_first_batch_below_the_committed_offset_streams_only_what_follows_it() {

@@ -69,8 +69,13 @@ pub struct CommonConfig {
 
     /// How long request status entries stay in Redis; lookups fall back to
     /// the Postgres ledger after that.
-    #[arg(long, env = "FIRSTCOME_STATUS_TTL_SECS", default_value_t = 86_400)]
-    pub status_ttl_secs: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_STATUS_TTL",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_STATUS_TTL_SECS", "s", "FIRSTCOME_STATUS_TTL", "24h")
+    )]
+    pub status_ttl: Duration,
 
     /// Most Postgres connections this process opens.
     #[arg(long, env = "FIRSTCOME_PG_MAX_CONNECTIONS", default_value_t = 8)]
@@ -81,8 +86,13 @@ pub struct CommonConfig {
     /// call fails (an API answer is `503`). Raise it only where the process
     /// runs many times slower than usual (the instruction count runs the
     /// binaries under callgrind, some 50 times slower).
-    #[arg(long, env = "FIRSTCOME_PG_ACQUIRE_TIMEOUT_MS", default_value_t = 3_000)]
-    pub pg_acquire_timeout_ms: u64,
+    #[arg(
+        long,
+        env = "FIRSTCOME_PG_ACQUIRE_TIMEOUT",
+        value_parser = duration,
+        default_value = renamed_default("FIRSTCOME_PG_ACQUIRE_TIMEOUT_MS", "ms", "FIRSTCOME_PG_ACQUIRE_TIMEOUT", "3s")
+    )]
+    pub pg_acquire_timeout: Duration,
 
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "FIRSTCOME_LOG_JSON", default_value_t = false)]
@@ -130,7 +140,7 @@ impl CommonConfig {
 
     /// The status TTL.
     pub fn status_ttl(&self) -> Duration {
-        Duration::from_secs(self.status_ttl_secs)
+        self.status_ttl
     }
 
     /// The extra librdkafka properties as pairs.
@@ -152,7 +162,7 @@ impl CommonConfig {
     pub async fn connect_postgres(&self) -> anyhow::Result<PgPool> {
         PgPoolOptions::new()
             .max_connections(self.pg_max_connections)
-            .acquire_timeout(Duration::from_millis(self.pg_acquire_timeout_ms))
+            .acquire_timeout(self.pg_acquire_timeout)
             .connect(&self.database_url)
             .await
             .context("connecting to Postgres (DATABASE_URL)")
@@ -210,9 +220,9 @@ impl CommonConfig {
                 message: "must differ from FIRSTCOME_REQUEST_TOPIC and FIRSTCOME_DLQ_TOPIC".into(),
             });
         }
-        if self.status_ttl_secs == 0 {
+        if self.status_ttl < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_STATUS_TTL_SECS",
+                key: "FIRSTCOME_STATUS_TTL",
                 message: "must be at least 1".into(),
             });
         }
@@ -224,6 +234,50 @@ impl CommonConfig {
         }
         Ok(())
     }
+}
+
+/// Parses a duration setting, as every one is written: humantime's syntax
+/// (`250ms`, `10s`, `2m`, `1h 30m`, `24h`).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write a duration such as 250ms, 10s or 2m)"))
+}
+
+/// The default of a duration setting that had an integer name before
+/// (`FIRSTCOME_COMMIT_INTERVAL=1000`): that variable, when set, still
+/// gives the value for this release, in its old unit (`ms` or `s`), with a
+/// deprecation warning ([`deprecations`]); otherwise `default`. The new
+/// name (flag or variable) wins over it.
+pub fn renamed_default(
+    old: &'static str,
+    unit: &'static str,
+    new: &'static str,
+    default: &'static str,
+) -> &'static str {
+    match std::env::var(old) {
+        Ok(v) => {
+            let mut warned = DEPRECATED.lock().unwrap_or_else(|e| e.into_inner());
+            let warning = format!(
+                "{old} is deprecated and will be ignored in the next release: write {new}={}{unit}",
+                v.trim()
+            );
+            if !warned.contains(&warning) {
+                warned.push(warning);
+            }
+            // Leaked once per setting and process: clap keeps defaults as
+            // `&'static str`.
+            Box::leak(format!("{}{unit}", v.trim()).into_boxed_str())
+        }
+        Err(_) => default,
+    }
+}
+
+static DEPRECATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The deprecation warnings of old setting names read so far (to log once
+/// logging is up).
+pub fn deprecations() -> Vec<String> {
+    DEPRECATED.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 #[cfg(test)]

@@ -35,6 +35,10 @@ pub fn init_service(json: bool, service: &str) -> Telemetry {
         .with(fmt_json)
         .with(otel)
         .init();
+    // Settings read under a name that goes away in the next release.
+    for warning in crate::config::deprecations() {
+        tracing::warn!("{warning}");
+    }
     telemetry
 }
 

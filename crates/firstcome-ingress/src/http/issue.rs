@@ -2,8 +2,6 @@
 //! itself is [`crate::issue`]; this handler adds `Idempotency-Key` around it
 //! and answers `202` once the record is in the log.
 
-use std::time::Duration;
-
 use axum::Router;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -81,7 +79,7 @@ pub(crate) async fn issue(
 ) -> Result<Response, ApiError> {
     let user_id: UserId = state.identity.user(&headers, peer, body.user_id)?;
     let slot = idempotency::key(&headers)?.map(|key| {
-        let ttl = Duration::from_secs(state.cfg.idempotency_ttl_secs);
+        let ttl = state.cfg.idempotency_ttl;
         idempotency::Slot::new(&state.keys, &coupon_id, &key, ttl)
     });
     let mut redis = state.redis.clone();

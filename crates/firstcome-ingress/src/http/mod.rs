@@ -25,7 +25,6 @@ pub mod requests;
 pub mod users;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -41,7 +40,7 @@ use middleware::ratelimit::{self, RateLimit};
 /// The whole API on one router, so tests can serve it on any listener.
 pub fn router(state: AppState) -> Router {
     let cfg = &state.cfg;
-    let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let timeout = cfg.request_timeout;
     let edge = Arc::new(Edge {
         app: state.clone(),
         in_flight: Semaphore::new(cfg.max_in_flight),

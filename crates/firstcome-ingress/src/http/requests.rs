@@ -58,9 +58,9 @@ pub(crate) async fn get_request(
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<Answer>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let max = state.cfg.max_wait_ms;
+    let max = state.cfg.max_wait.as_millis();
     let wait = match query.wait_ms {
-        Some(ms) if ms > max => {
+        Some(ms) if u128::from(ms) > max => {
             return Err(ApiError::InvalidRequest(format!(
                 "wait_ms must be at most {max}"
             )));
@@ -152,7 +152,7 @@ async fn answer(state: &AppState, mut status: RequestStatus) -> (Answer, Option<
 }
 
 /// A request's status: the cache, else the ledger. A cached `pending`
-/// older than `FIRSTCOME_PENDING_RECHECK_MS` is checked against the ledger
+/// older than `FIRSTCOME_PENDING_RECHECK` is checked against the ledger
 /// too: a Redis rolled back after the decision keeps the `pending` and has
 /// lost the final status, which nothing else writes again (red team #3).
 async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiError> {
@@ -168,7 +168,7 @@ async fn lookup(state: &AppState, id: RequestId) -> Result<RequestStatus, ApiErr
             .await?
             .ok_or_else(|| ApiError::RequestNotFound(id.to_string()));
     };
-    let trusted = Duration::from_millis(state.cfg.pending_recheck_ms);
+    let trusted = state.cfg.pending_recheck;
     let age = (Utc::now() - cached.accepted_at)
         .to_std()
         .unwrap_or_default();

@@ -179,7 +179,7 @@ impl CouponCache {
 }
 
 /// Per coupon: whether the worker had its stock at zero when Redis was last
-/// asked, at most `FIRSTCOME_SOLD_OUT_CHECK_MS` ago.
+/// asked, at most `FIRSTCOME_SOLD_OUT_CHECK` ago.
 pub struct SoldOutCheck {
     states: CouponState,
     /// Zero turns the check off.

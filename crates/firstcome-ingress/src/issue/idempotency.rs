@@ -3,7 +3,7 @@
 //! gets the same `request_id`, never a second request.
 //!
 //! A key belongs to one coupon. An admitted request's key is kept in Redis
-//! for `FIRSTCOME_IDEMPOTENCY_TTL_SECS`, with the request it stands for and
+//! for `FIRSTCOME_IDEMPOTENCY_TTL`, with the request it stands for and
 //! whether the broker acknowledged it. A retry of a confirmed request is
 //! answered from there and appends nothing. A retry of an unconfirmed one
 //! within [`REAPPEND_WINDOW`] appends the *same* record again: if the first
@@ -53,7 +53,7 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 pub const REFUSAL_TTL: Duration = Duration::from_secs(1);
 /// How long after its first attempt an unconfirmed request is appended
 /// again as it was. The first copy was either acknowledged or given up by
-/// the producer within `FIRSTCOME_PRODUCE_TIMEOUT_MS`; a minute leaves room
+/// the producer within `FIRSTCOME_PRODUCE_TIMEOUT`; a minute leaves room
 /// for a slow client's retries.
 pub const REAPPEND_WINDOW: Duration = Duration::from_secs(60);
 

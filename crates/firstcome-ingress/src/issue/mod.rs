@@ -124,7 +124,7 @@ impl Issue {
         }
         // Decisions only take stock, so once the worker has it at zero every
         // request appended later is decided `sold_out` (until an admin adds
-        // stock, which this replica sees within FIRSTCOME_SOLD_OUT_CHECK_MS):
+        // stock, which this replica sees within FIRSTCOME_SOLD_OUT_CHECK):
         // answering that now spares the log (docs/design.md).
         if self.sold_out.sold_out(&coupon_id, total_stock).await {
             self.metrics.short_circuit("sold_out");
