@@ -129,22 +129,9 @@ async fn a_real_prometheus_answers_every_query_and_fires_only_the_alerts_the_sal
         let (seen, stop) = (seen.clone(), stop.clone());
         let port = prometheus.port;
         tokio::spawn(async move {
-            let client = reqwest::Client::new();
             while !stop.is_cancelled() {
-                let answer: serde_json::Value = client
-                    .get(format!("http://127.0.0.1:{port}/api/v1/alerts"))
-                    .send()
-                    .await
-                    .expect("prometheus answers")
-                    .json()
-                    .await
-                    .unwrap();
-                for a in answer["data"]["alerts"].as_array().unwrap() {
-                    seen.lock()
-                        .unwrap()
-                        .entry(a["labels"]["alertname"].as_str().unwrap().to_owned())
-                        .or_default()
-                        .insert(a["state"].as_str().unwrap().to_owned());
+                for (name, state) in PrivatePrometheus::alerts_at(port).await {
+                    seen.lock().unwrap().entry(name).or_default().insert(state);
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

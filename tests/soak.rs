@@ -366,14 +366,7 @@ async fn a_seeded_nemesis_never_breaks_the_promise() {
             .unwrap();
         assert!(status.success(), "the worker stopped cleanly: {status}");
     }
-    let operator = kafka.operator();
-    let left = tokio::task::spawn_blocking(move || operator.hanging(Duration::ZERO))
-        .await
-        .unwrap();
-    assert!(
-        left.is_empty(),
-        "transactions Kafka left open that no worker reported: {left:?}"
-    );
+    firstcome_suite::assert_no_transaction_left(kafka.operator()).await;
     eprintln!("soak: seed {seed}: the promise held");
 
     for (_, mut c) in sys.ingresses {

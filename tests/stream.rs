@@ -156,14 +156,7 @@ async fn every_stored_decision_is_streamed_once_in_order_through_kills_freezes_a
     phase("workers stopped");
     // Nothing is left open that the workers did not report: with both
     // stopped, every open transaction is one Kafka lost.
-    let operator = kafka.operator();
-    let left = tokio::task::spawn_blocking(move || operator.hanging(Duration::ZERO))
-        .await
-        .unwrap();
-    assert!(
-        left.is_empty(),
-        "transactions Kafka left open that no worker reported: {left:?}"
-    );
+    firstcome_suite::assert_no_transaction_left(kafka.operator()).await;
     let n = firstcome_suite::check_decision_stream(&env, &ids, Duration::from_secs(60)).await;
     phase("stream checked");
     eprintln!("{n} decisions streamed, each once and in order");

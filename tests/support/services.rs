@@ -796,8 +796,20 @@ impl PrivatePrometheus {
 
     /// The alerts pending or firing now: (name, state).
     pub async fn alerts(&self) -> Vec<(String, String)> {
-        let data = self.api("alerts", &[]).await;
-        data["alerts"]
+        Self::alerts_at(self.port).await
+    }
+
+    /// [`Self::alerts`] of the Prometheus on `port` (for a task of its own).
+    pub async fn alerts_at(port: u16) -> Vec<(String, String)> {
+        let answer: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{port}/api/v1/alerts"))
+                .await
+                .expect("prometheus answers")
+                .json()
+                .await
+                .unwrap();
+        assert_eq!(answer["status"], "success", "alerts: {answer}");
+        answer["data"]["alerts"]
             .as_array()
             .unwrap()
             .iter()

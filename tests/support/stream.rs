@@ -353,3 +353,15 @@ pub async fn on_call_operator(
         }
     }
 }
+
+/// Once every worker has stopped cleanly (each commits what it stored),
+/// any transaction still open is one Kafka lost that no worker reported.
+pub async fn assert_no_transaction_left(kafka: KafkaOperator) {
+    let left = tokio::task::spawn_blocking(move || kafka.hanging(Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(
+        left.is_empty(),
+        "transactions Kafka left open that no worker reported: {left:?}"
+    );
+}
