@@ -6,8 +6,8 @@
 //! is asked of it over its HTTP API: each must answer a vector whose
 //! samples carry exactly the labels the query groups by, and the queries
 //! the sale fed must have data. The alerts the run earns, and only those,
-//! must have been pending or firing (and `FirstcomeNoWorkerOwnsPartitions`
-//! may have been pending for the second the restarted worker joins).
+//! must have been pending or firing (two load-dependent ones may have been
+//! pending, never firing: see the end of the test).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,6 +18,14 @@ use std::time::Duration;
 use firstcome_suite::TestEnv;
 use firstcome_suite::services::{PrivatePrometheus, free_port};
 use tokio_util::sync::CancellationToken;
+
+/// Alerts whose condition may truly hold for a moment of this run, and
+/// whose `for:` (5 and 10 minutes) keeps them from firing in it: pending is
+/// right for them, firing would not be.
+/// - The restarted worker owns no partition until it has joined.
+/// - The broker, shared with the rest of the suite, acknowledges slower
+///   than 100 ms at p99 while other tests load it (seen in a full run).
+const LOAD_DEPENDENT: [&str; 2] = ["FirstcomeNoWorkerOwnsPartitions", "FirstcomeProduceSlow"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -242,8 +250,12 @@ async fn a_real_prometheus_answers_every_query_and_fires_only_the_alerts_the_sal
     );
 
     // Every alert expression evaluates; only those of the alerts this run
-    // earned have samples now (the dead letter's, within its 15 minutes).
-    for (name, expr, _) in rules().into_iter().filter(|r| r.2) {
+    // earned have samples now (the dead letter's, within its 15 minutes),
+    // and those load can make true for a moment may.
+    for (name, expr, _) in rules()
+        .into_iter()
+        .filter(|r| r.2 && !LOAD_DEPENDENT.contains(&r.0.as_str()))
+    {
         let samples = prometheus.query(&expr).await;
         let raw = prometheus
             .api(
@@ -260,12 +272,11 @@ async fn a_real_prometheus_answers_every_query_and_fires_only_the_alerts_the_sal
     stop.cancel();
     watch.await.unwrap();
     let mut seen = seen.lock().unwrap().clone();
-    // The restarted worker owns no partition until it has joined: when a
-    // scrape falls in that second, FirstcomeNoWorkerOwnsPartitions is
-    // rightly pending, and its `for:` keeps it from firing.
-    if seen.get("FirstcomeNoWorkerOwnsPartitions") == Some(&BTreeSet::from(["pending".to_owned()]))
-    {
-        seen.remove("FirstcomeNoWorkerOwnsPartitions");
+    // What load can make true for a moment is pending, never firing.
+    for load_dependent in LOAD_DEPENDENT {
+        if seen.get(load_dependent) == Some(&BTreeSet::from(["pending".to_owned()])) {
+            seen.remove(load_dependent);
+        }
     }
     let want: BTreeMap<String, BTreeSet<String>> = [
         ("FirstcomeDeadLetters", "firing"),
