@@ -8,19 +8,44 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A free TCP port on 127.0.0.1 (free when asked; the server binds it next).
+/// A free TCP port on 127.0.0.1, claimed for this process: no other test
+/// process gets it while this one lives.
 ///
 /// Taken below Linux's ephemeral range (32768-60999 by default): a port the
 /// kernel hands out for `bind(0)` is also what it gives the next outgoing
 /// connection of any test, which could take it between this check and the
 /// server binding it (a private Postgres once failed to start so).
+///
+/// Free when asked is not enough: the server binds it only later (a private
+/// Postgres after `initdb`, seconds on a busy machine), and another test
+/// process could be handed the same port meanwhile (run i: "could not bind
+/// … Address already in use" for a Postgres). So each port is also claimed
+/// with an exclusive `flock` on a file of its own, held until this process
+/// ends (the kernel lets go of it then, however the process ends).
 pub fn free_port() -> u16 {
     const LOW: u16 = 20_000;
     const SPAN: u16 = 12_000;
+    static CLAIMED: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("firstcome-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
     let start = uuid::Uuid::new_v4().as_u128() as u16 % SPAN;
     (0..SPAN)
         .map(|i| LOW + (start + i) % SPAN)
-        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .find(|p| {
+            let Ok(file) = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(p.to_string()))
+            else {
+                return false;
+            };
+            if file.try_lock().is_err() || TcpListener::bind(("127.0.0.1", *p)).is_err() {
+                return false;
+            }
+            CLAIMED.lock().unwrap().push(file);
+            true
+        })
         .expect("a free port in 20000-31999")
 }
 
@@ -828,5 +853,19 @@ impl Drop for PrivatePrometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    /// Before the claim, 3,000 ports drawn from the 12,000 held repeats
+    /// (by the birthday bound, nearly always); a repeat is two servers of
+    /// the suite on one port.
+    #[test]
+    fn a_claimed_port_is_never_handed_out_again_while_its_process_lives() {
+        let ports: std::collections::HashSet<u16> = (0..3_000).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 3_000);
     }
 }
