@@ -249,6 +249,13 @@ async fn a_real_prometheus_answers_every_query_and_fires_only_the_alerts_the_sal
         "queries the sale fed that answer nothing: {empty:#?}"
     );
 
+    // What the dead-letter alert read, for its failure message.
+    let dead_letters = prometheus
+        .api(
+            "query",
+            &[("query", "firstcome_worker_dead_letters_total[15m]")],
+        )
+        .await;
     // Every alert expression evaluates; only those of the alerts this run
     // earned have samples now (the dead letter's, within its 15 minutes),
     // and those load can make true for a moment may.
@@ -257,16 +264,10 @@ async fn a_real_prometheus_answers_every_query_and_fires_only_the_alerts_the_sal
         .filter(|r| r.2 && !LOAD_DEPENDENT.contains(&r.0.as_str()))
     {
         let samples = prometheus.query(&expr).await;
-        let raw = prometheus
-            .api(
-                "query",
-                &[("query", "firstcome_worker_dead_letters_total[15m]")],
-            )
-            .await;
         assert_eq!(
             !samples.is_empty(),
             name == "FirstcomeDeadLetters",
-            "{name}: {expr}: {samples:?}; {raw}"
+            "{name}: {expr}: {samples:?}; the dead-letter counter's samples: {dead_letters}"
         );
     }
     stop.cancel();
