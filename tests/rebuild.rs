@@ -367,6 +367,78 @@ async fn the_fence_checks_a_store_against_what_a_concurrent_store_of_the_coupon_
     assert_eq!(held, ["a", "b", "c"], "late never got a unit");
 }
 
+/// Two owners of one partition at once (a worker thawed after its session
+/// ended, still holding a batch, beside the partition's new owner): each
+/// one's rebuild moves the epoch and so refuses the other's round. A batch
+/// whose partition was revoked must stop there rather than rebuild again;
+/// two 30-minute soaks (seed 561543) ended with two such batches refusing
+/// each other for five minutes. Here the fence refuses the coupon for
+/// good, as the other owner's rebuilds would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_batch_stops_rebuilding_while_the_fence_refuses_it() {
+    use firstcome_worker::pipeline::{self, Gate};
+    use firstcome_worker::record::Rec;
+    let env = TestEnv::new().await;
+    let id = fenced_coupon(&env, "revoked", 5).await;
+    env.fence_refuses(id.as_str()).await;
+    let shared = env.pipeline_shared().await;
+    let recs: Vec<Rec> = ["a", "b", "c"]
+        .iter()
+        .zip(0..)
+        .map(|(user, offset)| Rec {
+            partition: 0,
+            offset,
+            key: Some(id.as_str().as_bytes().to_vec()),
+            payload: Some(
+                firstcome_suite::request_value(id.as_str(), user)
+                    .1
+                    .into_bytes(),
+            ),
+            timestamp_ms: None,
+            replay_count: 0,
+            request_id_header: None,
+        })
+        .collect();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (gate, _next) = Gate::after(None, 0);
+    let batch = tokio::spawn({
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        async move { pipeline::process(&shared, recs, &cancel, gate).await }
+    });
+    // Decided, refused, rebuilt, decided again: it goes round.
+    let rounds = tokio::time::timeout(Duration::from_secs(60), async {
+        while shared.metrics.state_rebuilds.get() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        rounds.is_ok(),
+        "the batch was not refused and rebuilt three times in 60 s ({} rebuilds; finished: {})",
+        shared.metrics.state_rebuilds.get(),
+        batch.is_finished()
+    );
+    cancel.cancel();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), batch)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "30 s after its partition was revoked the batch was still rebuilding \
+                 ({} rebuilds)",
+                shared.metrics.state_rebuilds.get()
+            )
+        })
+        .unwrap();
+    assert!(outcome.is_err(), "a revoked batch is given up, not stored");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM request_ledger WHERE coupon_id = $1")
+            .bind(id.as_str())
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 0, "nothing of a refused coupon is stored");
+}
+
 /// A coupon of `total_stock` in Postgres on epoch 1, as a rebuild leaves it.
 async fn fenced_coupon(env: &TestEnv, name: &str, total_stock: i32) -> firstcome::CouponId {
     let coupon = env.coupon_id(name);

@@ -304,6 +304,30 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Makes the fence refuse every decision of `coupon` from now on, as
+    /// when another owner of its partition keeps moving its epoch: a
+    /// trigger skips the update of `decided_seq` that admits a store.
+    pub async fn fence_refuses(&self, coupon: &str) {
+        self.test_trigger(
+            "firstcome_test_fence_refuses",
+            "coupon_id text PRIMARY KEY",
+            "BEFORE UPDATE OF decided_seq ON coupon",
+            "BEGIN
+                 IF EXISTS (SELECT 1 FROM firstcome_test_fence_refuses
+                            WHERE coupon_id = NEW.coupon_id) THEN
+                     RETURN NULL;
+                 END IF;
+                 RETURN NEW;
+             END",
+        )
+        .await;
+        sqlx::query("INSERT INTO firstcome_test_fence_refuses VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(coupon)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
     /// Makes Postgres refuse, for good, the `failed` ledger rows of
     /// `coupon` too: a request given up there cannot even be recorded as
     /// failed in the ledger.

@@ -115,6 +115,47 @@ impl TestEnv {
         }
     }
 
+    /// What a worker's partition tasks share, for driving
+    /// `firstcome_worker::pipeline::process` by hand: the test's services,
+    /// and offsets that are stored nowhere (no consumer group).
+    pub async fn pipeline_shared(&self) -> std::sync::Arc<firstcome_worker::pipeline::Shared> {
+        struct Nowhere;
+        impl firstcome_worker::offsets::Offsets for Nowhere {
+            fn store(&self, _: i32, _: i64) -> anyhow::Result<()> {
+                Ok(())
+            }
+            fn high_watermark(&self, _: i32) -> anyhow::Result<i64> {
+                Ok(0)
+            }
+            fn committed(&self, _: i32) -> anyhow::Result<i64> {
+                Ok(0)
+            }
+        }
+        let cfg = self.worker_config();
+        let redis = cfg
+            .common
+            .connect_redis(Duration::from_secs(5))
+            .await
+            .unwrap();
+        let keys = cfg.common.keys().unwrap();
+        let dlq = firstcome::kafka::HealingProducer::new(
+            firstcome::kafka::producer_config(&cfg.common, Duration::from_secs(10), Duration::ZERO)
+                .unwrap(),
+        )
+        .unwrap();
+        std::sync::Arc::new(firstcome_worker::pipeline::Shared {
+            states: firstcome::state::CouponState::new(redis.clone(), keys.clone()),
+            statuses: firstcome::status::StatusCache::new(redis, keys, cfg.common.status_ttl()),
+            pool: self.pool.clone(),
+            dlq,
+            offsets: std::sync::Arc::new(Nowhere),
+            stream: None,
+            metrics: firstcome_worker::metrics::WorkerMetrics::new(),
+            liveness: firstcome::ops::Liveness::default(),
+            cfg,
+        })
+    }
+
     /// A binary of ours, configured for this test's services, topics and
     /// key prefix.
     fn command(&self, binary: PathBuf) -> tokio::process::Command {

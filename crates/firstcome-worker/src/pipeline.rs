@@ -294,6 +294,8 @@ async fn decide_and_store<'r>(
         // its unit), are rebuilt and go round again without the given-up
         // requests, which keep their `failed`.
         let redo = store(shared, &mut round, requests, cancel).await?;
+        let refused_rounds: Vec<(&CouponId, Option<Span>)> =
+            redo.iter().map(|c| (c, taken_span(&round, c))).collect();
         for d in round.iter().filter(|d| d.taken_on.is_none()) {
             given_up.insert(d.request.request_id);
             decided.push(d.clone());
@@ -303,12 +305,23 @@ async fn decide_and_store<'r>(
         if redo.is_empty() {
             break;
         }
+        // A batch given up (its partition revoked, the worker stopping)
+        // stops here rather than rebuilding. A rebuild moves the coupon's
+        // epoch, which refuses what the partition's new owner decided
+        // meanwhile; a revoked batch that went on would refuse the owner's
+        // rounds as the owner's rebuilds refuse its own, for ever (two
+        // 30-minute soaks ended in that).
+        if cancel.is_cancelled() {
+            return Err(Aborted);
+        }
+        for (coupon, taken) in refused_rounds {
+            explain_refusal(shared, coupon, taken).await;
+        }
         // In log order of the coupons' first records, so the batch's
         // earliest requests get their state back first.
         let mut gone = HashSet::new();
         for b in coupons.iter().filter(|b| redo.contains(&b.coupon)) {
             shared.metrics.state_rebuilds.inc();
-            tracing::warn!(coupon = %b.coupon, "rebuilding the coupon from postgres and deciding its requests again");
             let exists = shared
                 .retry(RetryStep::Rebuild, cancel, || rebuild(shared, &b.coupon))
                 .await?;
@@ -344,6 +357,58 @@ async fn decide_and_store<'r>(
         }
     }
     Ok(decided)
+}
+
+/// The epoch and the lowest and highest decision numbers a round took for
+/// one coupon.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    epoch: i64,
+    first_seq: i64,
+    last_seq: i64,
+}
+
+/// What a round took for `coupon`; `None` when it took no new number (only
+/// given-up requests, or decisions loaded from Postgres).
+fn taken_span(round: &[Decided<'_>], coupon: &CouponId) -> Option<Span> {
+    round
+        .iter()
+        .filter(|d| &d.request.coupon_id == coupon)
+        .filter_map(|d| d.taken_on)
+        .filter(|t| t.seq > 0)
+        .fold(None, |span, t| {
+            Some(match span {
+                None => Span {
+                    epoch: t.epoch,
+                    first_seq: t.seq,
+                    last_seq: t.seq,
+                },
+                Some(s) => Span {
+                    first_seq: s.first_seq.min(t.seq),
+                    last_seq: s.last_seq.max(t.seq),
+                    ..s
+                },
+            })
+        })
+}
+
+/// Says why the fence refused a coupon's round, for whoever reads the log:
+/// the state the round was taken on beside the one Postgres holds now (one
+/// read, on the refusal path only; an error here only shortens the line).
+async fn explain_refusal(shared: &Shared, coupon: &CouponId, taken: Option<Span>) {
+    let (pg_epoch, pg_decided_seq) = match db::fence(&shared.pool, coupon).await {
+        Ok(Some((e, s))) => (Some(e), Some(s)),
+        _ => (None, None),
+    };
+    tracing::warn!(
+        %coupon,
+        epoch = taken.map(|t| t.epoch),
+        first_seq = taken.map(|t| t.first_seq),
+        last_seq = taken.map(|t| t.last_seq),
+        pg_epoch,
+        pg_decided_seq,
+        "the fence refused the coupon's decisions; rebuilding it from postgres and deciding its requests again"
+    );
 }
 
 /// Step 2: decides the coupons `todo`, one Lua call each, concurrently.
