@@ -367,6 +367,70 @@ async fn the_fence_checks_a_store_against_what_a_concurrent_store_of_the_coupon_
     assert_eq!(held, ["a", "b", "c"], "late never got a unit");
 }
 
+/// One refusal under a backlog costs one rebuild. A batch decides while the
+/// one before it is stored; when the fence refuses that one and it rebuilds
+/// the coupon, the next was decided on the state the rebuild replaced.
+/// Stored as it was, it was refused and rebuilt in turn, which left the
+/// batch after it stale, and so on: every batch of a backlog paid a rebuild
+/// (a load of every decision of the coupon), and two 30-minute soaks
+/// crawled through their backlog at a few records a second after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_refusal_under_a_backlog_costs_one_rebuild_not_one_per_batch() {
+    let mut env = TestEnv::new().await;
+    env.use_single_partition().await;
+    let ingress = env.spawn_ingress().await;
+    let client = env.client(&ingress);
+    let coupon = env.coupon_id("backlog");
+    assert_eq!(client.create_coupon(&coupon, 300).await.0, 201);
+    let mut accepted = std::collections::HashSet::new();
+
+    // The coupon's state in Redis, on the epoch Postgres knows.
+    let worker = env.spawn_worker().await;
+    let (code, body) = client.issue(&coupon, "first").await;
+    assert_eq!(code, 202, "{body}");
+    let first = body["request_id"].as_str().unwrap().to_owned();
+    client.wait_final(&first, Duration::from_secs(60)).await;
+    accepted.insert(first);
+    worker.stop().await;
+
+    // Postgres moves on, as an admin change or another builder would: the
+    // first batch decided on the state in Redis is refused. Thirty batches
+    // wait behind it.
+    sqlx::query("UPDATE coupon SET redis_epoch = redis_epoch + 1 WHERE coupon_id = $1")
+        .bind(&coupon)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let backlog: Vec<(String, String)> = (0..600)
+        .map(|i| firstcome_suite::request_value(&coupon, &format!("u{i}")))
+        .collect();
+    let records: Vec<(&str, &str)> = backlog
+        .iter()
+        .map(|(_, value)| (coupon.as_str(), value.as_str()))
+        .collect();
+    env.produce_raw(&records).await;
+    accepted.extend(backlog.into_iter().map(|(id, _)| id));
+
+    let mut cfg = env.worker_config();
+    cfg.max_batch = 20;
+    let worker = env.spawn_worker_with(cfg).await;
+    env.wait_decided(&[&coupon], 601).await;
+    let rebuilds = firstcome_suite::Scrape::of(worker.metrics)
+        .await
+        .sum("firstcome_worker_state_rebuilds_total");
+    // One for the refusal; a second only if the next batch's Lua call came
+    // after that rebuild, which the fence then refuses once more.
+    assert!(
+        (1.0..=2.0).contains(&rebuilds),
+        "{rebuilds} rebuilds for one refusal before a backlog of 30 batches"
+    );
+    let stocks = [(coupon.clone(), 300)];
+    firstcome_suite::check_promise(&env, &client, &stocks, &accepted, Duration::from_secs(60))
+        .await;
+    worker.stop().await;
+    ingress.stop().await;
+}
+
 /// Two owners of one partition at once (a worker thawed after its session
 /// ended, still holding a batch, beside the partition's new owner): each
 /// one's rebuild moves the epoch and so refuses the other's round. A batch

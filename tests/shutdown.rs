@@ -28,8 +28,8 @@ async fn start_ingress(env: &TestEnv, addr: SocketAddr) -> Child {
     let child = env
         .ingress_command(addr)
         .env(
-            "FIRSTCOME_SHUTDOWN_TIMEOUT_MS",
-            SHUTDOWN_TIMEOUT_MS.to_string(),
+            "FIRSTCOME_SHUTDOWN_TIMEOUT",
+            format!("{SHUTDOWN_TIMEOUT_MS}ms"),
         )
         .spawn()
         .expect("the ingress binary starts");
@@ -43,8 +43,8 @@ fn start_worker(env: &TestEnv) -> Child {
         .env("FIRSTCOME_SESSION_TIMEOUT", "6000ms")
         .env("FIRSTCOME_MAX_BATCH", "11")
         .env(
-            "FIRSTCOME_SHUTDOWN_TIMEOUT_MS",
-            SHUTDOWN_TIMEOUT_MS.to_string(),
+            "FIRSTCOME_SHUTDOWN_TIMEOUT",
+            format!("{SHUTDOWN_TIMEOUT_MS}ms"),
         )
         .spawn()
         .expect("the worker binary starts")

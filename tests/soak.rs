@@ -153,8 +153,8 @@ impl System {
             .env("FIRSTCOME_DECISION_STREAM", "true")
             .env("FIRSTCOME_TRANSACTION_TIMEOUT", "5000ms")
             .env(
-                "FIRSTCOME_SESSION_TIMEOUT_MS",
-                SESSION_TIMEOUT_MS.to_string(),
+                "FIRSTCOME_SESSION_TIMEOUT",
+                format!("{SESSION_TIMEOUT_MS}ms"),
             )
             .env("FIRSTCOME_COMMIT_INTERVAL", "200ms")
             .env("FIRSTCOME_MAX_BATCH", "16")

@@ -154,7 +154,8 @@ pub async fn process(
 ) -> Result<(), Aborted> {
     shared.metrics.batch(recs.len());
     let (requests, mut dead) = parse(&recs);
-    let decided = decide_and_store(shared, &requests, &mut dead, cancel, gate.ahead).await?;
+    let (decided, rebuilt) =
+        decide_and_store(shared, &requests, &mut dead, cancel, gate.ahead).await?;
     dead_letter_all(shared, &dead, cancel).await?;
     publish(shared, &decided, cancel).await?;
     let last = recs.last().expect("a batch is never empty");
@@ -196,7 +197,7 @@ pub async fn process(
             "decided"
         );
     }
-    let _ = gate.done.send(());
+    let _ = gate.done.send(rebuilt);
     Ok(())
 }
 
@@ -261,33 +262,47 @@ fn parse(recs: &[Rec]) -> (Vec<Request<'_>>, Vec<Dead<'_>>) {
 /// Steps 2 and 3, in rounds: decide the coupons, store the round, and decide
 /// again the coupons Postgres refused (on a state rebuilt from it) until
 /// none is left. Requests of a coupon Postgres does not know become dead
-/// letters.
+/// letters. Returns the decisions and the coupons it rebuilt.
 async fn decide_and_store<'r>(
     shared: &Shared,
     requests: &'r [Request<'r>],
     dead: &mut Vec<Dead<'r>>,
     cancel: &CancellationToken,
     ahead: Ahead,
-) -> Result<Vec<Decided<'r>>, Aborted> {
+) -> Result<(Vec<Decided<'r>>, Rebuilt), Aborted> {
     let mut coupons = CouponBatch::group(requests);
     let now = Utc::now().trunc_subsecs(6);
     let mut decided: Vec<Decided<'r>> = Vec::with_capacity(requests.len());
     let mut todo: Vec<usize> = (0..coupons.len()).collect();
     let mut given_up = HashSet::new();
+    let mut rebuilt = Rebuilt::new();
     // The previous batch of the partition decides first…
     wait(ahead.decided, cancel).await?;
     let mut prev_done = Some(ahead.done);
     let mut decided_signal = Some(ahead.signal_decided);
     loop {
         let mut round = decide(shared, requests, &coupons, &todo, now, dead, cancel).await?;
+        // …and is stored first. The coupons it rebuilt after this batch
+        // decided (the fence refused it) were decided here on a state that
+        // is gone: they are decided again on the state it left, before the
+        // next batch decides. Stored as they were, Postgres would refuse
+        // them and this batch would rebuild in turn, leaving the next one
+        // stale: under a backlog every batch would pay a rebuild (two
+        // 30-minute soaks crawled at that).
+        if let Some(prev) = prev_done.take() {
+            let theirs = wait(prev, cancel).await?.unwrap_or_default();
+            let stale: Vec<usize> = todo
+                .iter()
+                .copied()
+                .filter(|&i| theirs.contains(&coupons[i].coupon))
+                .collect();
+            if !stale.is_empty() {
+                round.retain(|d| !theirs.contains(&d.request.coupon_id));
+                round.extend(decide(shared, requests, &coupons, &stale, now, dead, cancel).await?);
+            }
+        }
         if let Some(signal) = decided_signal.take() {
             let _ = signal.send(());
-        }
-        // …and is stored first. If it changed a coupon's state meanwhile
-        // (a rebuild), the fence refuses what this batch decided on the old
-        // state, and it is decided again below.
-        if let Some(prev) = prev_done.take() {
-            wait(prev, cancel).await?;
         }
         // Coupons decided on a stale state, and coupons with a request given
         // up (the requests behind it in the batch were decided as if it held
@@ -322,6 +337,7 @@ async fn decide_and_store<'r>(
         let mut gone = HashSet::new();
         for b in coupons.iter().filter(|b| redo.contains(&b.coupon)) {
             shared.metrics.state_rebuilds.inc();
+            rebuilt.insert(b.coupon.clone());
             let exists = shared
                 .retry(RetryStep::Rebuild, cancel, || rebuild(shared, &b.coupon))
                 .await?;
@@ -356,7 +372,7 @@ async fn decide_and_store<'r>(
             break;
         }
     }
-    Ok(decided)
+    Ok((decided, rebuilt))
 }
 
 /// The epoch and the lowest and highest decision numbers a round took for
@@ -724,25 +740,34 @@ async fn publish(
 /// moves the offset) only once the batch before it is done. So decisions
 /// still follow the log, and the next batch's Lua call overlaps the previous
 /// batch's Postgres write.
+///
+/// A batch hands the next one the coupons it rebuilt: the next one decided
+/// them on the state the rebuild replaced, so it decides them again before
+/// it says it has decided (see [`decide_and_store`]). With at most two
+/// batches in flight that costs no overlap: the batch after next starts
+/// only once this one is done.
 pub struct Gate {
     ahead: Ahead,
-    done: oneshot::Sender<()>,
+    done: oneshot::Sender<Rebuilt>,
     /// The decision stream's generation the partition task belongs to.
     generation: u64,
 }
+
+/// The coupons a batch rebuilt from Postgres.
+type Rebuilt = HashSet<CouponId>;
 
 /// The signals a batch waits for from the one ahead of it, and the one it
 /// gives once it has decided.
 struct Ahead {
     decided: Option<oneshot::Receiver<()>>,
-    done: Option<oneshot::Receiver<()>>,
+    done: Option<oneshot::Receiver<Rebuilt>>,
     signal_decided: oneshot::Sender<()>,
 }
 
 /// What a batch hands the next one: signals of its progress.
 pub struct Handoff {
     decided: oneshot::Receiver<()>,
-    done: oneshot::Receiver<()>,
+    done: oneshot::Receiver<Rebuilt>,
 }
 
 impl Gate {
@@ -772,17 +797,18 @@ impl Gate {
     }
 }
 
-/// Waits for the previous batch's signal; if it was given up (revoked,
-/// stopping), so is this one: nothing may be stored past it.
-async fn wait(
-    signal: Option<oneshot::Receiver<()>>,
+/// Waits for the previous batch's signal (`None` when there is no previous
+/// batch); if it was given up (revoked, stopping), so is this one: nothing
+/// may be stored past it.
+async fn wait<T>(
+    signal: Option<oneshot::Receiver<T>>,
     cancel: &CancellationToken,
-) -> Result<(), Aborted> {
+) -> Result<Option<T>, Aborted> {
     let Some(signal) = signal else {
-        return Ok(());
+        return Ok(None);
     };
     tokio::select! {
         () = cancel.cancelled() => Err(Aborted),
-        r = signal => r.map_err(|_| Aborted),
+        r = signal => r.map(Some).map_err(|_| Aborted),
     }
 }
