@@ -127,6 +127,9 @@ impl TestEnv {
             fn high_watermark(&self, _: i32) -> anyhow::Result<i64> {
                 Ok(0)
             }
+            fn log_start(&self, _: i32) -> anyhow::Result<i64> {
+                Ok(0)
+            }
             fn committed(&self, _: i32) -> anyhow::Result<i64> {
                 Ok(0)
             }

@@ -26,6 +26,10 @@ pub trait Offsets: Send + Sync {
     /// broker.
     fn high_watermark(&self, partition: i32) -> anyhow::Result<i64>;
 
+    /// The offset of the oldest record of `partition` the log still holds
+    /// (the low watermark; retention moves it). Blocks on the broker.
+    fn log_start(&self, partition: i32) -> anyhow::Result<i64>;
+
     /// The group's committed offset of `partition` (the next record to
     /// decide); 0 when none was committed. Blocks on the broker.
     fn committed(&self, partition: i32) -> anyhow::Result<i64>;
@@ -56,6 +60,13 @@ impl Offsets for GroupOffsets {
             .consumer
             .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)?;
         Ok(high)
+    }
+
+    fn log_start(&self, partition: i32) -> anyhow::Result<i64> {
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)?;
+        Ok(low)
     }
 
     fn committed(&self, partition: i32) -> anyhow::Result<i64> {

@@ -162,9 +162,9 @@ pub async fn process(
     match &shared.stream {
         Some(stream) => {
             let stored = read_back(shared, &recs, &requests, cancel).await?;
-            let committed = match stream.knows_start(last.partition) {
+            let known = match stream.knows_start(last.partition) {
                 true => None,
-                false => committed_offset(shared, last.partition).await,
+                false => stream_start(shared, last.partition).await,
             };
             stream
                 .enqueue(
@@ -173,7 +173,7 @@ pub async fn process(
                     recs[0].offset,
                     last.offset + 1,
                     &stored,
-                    committed,
+                    known,
                 )
                 .await
                 .expect("a decision serializes");
@@ -201,13 +201,19 @@ pub async fn process(
     Ok(())
 }
 
-/// The group's stable committed offset of `partition` (where its stream
-/// goes on); `None` when the broker does not say (the stream then reads
-/// every partition again).
-async fn committed_offset(shared: &Shared, partition: i32) -> Option<i64> {
+/// Where `partition` stands for the stream: the group's stable committed
+/// offset (where its stream goes on) and the start of its log; `None` when
+/// the broker does not say (the stream then reads every partition again).
+async fn stream_start(shared: &Shared, partition: i32) -> Option<crate::stream::Start> {
     let offsets = shared.offsets.clone();
-    match tokio::task::spawn_blocking(move || offsets.committed(partition)).await {
-        Ok(Ok(n)) => Some(n),
+    let asked = tokio::task::spawn_blocking(move || {
+        Ok::<_, anyhow::Error>(crate::stream::Start {
+            committed: offsets.committed(partition)?,
+            log_start: offsets.log_start(partition)?,
+        })
+    });
+    match asked.await {
+        Ok(Ok(start)) => Some(start),
         Ok(Err(e)) => {
             tracing::warn!(
                 partition,

@@ -103,6 +103,17 @@ impl<'a> DecisionEvent<'a> {
     }
 }
 
+/// Where a partition's stream stands in its log, read from the broker for
+/// the first batch of a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    /// The group's stable committed offset: the stream has everything
+    /// before it.
+    pub committed: i64,
+    /// The oldest offset the log still holds.
+    pub log_start: i64,
+}
+
 /// What waits for the next transaction.
 #[derive(Default)]
 struct Pending {
@@ -134,14 +145,20 @@ impl Pending {
     /// Where the stream of `partition` goes on, for a batch that starts at
     /// `first_offset`: its events from there on are new. `None` when the
     /// batch leaves a gap behind the one before it, or when nothing tells
-    /// where the partition's stream ends (`committed` unknown).
-    fn start(&self, partition: i32, first_offset: i64, committed: Option<i64>) -> Option<i64> {
-        match (self.next.get(&partition), committed) {
+    /// where the partition's stream ends (`known` unknown).
+    fn start(&self, partition: i32, first_offset: i64, known: Option<Start>) -> Option<i64> {
+        match (self.next.get(&partition), known) {
             (Some(&next), _) => (first_offset <= next).then_some(next),
             // The first batch of a generation: below the group's offset it
-            // was streamed already; past it, the log's retention deleted
-            // what was never committed.
-            (None, Some(c)) => Some(c.max(first_offset)),
+            // was streamed already.
+            (None, Some(s)) if first_offset <= s.committed => Some(s.committed),
+            // Past it: only where retention deleted what was never
+            // committed, so the log starts there. Anywhere else the records
+            // between were handed to a task that is gone and never read
+            // again (the position was not taken back); streaming on would
+            // commit offsets past decisions never streamed (the 30-minute
+            // soak of 2026-12-06 lost 97 of each of two partitions so).
+            (None, Some(s)) => (first_offset <= s.log_start).then_some(first_offset),
             (None, None) => None,
         }
     }
@@ -264,7 +281,7 @@ impl DecisionStream {
 
     /// Whether the stream knows where `partition`'s next batch must start
     /// (it took a batch of it in this generation). If not, the caller
-    /// passes the group's committed offset to [`Self::enqueue`].
+    /// passes where the partition stands ([`Start`]) to [`Self::enqueue`].
     pub fn knows_start(&self, partition: i32) -> bool {
         self.pending
             .lock()
@@ -280,15 +297,17 @@ impl DecisionStream {
     /// again.
     ///
     /// The batches of a partition must follow each other, starting at the
-    /// group's committed offset (`committed`, the stable one: a transaction
+    /// group's committed offset (`known`, the stable one: a transaction
     /// still open holds it back), whatever the consumer hands over: a batch
     /// that starts below it carries records streamed already, and only its
     /// events from the committed offset on are taken (librdkafka 2.12
     /// restarts a partition from the beginning when its assignment changes
     /// while the offset fetch waits on such a transaction; tests/stream.rs
-    /// caught request offset 0 streamed twice). A batch past the end of the
-    /// batch before it, or one whose start is not known, rewinds every
-    /// partition to its committed offset.
+    /// caught request offset 0 streamed twice). A first batch past the
+    /// committed offset is taken only where the log itself starts later
+    /// (retention). A batch past the end of the batch before it, or one
+    /// whose start is not known, rewinds every partition to its committed
+    /// offset.
     pub async fn enqueue(
         &self,
         generation: u64,
@@ -296,7 +315,7 @@ impl DecisionStream {
         first_offset: i64,
         next_offset: i64,
         decisions: &[StoredDecision],
-        committed: Option<i64>,
+        known: Option<Start>,
     ) -> anyhow::Result<()> {
         let mut events = Vec::with_capacity(decisions.len());
         for d in decisions {
@@ -313,12 +332,12 @@ impl DecisionStream {
                 if generation != p.generation(partition) {
                     return Ok(());
                 }
-                let Some(expected) = p.start(partition, first_offset, committed) else {
+                let Some(expected) = p.start(partition, first_offset, known) else {
                     drop(p);
                     tracing::error!(
                         partition,
                         first_offset,
-                        ?committed,
+                        ?known,
                         "decision stream: a batch does not start where the partition's stream ends; reading every partition again from its committed offset"
                     );
                     self.rewind_all();
@@ -675,14 +694,37 @@ mod tests {
     #[test]
     fn a_first_batch_below_the_committed_offset_streams_only_what_follows_it() {
         let p = Pending::default();
+        let at = |committed, log_start| {
+            Some(Start {
+                committed,
+                log_start,
+            })
+        };
         // librdkafka restarted the partition at 0 though 131 was committed.
-        assert_eq!(p.start(2, 0, Some(131)), Some(131));
+        assert_eq!(p.start(2, 0, at(131, 0)), Some(131));
         // Where it should have started.
-        assert_eq!(p.start(2, 131, Some(131)), Some(131));
+        assert_eq!(p.start(2, 131, at(131, 0)), Some(131));
         // Retention deleted records never committed: the log starts later.
-        assert_eq!(p.start(2, 500, Some(0)), Some(500));
+        assert_eq!(p.start(2, 500, at(0, 500)), Some(500));
         // Nothing says where the partition's stream ends.
         assert_eq!(p.start(2, 0, None), None);
+    }
+
+    #[test]
+    fn a_first_batch_past_the_committed_offset_is_a_gap_unless_the_log_starts_there() {
+        let p = Pending::default();
+        let at = |committed, log_start| {
+            Some(Start {
+                committed,
+                log_start,
+            })
+        };
+        // The 30-minute soak: a rewind the broker could not serve left the
+        // position past 14,138..14,234, whose task was gone; taking this
+        // batch committed offsets past 97 decisions never streamed.
+        assert_eq!(p.start(2, 14_235, at(14_138, 0)), None);
+        // Retention took the log past the committed offset, but not this far.
+        assert_eq!(p.start(2, 14_235, at(14_138, 14_200)), None);
     }
 
     #[test]
@@ -691,8 +733,14 @@ mod tests {
         p.next.insert(2, 140);
         assert_eq!(p.start(2, 140, None), Some(140));
         // A re-fetch that overlaps: only what follows 140 is new.
-        assert_eq!(p.start(2, 135, Some(0)), Some(140));
+        let at = |committed, log_start| {
+            Some(Start {
+                committed,
+                log_start,
+            })
+        };
+        assert_eq!(p.start(2, 135, at(0, 0)), Some(140));
         // A gap: records 140..150 would never be streamed.
-        assert_eq!(p.start(2, 150, Some(150)), None);
+        assert_eq!(p.start(2, 150, at(150, 0)), None);
     }
 }
