@@ -19,6 +19,31 @@ pub async fn check_promise(
     check_promise_with(env, client, coupons, accepted, &Default::default(), limit).await;
 }
 
+/// What is known of requests answered `202` that the log read did not hold:
+/// whether the worker decided them (then the read missed them), what the
+/// status API says (a `pending` entry names the offset the broker gave), and
+/// whether a second read finds them.
+async fn explain_lost(env: &TestEnv, client: &Client, lost: &[&String]) -> String {
+    let again: std::collections::HashSet<String> = model(env, &[]).logged;
+    let mut out = String::new();
+    for id in lost {
+        let row: Option<(String, i32, i64)> = sqlx::query_as(
+            "SELECT status, kafka_partition, kafka_offset FROM request_ledger
+             WHERE request_id = $1::uuid",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap();
+        let (code, status) = client.get(&format!("/v1/issue-requests/{id}")).await;
+        out.push_str(&format!(
+            "{id}: ledger {row:?}; status {code} {status}; in a second read: {}\n",
+            again.contains(*id)
+        ));
+    }
+    out
+}
+
 /// The decisions the request log implies: the oracle's replay
 /// ([`firstcome::oracle`]).
 pub type LogModel = firstcome::oracle::Replay;
@@ -205,7 +230,12 @@ pub async fn check_promise_with(
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let lost: Vec<&String> = accepted.difference(&m.logged).take(5).collect();
-    assert!(lost.is_empty(), "accepted but not in the log: {lost:?}");
+    if !lost.is_empty() {
+        panic!(
+            "accepted but not in the log: {lost:?}\n{}",
+            explain_lost(env, client, &lost).await
+        );
+    }
     let strangers: Vec<&String> = m
         .logged
         .iter()
