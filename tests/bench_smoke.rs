@@ -82,7 +82,21 @@ async fn every_benchmark_scenario_runs_and_reports() {
     assert_eq!(hostile["attacked"]["sent"], 300, "{hostile}");
     assert!(hostile["attack_sent"].as_u64().unwrap() > 0, "{hostile}");
 
+    let spread = results["spread"]["points"].as_array().unwrap();
+    let coupons: Vec<u64> = spread
+        .iter()
+        .map(|p| p["coupons"].as_u64().unwrap())
+        .collect();
+    assert_eq!(coupons, [1, 10, 100]);
+    for p in spread {
+        assert_eq!(p["drain"]["count"], 600, "{p}");
+        // Stock for half of each coupon's requests.
+        assert_eq!(p["issued"], 300, "{p}");
+        assert!(p["worker_cpu_us_per_record"].as_f64().unwrap() > 0.0, "{p}");
+    }
+
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(table.contains("| spread over 100 coupons |"), "{table}");
     assert!(table.contains("| flash-sale |"), "{table}");
     assert!(table.contains("| hostile |"), "{table}");
     let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();

@@ -10,6 +10,7 @@
 //! - [`load`]: open- and closed-model load with HDR histograms
 //! - [`scenarios`]: what is measured
 //! - [`lifecycle`]: a thousand sales, memory and storage over time
+//! - [`spread`]: one backlog over 1 to 100,000 coupons open at once
 //! - [`report`]: JSON, Markdown table and SVG chart
 
 mod count;
@@ -21,6 +22,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod servers;
+mod spread;
 mod svg;
 
 use std::net::SocketAddr;
@@ -108,6 +110,8 @@ enum Scenario {
     SeedBaseline,
     /// Honest clients with and without an attack beside them.
     Hostile,
+    /// One backlog spread over 1, 100, 10,000 and 100,000 coupons.
+    Spread,
     /// A thousand sales one after another (minutes; not in the default
     /// set): memory and storage over time, `lifecycle.svg`.
     Lifecycle,
@@ -257,6 +261,9 @@ async fn run(
                 }
                 Scenario::Hostile => {
                     r.hostile = Some(hostile::hostile(size).await.with_context(context)?)
+                }
+                Scenario::Spread => {
+                    r.spread = Some(spread::spread(size, smoke).await.with_context(context)?)
                 }
                 Scenario::Lifecycle => {
                     let size = if smoke {

@@ -94,6 +94,8 @@ pub struct Results {
     pub lifecycle: Option<crate::lifecycle::Lifecycle>,
     /// `hostile`.
     pub hostile: Option<crate::hostile::Hostile>,
+    /// `spread`.
+    pub spread: Option<crate::spread::Spread>,
     /// The targets, judged.
     pub targets: Vec<Target>,
 }
@@ -310,6 +312,28 @@ impl Results {
                     h.ingress_peak_rss_mib,
                 ),
             );
+        }
+        if let Some(s) = &self.spread {
+            for p in &s.points {
+                row(
+                    &format!(
+                        "spread over {} coupon{}",
+                        p.coupons,
+                        if p.coupons == 1 { "" } else { "s" }
+                    ),
+                    format!(
+                        "{} records: {:.0} records/s; final {:.1} s after the worker's start; worker {:.0} µs CPU/record, RSS {:.0} MiB; Redis +{:.1} MiB ({:.0} B/record){}",
+                        s.records,
+                        p.drain.per_s,
+                        p.final_after_s,
+                        p.worker_cpu_us_per_record,
+                        p.worker_peak_rss_mib.unwrap_or(f64::NAN),
+                        p.redis_added_mib,
+                        p.redis_bytes_per_record,
+                        broker_text(p.broker.as_ref(), "record")
+                    ),
+                );
+            }
         }
         if let Some(f) = &self.flash_sale {
             row(
