@@ -73,6 +73,13 @@ async fn every_benchmark_scenario_runs_and_reports() {
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert_eq!(decided, 300, "every request of the sale decided");
+    let huge = &results["huge_sale"];
+    assert_eq!(huge["violations"], 0, "{huge}");
+    assert_eq!(huge["burst"]["ok"], 1_000, "{huge}");
+    assert_eq!(
+        huge["statuses"]["issued"], 100,
+        "a thousandth of the stock: {huge}"
+    );
     let seed = &results["seed_baseline"];
     assert_eq!(seed["burst"]["ok"], 300, "{seed}");
     assert_eq!(seed["rows_stored"], 300, "{seed}");

@@ -107,6 +107,8 @@ enum Scenario {
     /// The drain with the decision stream on.
     DrainStream,
     FlashSale,
+    /// One coupon of stock 100,000, a million requests from 600,000 users.
+    HugeSale,
     SeedBaseline,
     /// Honest clients with and without an attack beside them.
     Hostile,
@@ -256,6 +258,13 @@ async fn run(
                 Scenario::FlashSale => {
                     r.flash_sale = Some(scenarios::flash_sale(size).await.with_context(context)?)
                 }
+                Scenario::HugeSale => {
+                    r.huge_sale = Some(
+                        scenarios::huge_sale(size, smoke)
+                            .await
+                            .with_context(context)?,
+                    )
+                }
                 Scenario::SeedBaseline => {
                     r.seed_baseline = Some(scenarios::seed(size).await.with_context(context)?)
                 }
@@ -301,12 +310,14 @@ async fn run(
     println!("{}", r.table());
     eprintln!("[bench] results in {}", out.display());
     // A run that broke the promise is a failed run.
-    if let Some(f) = &r.flash_sale {
-        anyhow::ensure!(
-            f.violations == 0,
-            "the flash sale broke the promise: {} violations",
-            f.violations
-        );
+    for (name, f) in [("flash sale", &r.flash_sale), ("huge sale", &r.huge_sale)] {
+        if let Some(f) = f {
+            anyhow::ensure!(
+                f.violations == 0,
+                "the {name} broke the promise: {} violations",
+                f.violations
+            );
+        }
     }
     Ok(())
 }

@@ -88,6 +88,8 @@ pub struct Results {
     pub drain_stream: Option<Drain>,
     /// `flash-sale`.
     pub flash_sale: Option<FlashSale>,
+    /// `huge-sale`.
+    pub huge_sale: Option<FlashSale>,
     /// `seed-baseline`.
     pub seed_baseline: Option<Seed>,
     /// `lifecycle`.
@@ -335,11 +337,15 @@ impl Results {
                 );
             }
         }
-        if let Some(f) = &self.flash_sale {
+        for (name, f) in [
+            ("flash-sale", &self.flash_sale),
+            ("huge-sale", &self.huge_sale),
+        ] {
+            let Some(f) = f else { continue };
             row(
-                "flash-sale",
+                name,
                 format!(
-                    "{} requests: answered (202 or 409) at {:.0}/s (p50 {:.1} / p99 {:.1} ms), {} of them 409 sold_out by the short-circuit; sold out after {:.2} s; every request final after {:.2} s = {:.0}/s end to end; violations {}; statuses {:?}; RSS ingress {:.0} / worker {:.0} MiB",
+                    "{} requests: answered (202 or 409) at {:.0}/s (p50 {:.1} / p99 {:.1} ms), {} of them 409 sold_out by the short-circuit; sold out after {:.2} s; every request final after {:.2} s = {:.0}/s end to end; violations {}; statuses {:?}; RSS ingress {:.0} / worker {:.0} MiB; CPU ingress {:.0} µs/request, worker {:.0} µs/record; Redis +{:.1} MiB",
                     f.burst.sent,
                     f.burst.ok_per_s,
                     f.burst.latency.p50_ms,
@@ -351,7 +357,10 @@ impl Results {
                     f.violations,
                     sorted(&f.statuses),
                     f.ingress_peak_rss_mib.unwrap_or(f64::NAN),
-                    f.worker_peak_rss_mib.unwrap_or(f64::NAN)
+                    f.worker_peak_rss_mib.unwrap_or(f64::NAN),
+                    f.ingress_cpu_us_per_request.unwrap_or(f64::NAN),
+                    f.worker_cpu_us_per_record.unwrap_or(f64::NAN),
+                    f.redis_added_mib,
                 ),
             );
         }

@@ -662,10 +662,10 @@ async fn drain_with(size: Size, stream: bool) -> anyhow::Result<Drain> {
 /// The coupons of a sale: (name, stock).
 const SALE: [(&str, i64); 3] = [("a", 100), ("b", 300), ("c", 600)];
 
-/// The user of the sale's request `i`: half as many users as requests, so
-/// many press twice.
-fn sale_user(i: u64, requests: u64) -> String {
-    format!("u{}", (i * 7_919) % (requests / 2).max(1))
+/// The user of the sale's request `i`, of `users`: fewer users than
+/// requests, so many press more than once.
+fn sale_user(i: u64, users: u64) -> String {
+    format!("u{}", (i * 7_919) % users)
 }
 
 /// `flash-sale`: the whole path.
@@ -690,11 +690,51 @@ pub struct FlashSale {
     pub ingress_peak_rss_mib: Option<f64>,
     /// Peak RSS of the worker, MiB.
     pub worker_peak_rss_mib: Option<f64>,
+    /// The ingress's CPU time per request of the burst, microseconds.
+    pub ingress_cpu_us_per_request: Option<f64>,
+    /// The worker's CPU time per appended request, microseconds.
+    pub worker_cpu_us_per_record: Option<f64>,
+    /// What Redis holds more after the sale than before it, MiB.
+    pub redis_added_mib: f64,
 }
 
 /// `flash-sale`: many users, three coupons, stock far below demand, all at once.
 pub async fn flash_sale(size: Size) -> anyhow::Result<FlashSale> {
-    let env = BenchEnv::new("sale").await?;
+    let n = size.sale_requests;
+    sale("sale", &SALE, n, (n / 2).max(1), size.sale_clients).await
+}
+
+/// One huge sale's requests, users and stock (full run; smoke a
+/// thousandth of them).
+const HUGE: (u64, u64, i64) = (1_000_000, 600_000, 100_000);
+
+/// `huge-sale`: one coupon of stock 100,000, a million requests from
+/// 600,000 users, all at once (a closed burst: as fast as the ingress takes
+/// them).
+pub async fn huge_sale(size: Size, smoke: bool) -> anyhow::Result<FlashSale> {
+    let scale = if smoke { 1_000 } else { 1 };
+    let (requests, users, stock) = (HUGE.0 / scale, HUGE.1 / scale, HUGE.2 / scale as i64);
+    sale(
+        "huge",
+        &[("huge", stock)],
+        requests,
+        users,
+        size.sale_clients,
+    )
+    .await
+}
+
+/// A sale of `requests` over `coupons` (name, stock) round robin, from
+/// `users` users (request `i`'s is a fixed spread of `i`, so many press
+/// more than once), by `clients` clients at once.
+async fn sale(
+    scenario: &str,
+    coupons: &[(&str, i64)],
+    n: u64,
+    users: u64,
+    clients: usize,
+) -> anyhow::Result<FlashSale> {
+    let env = BenchEnv::new(scenario).await?;
     let pool = env.common().connect_postgres().await?;
     let ingress = procs::ingress(&env).await?;
     let worker = procs::worker(&env)?;
@@ -732,20 +772,24 @@ pub async fn flash_sale(size: Size) -> anyhow::Result<FlashSale> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let coupons: Vec<(String, i64)> = SALE.iter().map(|(n, s)| (env.coupon(n), *s)).collect();
+    let coupons: Vec<(String, i64)> = coupons.iter().map(|(n, s)| (env.coupon(n), *s)).collect();
     for (id, stock) in &coupons {
         create_coupon(&http, &base, &env, id, *stock).await?;
     }
     let ids: Vec<String> = coupons.iter().map(|(c, _)| c.clone()).collect();
-    let n = size.sale_requests;
+    let redis_before = redis_used_bytes(&env).await?;
+    let cpu_before = (ingress.cpu_seconds(), worker.cpu_seconds());
     let t0 = Utc::now();
     let (h, b, cs) = (http.clone(), base.clone(), ids.clone());
     let short = Arc::new(AtomicU64::new(0));
     let counted = short.clone();
-    let burst = load::closed(size.sale_clients, n, move |i| {
+    let burst = load::closed(clients, n, move |i| {
         let request = h
-            .post(format!("{b}/v1/coupons/{}/issue", cs[(i % 3) as usize]))
-            .json(&json!({ "user_id": sale_user(i, n) }));
+            .post(format!(
+                "{b}/v1/coupons/{}/issue",
+                cs[(i % cs.len() as u64) as usize]
+            ))
+            .json(&json!({ "user_id": sale_user(i, users) }));
         let counted = counted.clone();
         async move {
             match request.send().await.map(|r| r.status().as_u16()) {
@@ -787,9 +831,21 @@ pub async fn flash_sale(size: Size) -> anyhow::Result<FlashSale> {
     let (violations, statuses) = check_promise(&env, &pool, &coupons).await?;
     let (ingress_peak_rss_mib, worker_peak_rss_mib) =
         (ingress.peak_rss_mib(), worker.peak_rss_mib());
+    let per = |before: Option<f64>, after: Option<f64>, items: u64| {
+        before
+            .zip(after)
+            .map(|(b, a)| (a - b) * 1e6 / items.max(1) as f64)
+    };
+    let ingress_cpu_us_per_request = per(cpu_before.0, ingress.cpu_seconds(), n);
+    let worker_cpu_us_per_record = per(cpu_before.1, worker.cpu_seconds(), appended);
+    let redis_added_mib =
+        redis_used_bytes(&env).await?.saturating_sub(redis_before) as f64 / 1024.0 / 1024.0;
     worker.stop().await;
     ingress.stop().await;
     Ok(FlashSale {
+        ingress_cpu_us_per_request,
+        worker_cpu_us_per_record,
+        redis_added_mib,
         burst,
         short_circuited,
         end_to_end_per_s: n as f64 / all_final_after_s,
@@ -853,6 +909,20 @@ async fn check_promise(
     Ok((violations + twice as u64, statuses))
 }
 
+/// Redis's `used_memory`.
+pub(crate) async fn redis_used_bytes(env: &BenchEnv) -> anyhow::Result<u64> {
+    let client = redis::Client::open(env.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no used_memory in INFO memory")
+}
+
 /// `seed-baseline`: the report's design behind the same burst.
 #[derive(Debug, Clone, Serialize)]
 pub struct Seed {
@@ -896,7 +966,7 @@ pub async fn seed(size: Size) -> anyhow::Result<Seed> {
     let n = size.sale_requests;
     let (h, b, cs) = (http(), base.clone(), ids.clone());
     let burst = load::closed(size.sale_clients, n, move |i| {
-        issue(&h, &b, &cs[(i % 3) as usize], sale_user(i, n))
+        issue(&h, &b, &cs[(i % 3) as usize], sale_user(i, (n / 2).max(1)))
     })
     .await;
     let per_s = burst.ok as f64 / burst.seconds;

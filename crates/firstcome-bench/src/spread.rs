@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::env::{BenchEnv, PARTITIONS};
 use crate::procs;
-use crate::scenarios::{Rate, Size, produce, producer, request};
+use crate::scenarios::{Rate, Size, produce, producer, redis_used_bytes, request};
 
 /// One spread: the backlog over `coupons` coupons.
 #[derive(Debug, Clone, Serialize)]
@@ -178,20 +178,6 @@ async fn one(records: usize, coupons: usize) -> anyhow::Result<Point> {
         broker,
         issued,
     })
-}
-
-/// Redis's `used_memory`.
-async fn redis_used_bytes(env: &BenchEnv) -> anyhow::Result<u64> {
-    let client = redis::Client::open(env.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
-        .await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no used_memory in INFO memory")
 }
 
 /// The offsets the scenario's worker group committed: a record is final
