@@ -174,6 +174,26 @@ async fn instruction_counts_come_out_by_layer_and_each_layer_holds_the_ones_it_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topology_scenario_sells_on_one_node_and_on_three_brokers_and_redis_cluster() {
+    let (out, results) = smoke_run(&["--scenario", "topology"], None).await;
+    let topology = &results["topology"];
+    for side in ["single", "production"] {
+        let sale = &topology[side];
+        assert_eq!(sale["violations"], 0, "{side}: {sale}");
+        assert_eq!(sale["burst"]["ok"], 300, "{side}: {sale}");
+        let issued = sale["statuses"]["issued"].as_u64().unwrap();
+        assert_eq!(issued, 150, "{side}: half the users, stock for all: {sale}");
+        assert!(
+            sale["broker"]["cpu_us_per_item"].as_f64().unwrap() > 0.0,
+            "{side}: {sale}"
+        );
+    }
+    let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(table.contains("| topology: 3 brokers"), "{table}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lifecycle_scenario_sells_retires_and_prunes_and_plots_it() {
     // Its sweep and `prune` trim the whole database: a Postgres of its own.
     let pg = firstcome_suite::services::PrivatePostgres::start().await;

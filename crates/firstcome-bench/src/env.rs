@@ -11,6 +11,33 @@ use firstcome::config::CommonConfig;
 /// Partitions of a scenario's request topic (as in the local stack).
 pub const PARTITIONS: i32 = 12;
 
+/// Where a scenario's services are: the stack's single nodes (and the
+/// bench's broker), or a cluster of brokers and Redis Cluster.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// Bootstrap servers.
+    pub kafka_brokers: String,
+    /// Replication factor of the scenario's topics.
+    pub replication: i32,
+    /// Redis: one address, or the seed nodes of a cluster.
+    pub redis_url: String,
+    /// Whether `redis_url` is a Redis Cluster.
+    pub redis_cluster: bool,
+}
+
+impl Services {
+    /// The single nodes `scripts/bench` points at (`KAFKA_BROKERS`,
+    /// `REDIS_URL`).
+    pub fn single() -> anyhow::Result<Self> {
+        Ok(Self {
+            kafka_brokers: var("KAFKA_BROKERS")?,
+            replication: 1,
+            redis_url: var("REDIS_URL")?,
+            redis_cluster: false,
+        })
+    }
+}
+
 /// One scenario's slice of the stack.
 #[derive(Debug, Clone)]
 pub struct BenchEnv {
@@ -18,6 +45,8 @@ pub struct BenchEnv {
     pub database_url: String,
     /// Redis.
     pub redis_url: String,
+    /// Whether `redis_url` is a Redis Cluster.
+    pub redis_cluster: bool,
     /// Bootstrap servers.
     pub kafka_brokers: String,
     /// Redis key prefix of this scenario.
@@ -50,6 +79,11 @@ impl BenchEnv {
     /// Fresh names on the stack given by `DATABASE_URL`, `REDIS_URL` and
     /// `KAFKA_BROKERS`, with the topics created.
     pub async fn new(scenario: &str) -> anyhow::Result<Self> {
+        Self::on(scenario, Services::single()?).await
+    }
+
+    /// Fresh names on `services`, with the topics created.
+    pub async fn on(scenario: &str, services: Services) -> anyhow::Result<Self> {
         let tag = format!(
             "b{}{}",
             &scenario[..scenario.len().min(4)],
@@ -57,8 +91,9 @@ impl BenchEnv {
         );
         let env = Self {
             database_url: var("DATABASE_URL")?,
-            redis_url: var("REDIS_URL")?,
-            kafka_brokers: var("KAFKA_BROKERS")?,
+            redis_url: services.redis_url,
+            redis_cluster: services.redis_cluster,
+            kafka_brokers: services.kafka_brokers,
             prefix: format!("{tag}:"),
             request_topic: format!("{tag}.requests"),
             dlq_topic: format!("{tag}.dlq"),
@@ -79,7 +114,7 @@ impl BenchEnv {
                     (&common.dlq_topic, 1),
                     (&common.decision_topic, PARTITIONS),
                 ],
-                1,
+                services.replication,
             ),
         )
         .await
@@ -92,7 +127,7 @@ impl BenchEnv {
         CommonConfig {
             database_url: self.database_url.clone(),
             redis_url: self.redis_url.clone(),
-            redis_cluster: false,
+            redis_cluster: self.redis_cluster,
             redis_prefix: self.prefix.clone(),
             kafka_brokers: self.kafka_brokers.clone(),
             kafka_options: Vec::new(),
@@ -124,25 +159,15 @@ pub async fn clean_up() -> anyhow::Result<()> {
     if tags.is_empty() {
         return Ok(());
     }
-    let redis = redis::Client::open(var("REDIS_URL")?)?;
-    let mut conn = redis.get_multiplexed_async_connection().await?;
+    // The single Redis, and each node of the stack's Redis Cluster (the
+    // `topology` scenario's).
+    let mut nodes = vec![var("REDIS_URL")?];
+    if let Ok(cluster) = std::env::var("REDIS_CLUSTER_URL") {
+        nodes.extend(cluster.split(',').map(str::to_owned));
+    }
     let mut deleted = 0usize;
-    for tag in &tags {
-        let keys: Vec<String> = {
-            let mut iter: redis::AsyncIter<String> =
-                redis::AsyncCommands::scan_match(&mut conn, format!("{tag}:*")).await?;
-            let mut keys = Vec::new();
-            while let Some(k) = futures::StreamExt::next(&mut iter).await {
-                keys.push(k?);
-            }
-            keys
-        };
-        for chunk in keys.chunks(1_000) {
-            deleted += redis::cmd("UNLINK")
-                .arg(chunk)
-                .query_async::<usize>(&mut conn)
-                .await?;
-        }
+    for node in &nodes {
+        deleted += unlink_tagged(node, &tags).await?;
     }
     let pool = sqlx::PgPool::connect(&var("DATABASE_URL")?).await?;
     let mut rows = 0u64;
@@ -182,4 +207,32 @@ pub async fn clean_up() -> anyhow::Result<()> {
         "cleaned up the run's Redis keys and Postgres rows"
     );
     Ok(())
+}
+
+/// Deletes the keys of `tags` on the Redis node at `url`, one `UNLINK` a key
+/// (a cluster node refuses several keys of different slots in one).
+async fn unlink_tagged(url: &str, tags: &[String]) -> anyhow::Result<usize> {
+    let redis = redis::Client::open(url)?;
+    let mut conn = redis.get_multiplexed_async_connection().await?;
+    let mut deleted = 0usize;
+    for tag in tags {
+        let keys: Vec<String> = {
+            let mut iter: redis::AsyncIter<String> =
+                redis::AsyncCommands::scan_match(&mut conn, format!("{tag}:*")).await?;
+            let mut keys = Vec::new();
+            while let Some(k) = futures::StreamExt::next(&mut iter).await {
+                keys.push(k?);
+            }
+            keys
+        };
+        for chunk in keys.chunks(1_000) {
+            let mut pipe = redis::pipe();
+            for k in chunk {
+                pipe.cmd("UNLINK").arg(k);
+            }
+            let counts: Vec<usize> = pipe.query_async(&mut conn).await?;
+            deleted += counts.iter().sum::<usize>();
+        }
+    }
+    Ok(deleted)
 }

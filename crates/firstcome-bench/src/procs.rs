@@ -77,14 +77,15 @@ pub struct BrokerUsage {
     /// Its CPU time per request or record of the window, microseconds.
     pub cpu_us_per_item: f64,
     /// Its peak resident memory since it started, MiB (the JVM's heap is
-    /// fixed, so this is mostly heap, code and page tables).
+    /// fixed, so this is mostly heap, code and page tables); of a cluster,
+    /// its largest node's.
     pub peak_rss_mib: Option<f64>,
 }
 
 /// Measures the broker `scripts/bench` started (`FIRSTCOME_BENCH_BROKER_PID`)
 /// from [`BrokerMeter::start`] to [`BrokerMeter::finish`].
 pub struct BrokerMeter {
-    pid: u32,
+    pids: Vec<u32>,
     cpu: f64,
     since: std::time::Instant,
 }
@@ -96,21 +97,36 @@ impl BrokerMeter {
             .ok()?
             .parse()
             .ok()?;
+        Self::of(vec![pid])
+    }
+
+    /// Starts a window over the brokers `pids` together.
+    pub fn of(pids: Vec<u32>) -> Option<Self> {
+        let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<Option<f64>>()?;
         Some(Self {
-            pid,
-            cpu: cpu_seconds(pid)?,
+            pids,
+            cpu,
             since: std::time::Instant::now(),
         })
     }
 
     /// Ends the window, over which `items` requests or records went through.
     pub fn finish(self, items: u64) -> Option<BrokerUsage> {
-        let cpu = cpu_seconds(self.pid)? - self.cpu;
+        let now = self
+            .pids
+            .iter()
+            .map(|p| cpu_seconds(*p))
+            .sum::<Option<f64>>()?;
+        let cpu = now - self.cpu;
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
         Some(BrokerUsage {
             cpu_share: cpu / (self.since.elapsed().as_secs_f64() * cores),
             cpu_us_per_item: cpu * 1e6 / items.max(1) as f64,
-            peak_rss_mib: peak_rss_mib(self.pid),
+            peak_rss_mib: self
+                .pids
+                .iter()
+                .filter_map(|p| peak_rss_mib(*p))
+                .reduce(f64::max),
         })
     }
 }
@@ -219,6 +235,7 @@ pub fn command(env: &BenchEnv, binary: &str) -> anyhow::Result<Command> {
         .env("RUST_LOG", "warn")
         .env("DATABASE_URL", &env.database_url)
         .env("REDIS_URL", &env.redis_url)
+        .env("FIRSTCOME_REDIS_CLUSTER", env.redis_cluster.to_string())
         .env("KAFKA_BROKERS", &env.kafka_brokers)
         .env("FIRSTCOME_REDIS_PREFIX", &env.prefix)
         .env("FIRSTCOME_REQUEST_TOPIC", &env.request_topic)

@@ -98,6 +98,8 @@ pub struct Results {
     pub hostile: Option<crate::hostile::Hostile>,
     /// `spread`.
     pub spread: Option<crate::spread::Spread>,
+    /// `topology`.
+    pub topology: Option<crate::topology::Topology>,
     /// The targets, judged.
     pub targets: Vec<Target>,
 }
@@ -129,6 +131,23 @@ fn target(goal: &str, measured: Option<(String, bool)>) -> Target {
 }
 
 impl Results {
+    /// Every sale that ran, by name.
+    pub fn sales(&self) -> Vec<(&'static str, &FlashSale)> {
+        let topology = self.topology.as_ref();
+        [
+            ("flash-sale", self.flash_sale.as_ref()),
+            ("huge-sale", self.huge_sale.as_ref()),
+            ("topology: single node", topology.map(|t| &t.single)),
+            (
+                "topology: 3 brokers, Redis Cluster, 2 ingresses, 2 workers",
+                topology.map(|t| &t.production),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, f)| Some((name, f?)))
+        .collect()
+    }
+
     /// Judges the targets from what ran.
     pub fn judge(&mut self) {
         let ingress = self
@@ -337,11 +356,7 @@ impl Results {
                 );
             }
         }
-        for (name, f) in [
-            ("flash-sale", &self.flash_sale),
-            ("huge-sale", &self.huge_sale),
-        ] {
-            let Some(f) = f else { continue };
+        for (name, f) in self.sales() {
             row(
                 name,
                 format!(
@@ -361,7 +376,7 @@ impl Results {
                     f.ingress_cpu_us_per_request.unwrap_or(f64::NAN),
                     f.worker_cpu_us_per_record.unwrap_or(f64::NAN),
                     f.redis_added_mib,
-                ),
+                ) + &broker_text(f.broker.as_ref(), "request"),
             );
         }
         if let Some(s) = &self.seed_baseline {

@@ -660,7 +660,7 @@ async fn drain_with(size: Size, stream: bool) -> anyhow::Result<Drain> {
 }
 
 /// The coupons of a sale: (name, stock).
-const SALE: [(&str, i64); 3] = [("a", 100), ("b", 300), ("c", 600)];
+pub(crate) const SALE: [(&str, i64); 3] = [("a", 100), ("b", 300), ("c", 600)];
 
 /// The user of the sale's request `i`, of `users`: fewer users than
 /// requests, so many press more than once.
@@ -686,16 +686,19 @@ pub struct FlashSale {
     pub violations: u64,
     /// Requests decided, by status.
     pub statuses: HashMap<String, u64>,
-    /// Peak RSS of the ingress, MiB.
+    /// Peak RSS of the ingress (the largest replica's), MiB.
     pub ingress_peak_rss_mib: Option<f64>,
-    /// Peak RSS of the worker, MiB.
+    /// Peak RSS of the worker (the largest replica's), MiB.
     pub worker_peak_rss_mib: Option<f64>,
-    /// The ingress's CPU time per request of the burst, microseconds.
+    /// The ingresses' CPU time per request of the burst, microseconds.
     pub ingress_cpu_us_per_request: Option<f64>,
-    /// The worker's CPU time per appended request, microseconds.
+    /// The workers' CPU time per appended request, microseconds.
     pub worker_cpu_us_per_record: Option<f64>,
     /// What Redis holds more after the sale than before it, MiB.
     pub redis_added_mib: f64,
+    /// The broker (or brokers) from the burst's start to every request
+    /// final, per request of the burst.
+    pub broker: Option<procs::BrokerUsage>,
 }
 
 /// `flash-sale`: many users, three coupons, stock far below demand, all at once.
@@ -735,10 +738,52 @@ async fn sale(
     clients: usize,
 ) -> anyhow::Result<FlashSale> {
     let env = BenchEnv::new(scenario).await?;
+    sale_on(env, Placement::single(), coupons, n, users, clients).await
+}
+
+/// How many of each process a sale runs, and the brokers it measures.
+pub struct Placement {
+    /// Ingress replicas; the clients spread over them round robin.
+    pub ingresses: usize,
+    /// Worker replicas, one consumer group.
+    pub workers: usize,
+    /// The brokers' pids (none: the bench's broker, if known).
+    pub broker_pids: Vec<u32>,
+}
+
+impl Placement {
+    /// One ingress and one worker on the bench's broker.
+    pub fn single() -> Self {
+        Self {
+            ingresses: 1,
+            workers: 1,
+            broker_pids: Vec::new(),
+        }
+    }
+}
+
+/// [`sale`] on `env`'s services with `placement`'s processes.
+pub async fn sale_on(
+    env: BenchEnv,
+    placement: Placement,
+    coupons: &[(&str, i64)],
+    n: u64,
+    users: u64,
+    clients: usize,
+) -> anyhow::Result<FlashSale> {
     let pool = env.common().connect_postgres().await?;
-    let ingress = procs::ingress(&env).await?;
-    let worker = procs::worker(&env)?;
-    let base = format!("http://{}", ingress.addr.expect("it listens"));
+    let mut ingresses = Vec::new();
+    for _ in 0..placement.ingresses {
+        ingresses.push(procs::ingress(&env).await?);
+    }
+    let workers: Vec<procs::Proc> = (0..placement.workers)
+        .map(|_| procs::worker(&env))
+        .collect::<anyhow::Result<_>>()?;
+    let bases: Vec<String> = ingresses
+        .iter()
+        .map(|i| format!("http://{}", i.addr.expect("it listens")))
+        .collect();
+    let base = bases[0].clone();
     let http = http();
     // Warm up: one request decided means the worker has joined its group.
     let warm = env.coupon("warmup");
@@ -778,15 +823,22 @@ async fn sale(
     }
     let ids: Vec<String> = coupons.iter().map(|(c, _)| c.clone()).collect();
     let redis_before = redis_used_bytes(&env).await?;
-    let cpu_before = (ingress.cpu_seconds(), worker.cpu_seconds());
+    let cpu = |procs: &[procs::Proc]| procs.iter().map(procs::Proc::cpu_seconds).sum();
+    let cpu_before: (Option<f64>, Option<f64>) = (cpu(&ingresses), cpu(&workers));
+    let broker = if placement.broker_pids.is_empty() {
+        procs::BrokerMeter::start()
+    } else {
+        procs::BrokerMeter::of(placement.broker_pids.clone())
+    };
     let t0 = Utc::now();
-    let (h, b, cs) = (http.clone(), base.clone(), ids.clone());
+    let (h, bs, cs) = (http.clone(), bases.clone(), ids.clone());
     let short = Arc::new(AtomicU64::new(0));
     let counted = short.clone();
     let burst = load::closed(clients, n, move |i| {
         let request = h
             .post(format!(
-                "{b}/v1/coupons/{}/issue",
+                "{}/v1/coupons/{}/issue",
+                bs[(i % bs.len() as u64) as usize],
                 cs[(i % cs.len() as u64) as usize]
             ))
             .json(&json!({ "user_id": sale_user(i, users) }));
@@ -828,21 +880,32 @@ async fn sale(
         })
     };
     let all_final_after_s = secs(last);
+    let broker = broker.and_then(|b| b.finish(n));
     let (violations, statuses) = check_promise(&env, &pool, &coupons).await?;
-    let (ingress_peak_rss_mib, worker_peak_rss_mib) =
-        (ingress.peak_rss_mib(), worker.peak_rss_mib());
+    let peak = |procs: &[procs::Proc]| {
+        procs
+            .iter()
+            .filter_map(procs::Proc::peak_rss_mib)
+            .reduce(f64::max)
+    };
+    let (ingress_peak_rss_mib, worker_peak_rss_mib) = (peak(&ingresses), peak(&workers));
     let per = |before: Option<f64>, after: Option<f64>, items: u64| {
         before
             .zip(after)
             .map(|(b, a)| (a - b) * 1e6 / items.max(1) as f64)
     };
-    let ingress_cpu_us_per_request = per(cpu_before.0, ingress.cpu_seconds(), n);
-    let worker_cpu_us_per_record = per(cpu_before.1, worker.cpu_seconds(), appended);
+    let ingress_cpu_us_per_request = per(cpu_before.0, cpu(&ingresses), n);
+    let worker_cpu_us_per_record = per(cpu_before.1, cpu(&workers), appended);
     let redis_added_mib =
         redis_used_bytes(&env).await?.saturating_sub(redis_before) as f64 / 1024.0 / 1024.0;
-    worker.stop().await;
-    ingress.stop().await;
+    for w in workers {
+        w.stop().await;
+    }
+    for i in ingresses {
+        i.stop().await;
+    }
     Ok(FlashSale {
+        broker,
         ingress_cpu_us_per_request,
         worker_cpu_us_per_record,
         redis_added_mib,
@@ -909,18 +972,24 @@ async fn check_promise(
     Ok((violations + twice as u64, statuses))
 }
 
-/// Redis's `used_memory`.
+/// Redis's `used_memory` (of a cluster, every node's together).
 pub(crate) async fn redis_used_bytes(env: &BenchEnv) -> anyhow::Result<u64> {
-    let client = redis::Client::open(env.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
-        .await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no used_memory in INFO memory")
+    // A cluster's seed nodes are all its nodes here (the stack's).
+    let mut total = 0;
+    for url in env.redis_url.split(',') {
+        let client = redis::Client::open(url)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .context("no used_memory in INFO memory")?;
+    }
+    Ok(total)
 }
 
 /// `seed-baseline`: the report's design behind the same burst.

@@ -107,6 +107,7 @@ pub async fn seed(listen: SocketAddr) -> anyhow::Result<()> {
     let env = crate::env::BenchEnv {
         database_url: std::env::var("DATABASE_URL")?,
         redis_url: std::env::var("REDIS_URL")?,
+        redis_cluster: false,
         kafka_brokers: String::new(),
         prefix: std::env::var("FIRSTCOME_REDIS_PREFIX")?,
         request_topic: String::new(),
