@@ -183,11 +183,14 @@ async fn the_topology_scenario_sells_on_one_node_and_on_three_brokers_and_redis_
         assert_eq!(sale["burst"]["ok"], 300, "{side}: {sale}");
         let issued = sale["statuses"]["issued"].as_u64().unwrap();
         assert_eq!(issued, 150, "{side}: half the users, stock for all: {sale}");
-        assert!(
-            sale["broker"]["cpu_us_per_item"].as_f64().unwrap() > 0.0,
-            "{side}: {sale}"
-        );
     }
+    // The three brokers are the bench's own, so it measures them (the single
+    // node's broker only when `scripts/bench` names it).
+    let brokers = &topology["production"]["broker"];
+    assert!(
+        brokers["cpu_us_per_item"].as_f64().unwrap() > 0.0,
+        "{brokers}"
+    );
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(table.contains("| topology: 3 brokers"), "{table}");
     let _ = std::fs::remove_dir_all(&out);
