@@ -278,7 +278,11 @@ async fn run(
                     r.hostile = Some(hostile::hostile(size).await.with_context(context)?)
                 }
                 Scenario::Topology => {
-                    r.topology = Some(topology::topology(size).await.with_context(context)?)
+                    r.topology = Some(
+                        topology::topology(size, smoke)
+                            .await
+                            .with_context(context)?,
+                    )
                 }
                 Scenario::Spread => {
                     r.spread = Some(spread::spread(size, smoke).await.with_context(context)?)

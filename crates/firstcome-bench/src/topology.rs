@@ -27,7 +27,7 @@ pub struct Topology {
 }
 
 /// Runs the scenario.
-pub async fn topology(size: Size) -> anyhow::Result<Topology> {
+pub async fn topology(size: Size, smoke: bool) -> anyhow::Result<Topology> {
     let n = size.sale_requests;
     let users = (n / 2).max(1);
     let single = sale_on(
@@ -42,7 +42,7 @@ pub async fn topology(size: Size) -> anyhow::Result<Topology> {
     .context("on the single node")?;
 
     let started = Instant::now();
-    let cluster = KafkaCluster::start(3).await?;
+    let cluster = KafkaCluster::start(3, smoke).await?;
     let cluster_start_s = started.elapsed().as_secs_f64();
     let services = Services {
         kafka_brokers: cluster.brokers(),
@@ -84,7 +84,9 @@ struct KafkaCluster {
 }
 
 impl KafkaCluster {
-    async fn start(n: usize) -> anyhow::Result<Self> {
+    /// Starts `n` nodes; `quick` ones as the tests' brokers are (C1 only,
+    /// small internal topics: a smoke run checks the tool, not the speed).
+    async fn start(n: usize, quick: bool) -> anyhow::Result<Self> {
         let script = std::env::current_dir()?.join("scripts/kafka-node");
         anyhow::ensure!(
             script.exists(),
@@ -117,7 +119,14 @@ impl KafkaCluster {
             let node = dir.join(format!("node{}", i + 1));
             std::fs::create_dir_all(&node)?;
             let log = std::fs::File::create(node.join("kafka.log"))?;
-            let child = Command::new(&script)
+            let mut cmd = Command::new(&script);
+            if quick {
+                cmd.env("KAFKA_JVM_EXTRA", "-XX:TieredStopAtLevel=1").env(
+                    "KAFKA_OVERRIDES",
+                    "offsets.topic.num.partitions=4 transaction.state.log.num.partitions=4",
+                );
+            }
+            let child = cmd
                 .arg("run")
                 .arg(&node)
                 .env("KAFKA_PORT", port.to_string())
