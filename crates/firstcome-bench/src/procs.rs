@@ -131,6 +131,57 @@ impl BrokerMeter {
     }
 }
 
+/// CPU time of a set of processes over a window: Postgres (every process
+/// named `postgres`: the postmaster, its backends and writers) or Redis
+/// (the `redis-server` processes of given pids). A process that started
+/// within the window counts whole; one that ended within it is lost (the
+/// pools keep their backends for the whole of a scenario).
+pub struct CpuMeter {
+    pick: Box<dyn Fn() -> Vec<u32> + Send + Sync>,
+    start: std::collections::HashMap<u32, f64>,
+}
+
+impl CpuMeter {
+    /// Every process named `postgres`.
+    pub fn postgres() -> Self {
+        Self::of(Box::new(|| named("postgres")))
+    }
+
+    /// The processes `pids`.
+    pub fn pids(pids: Vec<u32>) -> Self {
+        Self::of(Box::new(move || pids.clone()))
+    }
+
+    fn of(pick: Box<dyn Fn() -> Vec<u32> + Send + Sync>) -> Self {
+        let start = pick()
+            .into_iter()
+            .filter_map(|p| Some((p, cpu_seconds(p)?)))
+            .collect();
+        Self { pick, start }
+    }
+
+    /// CPU microseconds per item since the start, over `items` items.
+    pub fn us_per(&self, items: u64) -> f64 {
+        let used: f64 = (self.pick)()
+            .into_iter()
+            .filter_map(|p| Some(cpu_seconds(p)? - self.start.get(&p).copied().unwrap_or(0.0)))
+            .sum();
+        used * 1e6 / items.max(1) as f64
+    }
+}
+
+/// The pids of the processes whose command is `name`.
+fn named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
 /// A running child and where it listens.
 pub struct Proc {
     /// Killed when dropped (`kill_on_drop`), so a failed scenario leaves

@@ -343,11 +343,13 @@ impl Results {
                         if p.coupons == 1 { "" } else { "s" }
                     ),
                     format!(
-                        "{} records: {:.0} records/s; final {:.1} s after the worker's start; worker {:.0} µs CPU/record, RSS {:.0} MiB; Redis +{:.1} MiB ({:.0} B/record){}",
+                        "{} records: {:.0} records/s; final {:.1} s after the worker's start; CPU per record: worker {:.0}, Postgres {:.0}, Redis {:.0} µs; worker RSS {:.0} MiB; Redis +{:.1} MiB ({:.0} B/record){}",
                         s.records,
                         p.drain.per_s,
                         p.final_after_s,
                         p.worker_cpu_us_per_record,
+                        p.pg_cpu_us_per_record,
+                        p.redis_cpu_us_per_record,
                         p.worker_peak_rss_mib.unwrap_or(f64::NAN),
                         p.redis_added_mib,
                         p.redis_bytes_per_record,
@@ -360,7 +362,7 @@ impl Results {
             row(
                 name,
                 format!(
-                    "{} requests: answered (202 or 409) at {:.0}/s (p50 {:.1} / p99 {:.1} ms), {} of them 409 sold_out by the short-circuit; sold out after {:.2} s; every request final after {:.2} s = {:.0}/s end to end; violations {}; statuses {:?}; RSS ingress {:.0} / worker {:.0} MiB; CPU ingress {:.0} µs/request, worker {:.0} µs/record; Redis +{:.1} MiB",
+                    "{} requests: answered (202 or 409) at {:.0}/s (p50 {:.1} / p99 {:.1} ms), {} of them 409 sold_out by the short-circuit; sold out after {:.2} s; every request final after {:.2} s = {:.0}/s end to end; violations {}; statuses {:?}; RSS ingress {:.0} / worker {:.0} MiB; CPU ingress {:.0} µs/request, worker {:.0} µs/record, Postgres {:.0} and Redis {:.0} µs/request; Redis +{:.1} MiB",
                     f.burst.sent,
                     f.burst.ok_per_s,
                     f.burst.latency.p50_ms,
@@ -375,6 +377,8 @@ impl Results {
                     f.worker_peak_rss_mib.unwrap_or(f64::NAN),
                     f.ingress_cpu_us_per_request.unwrap_or(f64::NAN),
                     f.worker_cpu_us_per_record.unwrap_or(f64::NAN),
+                    f.pg_cpu_us_per_request,
+                    f.redis_cpu_us_per_request,
                     f.redis_added_mib,
                 ) + &broker_text(f.broker.as_ref(), "request"),
             );

@@ -699,6 +699,10 @@ pub struct FlashSale {
     /// The broker (or brokers) from the burst's start to every request
     /// final, per request of the burst.
     pub broker: Option<procs::BrokerUsage>,
+    /// Postgres's CPU time over the same window per request, microseconds.
+    pub pg_cpu_us_per_request: f64,
+    /// Redis's CPU time (every node's) over the same window per request.
+    pub redis_cpu_us_per_request: f64,
 }
 
 /// `flash-sale`: many users, three coupons, stock far below demand, all at once.
@@ -823,6 +827,10 @@ pub async fn sale_on(
     }
     let ids: Vec<String> = coupons.iter().map(|(c, _)| c.clone()).collect();
     let redis_before = redis_used_bytes(&env).await?;
+    let (pg_cpu, redis_cpu) = (
+        procs::CpuMeter::postgres(),
+        procs::CpuMeter::pids(redis_pids(&env).await?),
+    );
     let cpu = |procs: &[procs::Proc]| procs.iter().map(procs::Proc::cpu_seconds).sum();
     let cpu_before: (Option<f64>, Option<f64>) = (cpu(&ingresses), cpu(&workers));
     let broker = if placement.broker_pids.is_empty() {
@@ -881,6 +889,7 @@ pub async fn sale_on(
     };
     let all_final_after_s = secs(last);
     let broker = broker.and_then(|b| b.finish(n));
+    let (pg_cpu_us_per_request, redis_cpu_us_per_request) = (pg_cpu.us_per(n), redis_cpu.us_per(n));
     let (violations, statuses) = check_promise(&env, &pool, &coupons).await?;
     let peak = |procs: &[procs::Proc]| {
         procs
@@ -906,6 +915,8 @@ pub async fn sale_on(
     }
     Ok(FlashSale {
         broker,
+        pg_cpu_us_per_request,
+        redis_cpu_us_per_request,
         ingress_cpu_us_per_request,
         worker_cpu_us_per_record,
         redis_added_mib,
@@ -974,22 +985,37 @@ async fn check_promise(
 
 /// Redis's `used_memory` (of a cluster, every node's together).
 pub(crate) async fn redis_used_bytes(env: &BenchEnv) -> anyhow::Result<u64> {
+    Ok(redis_info(env, "memory", "used_memory:")
+        .await?
+        .iter()
+        .sum())
+}
+
+/// The pids of Redis's servers (of a cluster, every node's), for their CPU.
+pub(crate) async fn redis_pids(env: &BenchEnv) -> anyhow::Result<Vec<u32>> {
+    let pids = redis_info(env, "server", "process_id:").await?;
+    Ok(pids.into_iter().map(|p| p as u32).collect())
+}
+
+/// A numeric field of `INFO section` of each node of `env`'s Redis.
+async fn redis_info(env: &BenchEnv, section: &str, field: &str) -> anyhow::Result<Vec<u64>> {
     // A cluster's seed nodes are all its nodes here (the stack's).
-    let mut total = 0;
+    let mut values = Vec::new();
     for url in env.redis_url.split(',') {
         let client = redis::Client::open(url)?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let info: String = redis::cmd("INFO")
-            .arg("memory")
+            .arg(section)
             .query_async(&mut conn)
             .await?;
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .context("no used_memory in INFO memory")?;
+        values.push(
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .with_context(|| format!("no {field} in INFO {section}"))?,
+        );
     }
-    Ok(total)
+    Ok(values)
 }
 
 /// `seed-baseline`: the report's design behind the same burst.

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::env::{BenchEnv, PARTITIONS};
 use crate::procs;
-use crate::scenarios::{Rate, Size, produce, producer, redis_used_bytes, request};
+use crate::scenarios::{Rate, Size, produce, producer, redis_pids, redis_used_bytes, request};
 
 /// One spread: the backlog over `coupons` coupons.
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +43,10 @@ pub struct Point {
     pub redis_bytes_per_record: f64,
     /// The broker over the drain.
     pub broker: Option<procs::BrokerUsage>,
+    /// Postgres's CPU time per record over the drain, microseconds.
+    pub pg_cpu_us_per_record: f64,
+    /// Redis's CPU time per record over the drain, microseconds.
+    pub redis_cpu_us_per_record: f64,
     /// Units issued, checked against what the stocks and the requests make.
     pub issued: i64,
 }
@@ -115,6 +119,10 @@ async fn one(records: usize, coupons: usize) -> anyhow::Result<Point> {
     produce(&producer(&env)?, &env.request_topic, backlog).await?;
 
     let redis_before = redis_used_bytes(&env).await?;
+    let (pg_cpu, redis_cpu) = (
+        procs::CpuMeter::postgres(),
+        procs::CpuMeter::pids(redis_pids(&env).await?),
+    );
     let committed = CommittedOffsets::new(&env)?;
     let started = Instant::now();
     let broker = procs::BrokerMeter::start();
@@ -134,6 +142,10 @@ async fn one(records: usize, coupons: usize) -> anyhow::Result<Point> {
     }
     let final_after_s = started.elapsed().as_secs_f64();
     let broker = broker.and_then(|m| m.finish(records as u64));
+    let (pg_cpu_us_per_record, redis_cpu_us_per_record) = (
+        pg_cpu.us_per(records as u64),
+        redis_cpu.us_per(records as u64),
+    );
     let (cpu, rss) = (worker.cpu_seconds(), worker.peak_rss_mib());
     worker.stop().await;
     let redis_added = redis_used_bytes(&env).await?.saturating_sub(redis_before);
@@ -176,6 +188,8 @@ async fn one(records: usize, coupons: usize) -> anyhow::Result<Point> {
         redis_added_mib: redis_added as f64 / 1024.0 / 1024.0,
         redis_bytes_per_record: redis_added as f64 / records as f64,
         broker,
+        pg_cpu_us_per_record,
+        redis_cpu_us_per_record,
         issued,
     })
 }
