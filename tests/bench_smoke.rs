@@ -28,6 +28,11 @@ async fn bench(
     for (k, v) in stack_env() {
         cmd.env(k, v);
     }
+    // The stack's broker, measured as `scripts/bench` measures its own.
+    let pid_file = firstcome_suite::stack_env_file().with_file_name("run/kafka.pid");
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}; is the stack up?", pid_file.display()));
+    cmd.env("FIRSTCOME_BENCH_BROKER_PID", pid.trim());
     if let Some(url) = database_url {
         cmd.env("DATABASE_URL", url);
     }
@@ -102,8 +107,20 @@ async fn every_benchmark_scenario_runs_and_reports() {
         assert!(p["worker_cpu_us_per_record"].as_f64().unwrap() > 0.0, "{p}");
     }
 
+    let sizing = &results["sizing"];
+    let times: Vec<u64> = sizing["needs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["times"].as_u64().unwrap())
+        .collect();
+    assert_eq!(times, [1, 10, 100], "{sizing}");
+    let workers = |i: usize| sizing["needs"][i]["workers"].as_u64().unwrap();
+    assert!(workers(0) >= 1 && workers(0) <= workers(2), "{sizing}");
+
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(table.contains("| spread over 100 coupons |"), "{table}");
+    assert!(table.contains("One hot coupon: at most"), "{table}");
     assert!(table.contains("| flash-sale |"), "{table}");
     assert!(table.contains("| hostile |"), "{table}");
     let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();

@@ -25,11 +25,17 @@ pub fn parsed<T: clap::Parser>(bin: &str, common: &CommonConfig, extra: &[&str])
     T::try_parse_from(args).unwrap_or_else(|e| panic!("{bin} settings: {e}"))
 }
 
+/// Where `scripts/stack up` wrote its settings (`.state/stack.env`, or
+/// `FIRSTCOME_ENV_FILE`); its pid files are in `run/` beside it.
+pub fn stack_env_file() -> PathBuf {
+    std::env::var_os("FIRSTCOME_ENV_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".state/stack.env"))
+}
+
 /// The settings `scripts/stack up` wrote to `.state/stack.env`.
 pub fn stack_env() -> HashMap<String, String> {
-    let path = std::env::var_os("FIRSTCOME_ENV_FILE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".state/stack.env"));
+    let path = stack_env_file();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "cannot read {} ({e}): the local stack is not set up. Run `scripts/stack up` \

@@ -11,6 +11,7 @@
 //! - [`scenarios`]: what is measured
 //! - [`lifecycle`]: a thousand sales, memory and storage over time
 //! - [`spread`]: one backlog over 1 to 100,000 coupons open at once
+//! - [`sizing`]: the model for 10 and 100 times this machine's load
 //! - [`topology`]: the flash sale on one node and on three brokers and Redis Cluster
 //! - [`report`]: JSON, Markdown table and SVG chart
 
@@ -23,6 +24,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod servers;
+mod sizing;
 mod spread;
 mod svg;
 mod topology;

@@ -100,6 +100,8 @@ pub struct Results {
     pub spread: Option<crate::spread::Spread>,
     /// `topology`.
     pub topology: Option<crate::topology::Topology>,
+    /// The sizing model, when the scenarios it needs ran.
+    pub sizing: Option<crate::sizing::Sizing>,
     /// The targets, judged.
     pub targets: Vec<Target>,
 }
@@ -150,6 +152,7 @@ impl Results {
 
     /// Judges the targets from what ran.
     pub fn judge(&mut self) {
+        self.sizing = crate::sizing::Sizing::of(self);
         let ingress = self
             .ingress
             .as_ref()
@@ -408,6 +411,10 @@ impl Results {
                 None => "–",
             };
             let _ = writeln!(out, "| {} | {} | {met} |", t.goal, t.measured);
+        }
+        if let Some(sizing) = &self.sizing {
+            let _ = writeln!(out, "\nSizing (crates/firstcome-bench/src/sizing.rs):\n");
+            out.push_str(&sizing.table());
         }
         out
     }
