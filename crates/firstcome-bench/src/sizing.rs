@@ -1,8 +1,7 @@
 //! The sizing model: from one run's costs per request and per record, what
 //! a shop needs for 1, 10 and 100 times the load this machine carries, and
 //! which part runs out first. `results.md` carries it when the scenarios it
-//! needs ran (`ingress`, `drain`, `spread`, `flash-sale`; `topology` for the
-//! cost of replication). docs/operations.md, "Sizing for ten and a hundred
+//! needs ran (`ingress`, `drain`, `spread`, `flash-sale`). docs/operations.md, "Sizing for ten and a hundred
 //! times", reads it.
 //!
 //! The model's assumptions, all on the safe side:
@@ -106,18 +105,12 @@ impl Sizing {
             .iter()
             .find(|p| p.coupons == 100)
             .or(spread.points.first())?;
-        // Replication 3 costs the brokers this many times one broker's
-        // work, measured side by side when `topology` ran; else 3.
-        let replication = r
-            .topology
-            .as_ref()
-            .and_then(|t| {
-                Some(
-                    t.production.broker.as_ref()?.cpu_us_per_item
-                        / t.single.broker.as_ref()?.cpu_us_per_item,
-                )
-            })
-            .unwrap_or(3.0);
+        // Replication 3 writes each record on three brokers: three times
+        // one broker's work. (The `topology` scenario measures the cluster
+        // on one machine, where its idle replication and heartbeats weigh
+        // on every request of a short sale: 24 times one broker's CPU per
+        // request on 2026-12-06, not a cost that grows with the load.)
+        let replication = 3.0;
         let costs = Costs {
             base_per_s: sale.end_to_end_per_s,
             ingress_us: ingress.cpu_us_per_request?,
