@@ -207,20 +207,6 @@ fn log_len(log: &Path) -> u64 {
     std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
 }
 
-/// The JIT of a test broker: C1 only. A test broker lives minutes, and on a
-/// starved core C2's compiler threads were most of a start: a node's start
-/// took 5.0 s of CPU with both compilers and 2.8 s with C1 alone (Intel
-/// Xeon), and in the one-core run a restart of the three-broker test took
-/// past its two minutes (docs/design.md, "Known limits").
-const TEST_BROKER_JVM: &str = "-XX:TieredStopAtLevel=1";
-
-/// Kafka's internal topics of a test broker: a few partitions rather than
-/// 50 each. A restarted node of a three-broker cluster holds a replica of
-/// every one of them, loads it and catches it up before it counts as in
-/// sync; no test spreads groups or transactions over more than a handful.
-const TEST_BROKER_OVERRIDES: &str =
-    "offsets.topic.num.partitions=4 transaction.state.log.num.partitions=4";
-
 /// One node of a [`PrivateKafka`]: broker and controller in one JVM, started
 /// by `scripts/kafka-node` (which execs the JVM, so the child is the broker).
 struct KafkaNode {
@@ -314,8 +300,10 @@ impl PrivateKafka {
             .env("KAFKA_VOTERS", &self.voters)
             .env("KAFKA_CLUSTER_ID", &self.cluster_id)
             .env("KAFKA_REPLICATION", self.replication.to_string())
-            .env("KAFKA_JVM_EXTRA", TEST_BROKER_JVM)
-            .env("KAFKA_OVERRIDES", TEST_BROKER_OVERRIDES)
+            // Quick to start on a starved core (see `scripts/kafka-node`):
+            // a restart of the three-broker test on one core took past its
+            // two minutes without it (docs/design.md, "Known limits").
+            .env("KAFKA_QUICK", "1")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

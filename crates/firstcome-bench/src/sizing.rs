@@ -23,6 +23,12 @@ use crate::report::Results;
 const UTILIZATION: f64 = 0.6;
 /// Cores of one replica of the ingress, the worker or a broker.
 const REPLICA_CORES: f64 = 2.0;
+/// Brokers that write each record at replication 3: three times one
+/// broker's work. (The `topology` scenario measures the cluster on one
+/// machine, where its idle replication and heartbeats weigh on every
+/// request of a short sale: 24 times one broker's CPU per request on
+/// 2026-12-06, not a cost that grows with the load.)
+const REPLICATION: f64 = 3.0;
 /// Cores of the largest Postgres primary the model allows.
 const PG_PRIMARY_CORES: f64 = 64.0;
 
@@ -105,17 +111,11 @@ impl Sizing {
             .iter()
             .find(|p| p.coupons == 100)
             .or(spread.points.first())?;
-        // Replication 3 writes each record on three brokers: three times
-        // one broker's work. (The `topology` scenario measures the cluster
-        // on one machine, where its idle replication and heartbeats weigh
-        // on every request of a short sale: 24 times one broker's CPU per
-        // request on 2026-12-06, not a cost that grows with the load.)
-        let replication = 3.0;
         let costs = Costs {
             base_per_s: sale.end_to_end_per_s,
             ingress_us: ingress.cpu_us_per_request?,
             worker_us: mixed.worker_cpu_us_per_record,
-            broker_us: mixed.broker.as_ref()?.cpu_us_per_item * replication,
+            broker_us: mixed.broker.as_ref()?.cpu_us_per_item * REPLICATION,
             pg_us: mixed.pg_cpu_us_per_record,
             redis_us: mixed.redis_cpu_us_per_record,
             redis_bytes: mixed.redis_bytes_per_record,

@@ -95,14 +95,13 @@ impl KafkaCluster {
         );
         let dir = PathBuf::from("target/bench/cluster");
         let _ = std::fs::remove_dir_all(&dir);
-        let ports: Vec<(u16, u16)> = (0..n)
-            .map(|_| {
-                (
-                    crate::procs::free_addr().port(),
-                    crate::procs::free_addr().port(),
-                )
-            })
-            .collect();
+        // Two ports a node, all different (each is only checked free).
+        let mut free = std::collections::BTreeSet::new();
+        while free.len() < 2 * n {
+            free.insert(crate::procs::free_addr().port());
+        }
+        let free: Vec<u16> = free.into_iter().collect();
+        let ports: Vec<(u16, u16)> = free.chunks(2).map(|p| (p[0], p[1])).collect();
         let voters = ports
             .iter()
             .enumerate()
@@ -121,10 +120,7 @@ impl KafkaCluster {
             let log = std::fs::File::create(node.join("kafka.log"))?;
             let mut cmd = Command::new(&script);
             if quick {
-                cmd.env("KAFKA_JVM_EXTRA", "-XX:TieredStopAtLevel=1").env(
-                    "KAFKA_OVERRIDES",
-                    "offsets.topic.num.partitions=4 transaction.state.log.num.partitions=4",
-                );
+                cmd.env("KAFKA_QUICK", "1");
             }
             let child = cmd
                 .arg("run")
