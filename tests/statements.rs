@@ -52,7 +52,7 @@ const STATEMENTS: &[(&str, Class, &str)] = &[
     (
         "SELECT user_id FROM user_coupon WHERE coupon_id = $1",
         Keyed,
-        "one coupon's holders (rebuild)",
+        "one coupon's holders (reconcile)",
     ),
     (
         "SELECT count(*) FROM user_coupon WHERE coupon_id = $1",
@@ -67,7 +67,7 @@ const STATEMENTS: &[(&str, Class, &str)] = &[
     (
         "FROM request_ledger WHERE coupon_id = $1 AND status <> 'failed'",
         Keyed,
-        "one coupon's decisions (rebuild)",
+        "one coupon's holders and decisions (rebuild)",
     ),
     (
         "SELECT redis_epoch, decided_seq FROM coupon WHERE coupon_id = $1",
@@ -183,11 +183,6 @@ const STATEMENTS: &[(&str, Class, &str)] = &[
         "DELETE FROM admin_audit WHERE audit_id IN",
         FanOut,
         "prune, by age, in batches",
-    ),
-    (
-        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        Local,
-        "the rebuild's snapshot",
     ),
     ("SELECT 1\"", Local, "readiness: Postgres answers"),
 ];

@@ -52,10 +52,15 @@ impl Proxy {
 
     /// `url` with its `host:port` replaced by this proxy's address.
     pub fn rewrite(&self, url: &str) -> String {
+        Self::rewrite_to(url, self.addr)
+    }
+
+    /// `url` with its `host:port` replaced by `addr`.
+    pub fn rewrite_to(url: &str, addr: SocketAddr) -> String {
         let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
         let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let host_start = auth.rfind('@').map_or(0, |i| i + 1);
-        format!("{scheme}://{}{}{path}", &auth[..host_start], self.addr)
+        format!("{scheme}://{}{addr}{path}", &auth[..host_start])
     }
 
     /// The `host:port` of a URL.

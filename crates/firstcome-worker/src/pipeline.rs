@@ -44,6 +44,13 @@ use crate::retry::{Failure, Policy, RetryStep, Stop};
 /// How long one dead-letter write may wait for the broker before it is retried.
 const DLQ_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Coupons of a batch decided at once. A batch spans up to
+/// `FIRSTCOME_MAX_BATCH` coupons, each a Lua call and, on its first sight, a
+/// rebuild from Postgres; all of them at once held a future of kilobytes
+/// each (megabytes a batch, fresh pages every time) and queued thousands
+/// for a pool of a few connections. Redis runs one call at a time anyway.
+const DECIDE_CONCURRENCY: usize = 32;
+
 /// What every partition task shares.
 pub struct Shared {
     /// The worker's settings: topics, group, retry schedule.
@@ -444,14 +451,21 @@ async fn decide<'r>(
     cancel: &CancellationToken,
 ) -> Result<Vec<Decided<'r>>, Aborted> {
     let outcomes = shared
-        .retry(RetryStep::Decide, cancel, || {
-            futures::future::try_join_all(todo.iter().map(|&i| {
-                let b = &coupons[i];
-                let batch: Vec<&IssueRequest> =
-                    b.members.iter().map(|&j| &requests[j].request).collect();
-                let last = b.members.last().map(|&j| requests[j].rec.offset);
-                async move { decide_coupon(shared, &b.coupon, &batch, now, last).await }
-            }))
+        .retry(RetryStep::Decide, cancel, || async {
+            let mut outcomes = Vec::with_capacity(todo.len());
+            for chunk in todo.chunks(DECIDE_CONCURRENCY) {
+                outcomes.extend(
+                    futures::future::try_join_all(chunk.iter().map(|&i| {
+                        let b = &coupons[i];
+                        let batch: Vec<&IssueRequest> =
+                            b.members.iter().map(|&j| &requests[j].request).collect();
+                        let last = b.members.last().map(|&j| requests[j].rec.offset);
+                        async move { decide_coupon(shared, &b.coupon, &batch, now, last).await }
+                    }))
+                    .await?,
+                );
+            }
+            anyhow::Ok(outcomes)
         })
         .await?;
     let mut round = Vec::with_capacity(requests.len());
@@ -509,7 +523,13 @@ async fn decide_coupon(
     else {
         return Ok(None);
     };
-    tracing::info!(%coupon, epoch = built.epoch, issued = built.issued, "built coupon state from postgres");
+    // A coupon's first sight in a sale of many is no news; a state built
+    // back from decisions (Redis lost it) is.
+    if built.decisions == 0 {
+        tracing::debug!(%coupon, epoch = built.epoch, "built a new coupon's state");
+    } else {
+        tracing::info!(%coupon, epoch = built.epoch, issued = built.issued, decisions = built.decisions, "built coupon state from postgres");
+    }
     match shared
         .states
         .decide(coupon, batch, now, last_offset)

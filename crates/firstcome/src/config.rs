@@ -8,6 +8,10 @@ use anyhow::Context;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+/// How long a pooled Postgres connection may sit idle and still be handed
+/// out without a ping (see [`CommonConfig::connect_postgres`]).
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 use crate::redis_conn::RedisConn;
 use crate::state::{BadPrefix, Keys};
 
@@ -159,10 +163,26 @@ impl CommonConfig {
 
     /// A pool of at most `FIRSTCOME_PG_MAX_CONNECTIONS` connections; waiting
     /// for a free one is bounded, so an overloaded pool fails fast.
+    ///
+    /// A connection idle for less than [`PING_AFTER_IDLE`] is handed out
+    /// without a ping first: by default sqlx pings every connection it hands
+    /// out, a round trip before every statement run on the pool (sqlx's own
+    /// documented variant of `test_before_acquire`; HikariCP skips the check
+    /// for 500 ms the same way). A connection that died meanwhile fails its
+    /// statement, which every caller already retries or answers as a 503.
     pub async fn connect_postgres(&self) -> anyhow::Result<PgPool> {
         PgPoolOptions::new()
             .max_connections(self.pg_max_connections)
             .acquire_timeout(self.pg_acquire_timeout)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_AFTER_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(&self.database_url)
             .await
             .context("connecting to Postgres (DATABASE_URL)")

@@ -105,38 +105,59 @@ pub async fn issued_count(pool: &PgPool, id: &CouponId) -> Result<i64, sqlx::Err
 /// (waiting for batches being stored to finish; any stored later with an
 /// older epoch is refused) and reads everything Redis needs to decide for the
 /// coupon. `None` when the coupon does not exist.
+///
+/// One transaction: the epoch's `UPDATE` locks the coupon's row until the
+/// commit, and every store locks that row before it writes, so the read
+/// after it (one statement, one snapshot) sees each store that finished
+/// before, and each one after finds the new epoch and is refused. Four
+/// statements and one commit, paid by every coupon on its first sight in a
+/// worker; an `UPDATE` committed on its own and a read-only transaction
+/// after it took six and two (docs/benchmarks.md, "spread").
 pub async fn rebuild_snapshot(
     pool: &PgPool,
     id: &CouponId,
 ) -> Result<Option<CouponSnapshot>, sqlx::Error> {
     type Row = (i32, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64, i64);
+    let mut tx = pool.begin().await?;
     let row: Option<Row> = sqlx::query_as(
         "UPDATE coupon SET redis_epoch = redis_epoch + 1 WHERE coupon_id = $1
          RETURNING total_stock, starts_at, ends_at, redis_epoch, decided_seq",
     )
     .bind(id.as_str())
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
     let Some((total_stock, starts_at, ends_at, epoch, seq)) = row else {
         return Ok(None);
     };
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    let users: Vec<String> =
-        sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
-            .bind(id.as_str())
-            .fetch_all(&mut *tx)
-            .await?;
-    let decisions: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT request_id, status, decided_at FROM request_ledger
-         WHERE coupon_id = $1 AND status <> 'failed'",
+    // A holder is a row with a user and no request; a decision one with a
+    // request and no user.
+    type Held = (
+        Option<String>,
+        Option<Uuid>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+    );
+    let rows: Vec<Held> = sqlx::query_as(
+        "SELECT user_id, NULL::uuid, NULL::text, NULL::timestamptz
+         FROM user_coupon WHERE coupon_id = $1
+         UNION ALL
+         SELECT NULL, request_id, status, decided_at
+         FROM request_ledger WHERE coupon_id = $1 AND status <> 'failed'",
     )
     .bind(id.as_str())
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    let (mut users, mut decisions) = (Vec::new(), Vec::new());
+    for row in rows {
+        match row {
+            (Some(user), ..) => users.push(user),
+            (None, Some(request), Some(status), Some(decided_at)) => {
+                decisions.push((request, status, decided_at))
+            }
+            _ => return Err(sqlx::Error::Decode("a rebuild row of neither kind".into())),
+        }
+    }
     let corrupt = |what: String| sqlx::Error::Decode(what.into());
     Ok(Some(CouponSnapshot {
         epoch,
