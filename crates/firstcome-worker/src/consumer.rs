@@ -19,21 +19,25 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::metrics::WorkerMetrics;
 use futures::StreamExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Statistics, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{self, Shared};
+use crate::gate::Gate;
+use crate::metrics::WorkerMetrics;
+use crate::offsets::Offsets;
+use crate::pipeline;
 use crate::record::Rec;
+use crate::retry::Aborted;
+use crate::services::Shared;
 use crate::stream::{DecisionStream, Flushed};
 
 /// How often the poll loop reports itself alive (`/healthz`).
@@ -444,8 +448,8 @@ fn rewind(
     };
     for e in committed.elements_for_topic(topic) {
         let to = match e.offset() {
-            rdkafka::Offset::Offset(n) => rdkafka::Offset::Offset(n),
-            _ => rdkafka::Offset::Beginning,
+            Offset::Offset(n) => Offset::Offset(n),
+            _ => Offset::Beginning,
         };
         if let Err(err) = consumer.seek(topic, e.partition(), to, REWIND_TIMEOUT) {
             tracing::error!(partition = e.partition(), error = %err, "seek failed; leaving the group to read it again");
@@ -569,7 +573,7 @@ async fn partition_loop(
     let max = shared.cfg.max_batch;
     let mut batch = Vec::with_capacity(max);
     // Up to two batches in flight, ordered by their gates (see
-    // `pipeline::Gate`): the next one decides while this one is stored.
+    // `gate::Gate`): the next one decides while this one is stored.
     let mut running: futures::stream::FuturesOrdered<_> = futures::stream::FuturesOrdered::new();
     let mut handoff = None;
     let mut stopping = false;
@@ -582,7 +586,7 @@ async fn partition_loop(
             () = cancel.cancelled() => break,
             () = stop.cancelled(), if !stopping => stopping = true,
             Some(r) = running.next(), if !running.is_empty() => {
-                let r: Result<(), pipeline::Aborted> = r;
+                let r: Result<(), Aborted> = r;
                 if r.is_err() {
                     break;
                 }
@@ -598,7 +602,7 @@ async fn partition_loop(
                     break;
                 }
                 let recs = std::mem::replace(&mut batch, Vec::with_capacity(max));
-                let (gate, next) = pipeline::Gate::after(handoff.take(), generation);
+                let (gate, next) = Gate::after(handoff.take(), generation);
                 handoff = Some(next);
                 running.push_back(pipeline::process(&shared, recs, &cancel, gate));
             }
@@ -643,5 +647,58 @@ mod tests {
         );
         task.parked.clear();
         assert!(matches!(task.hand(rec(3)), Handed::Orphaned));
+    }
+}
+
+/// How long a question to the broker about offsets may take.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`Offsets`] of a consumer group member.
+pub struct GroupOffsets {
+    consumer: Arc<StreamConsumer<Rebalancer>>,
+    topic: String,
+}
+
+impl GroupOffsets {
+    /// The offsets `consumer` keeps for `topic`.
+    pub fn new(consumer: Arc<StreamConsumer<Rebalancer>>, topic: String) -> Self {
+        Self { consumer, topic }
+    }
+}
+
+impl Offsets for GroupOffsets {
+    fn store(&self, partition: i32, next: i64) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next))?;
+        Ok(self.consumer.store_offsets(&tpl)?)
+    }
+
+    fn high_watermark(&self, partition: i32) -> anyhow::Result<i64> {
+        let (_, high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)?;
+        Ok(high)
+    }
+
+    fn log_start(&self, partition: i32) -> anyhow::Result<i64> {
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)?;
+        Ok(low)
+    }
+
+    fn committed(&self, partition: i32) -> anyhow::Result<i64> {
+        let mut asked = TopicPartitionList::new();
+        asked.add_partition(&self.topic, partition);
+        let got = self.consumer.committed_offsets(asked, BROKER_TIMEOUT)?;
+        Ok(
+            match got
+                .find_partition(&self.topic, partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(n)) => n,
+                _ => 0,
+            },
+        )
     }
 }

@@ -1,5 +1,6 @@
-//! `firstcome-worker dlq list|show`: the dead letters, read-only, with what
-//! their headers say. A table for people, `--json` for scripts.
+//! `firstcome-worker dlq list|show|replay`: the dead letters with what their
+//! headers say (`list`, `show`: read-only; a table for people, `--json` for
+//! scripts), and `replay`, which puts them back on the request topic.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,8 +12,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::deadletter::{self, Header};
+use crate::metrics::RetryStep;
 use crate::record::replay_count;
-use crate::retry::{Failure, Policy, RetryStep, Stop};
+use crate::retry::{Failure, Policy, Stop};
 
 /// One dead letter as the tool shows it.
 #[derive(Debug, Clone, Serialize)]

@@ -24,6 +24,7 @@ pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod dlq;
+pub mod gate;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
@@ -33,6 +34,7 @@ pub mod reconcile;
 pub mod record;
 pub mod retire;
 pub mod retry;
+pub mod services;
 pub mod stream;
 
 use std::collections::{BTreeSet, HashMap};
@@ -53,9 +55,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::WorkerConfig;
 
-use crate::consumer::{Partitions, Rebalancer};
-use crate::offsets::GroupOffsets;
-use crate::pipeline::Shared;
+use crate::consumer::{GroupOffsets, Partitions, Rebalancer};
+use crate::services::Shared;
 use firstcome::state::CouponState;
 use firstcome::status::StatusCache;
 

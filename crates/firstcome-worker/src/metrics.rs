@@ -14,7 +14,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::deadletter::ErrorKind;
-use crate::retry::RetryStep;
 
 /// What the worker counts.
 pub struct WorkerMetrics {
@@ -285,5 +284,66 @@ mod tests {
             assert!(text.contains(&line), "{line} in\n{text}");
         }
         assert!(!text.contains("pending"), "{text}");
+    }
+}
+
+/// The steps that are retried, as the metrics label them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryStep {
+    /// A coupon's Lua call.
+    Decide,
+    /// Building a coupon's state from Postgres after the fence refused it.
+    Rebuild,
+    /// Storing a round of decisions.
+    Persist,
+    /// Storing one decision, after Postgres refused its round.
+    PersistRecord,
+    /// Storing a given-up request as `failed`.
+    PersistFailure,
+    /// Recording a request whose `failed` row the ledger refused too.
+    RecordFailure,
+    /// Giving back in Redis what a given-up decision took.
+    UndoDecision,
+    /// Writing a dead letter.
+    DeadLetter,
+    /// Writing a batch's final statuses to the cache.
+    PublishStatuses,
+    /// Reading a stored batch's decisions back for the decision stream.
+    ReadBack,
+    /// Putting a dead letter back on the request topic (`dlq replay`).
+    Replay,
+}
+
+impl RetryStep {
+    /// Every step.
+    pub const ALL: [RetryStep; 11] = [
+        RetryStep::Decide,
+        RetryStep::Rebuild,
+        RetryStep::Persist,
+        RetryStep::PersistRecord,
+        RetryStep::PersistFailure,
+        RetryStep::RecordFailure,
+        RetryStep::UndoDecision,
+        RetryStep::DeadLetter,
+        RetryStep::PublishStatuses,
+        RetryStep::ReadBack,
+        RetryStep::Replay,
+    ];
+
+    /// The metrics label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RetryStep::Decide => "decide",
+            RetryStep::Rebuild => "rebuild",
+            RetryStep::Persist => "persist",
+            RetryStep::PersistRecord => "persist record",
+            RetryStep::PersistFailure => "persist failure",
+            RetryStep::RecordFailure => "record failure",
+            RetryStep::UndoDecision => "undo decision",
+            RetryStep::DeadLetter => "dead-letter",
+            RetryStep::PublishStatuses => "publish statuses",
+            RetryStep::ReadBack => "read back",
+            RetryStep::Replay => "replay",
+        }
     }
 }

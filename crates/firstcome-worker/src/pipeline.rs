@@ -20,26 +20,22 @@
 //! the same outcome.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, SubsecRound, Utc};
 use firstcome::db::{self, Decided, TakenOn};
-use firstcome::state::{CouponState, Decision, Decisions, Verdict};
-use firstcome::status::{RequestStatus, StatusCache};
+use firstcome::state::{Decision, Decisions, Verdict};
+use firstcome::status::RequestStatus;
 use firstcome::{CouponId, IssueRequest};
-use sqlx::PgPool;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WorkerConfig;
 use crate::deadletter::DeadLetter;
-use crate::metrics::WorkerMetrics;
-use crate::offsets::Offsets;
+use crate::gate::{Ahead, Gate, Rebuilt, wait};
+use crate::metrics::RetryStep;
 use crate::record::Rec;
-use crate::retry::{Failure, Policy, RetryStep, Stop};
+use crate::retry::{Aborted, Failure, Stop};
+use crate::services::Shared;
 
 /// How long one dead-letter write may wait for the broker before it is retried.
 const DLQ_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,70 +46,6 @@ const DLQ_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// each (megabytes a batch, fresh pages every time) and queued thousands
 /// for a pool of a few connections. Redis runs one call at a time anyway.
 const DECIDE_CONCURRENCY: usize = 32;
-
-/// What every partition task shares.
-pub struct Shared {
-    /// The worker's settings: topics, group, retry schedule.
-    pub cfg: WorkerConfig,
-    /// Postgres, the system of record.
-    pub pool: PgPool,
-    /// The coupon states in Redis, where decisions are made.
-    pub states: CouponState,
-    /// The request-status cache the ingress answers lookups from.
-    pub statuses: StatusCache,
-    /// Producer for the dead-letter topic.
-    pub dlq: firstcome::kafka::HealingProducer,
-    /// Where the group's offsets are stored and read.
-    pub offsets: Arc<dyn Offsets>,
-    /// The decision stream, when it is on: it takes each stored batch and
-    /// commits the offsets.
-    pub stream: Option<Arc<crate::stream::DecisionStream>>,
-    /// What `/metrics` shows.
-    pub metrics: Arc<WorkerMetrics>,
-    /// When the poll loop last went round (`/healthz`).
-    pub liveness: firstcome::ops::Liveness,
-}
-
-impl Shared {
-    /// The retry policy of the pipeline's steps.
-    fn policy(&self) -> Policy<'_> {
-        Policy {
-            backoff: self.cfg.backoff(),
-            permanent_attempts: self.cfg.permanent_attempts,
-            transient_attempts: None,
-            metrics: Some(&self.metrics),
-        }
-    }
-
-    /// Runs a step whose failures are all transient until it succeeds.
-    async fn retry<T, F, Fut>(
-        &self,
-        what: RetryStep,
-        cancel: &CancellationToken,
-        mut step: F,
-    ) -> Result<T, Aborted>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = anyhow::Result<T>>,
-    {
-        let transient = || {
-            let f = step();
-            async move { f.await.map_err(Failure::Transient) }
-        };
-        match self.policy().run(what, cancel, transient).await {
-            Ok(v) => Ok(v),
-            Err(Stop::Aborted) => Err(Aborted),
-            Err(Stop::GaveUp { .. }) => {
-                unreachable!("a step with only transient failures never gives up")
-            }
-        }
-    }
-}
-
-/// The batch was given up because its partition was revoked or the worker is
-/// stopping; nothing past its start was stored, so it will be read again.
-#[derive(Debug)]
-pub struct Aborted;
 
 /// A record that holds an issue request.
 struct Request<'r> {
@@ -759,82 +691,4 @@ async fn publish(
                 .context("writing request statuses")
         })
         .await
-}
-
-/// Orders two overlapping batches of one partition: a batch decides only
-/// once the batch before it has decided, and stores (persists, publishes,
-/// moves the offset) only once the batch before it is done. So decisions
-/// still follow the log, and the next batch's Lua call overlaps the previous
-/// batch's Postgres write.
-///
-/// A batch hands the next one the coupons it rebuilt: the next one decided
-/// them on the state the rebuild replaced, so it decides them again before
-/// it says it has decided (see [`decide_and_store`]). With at most two
-/// batches in flight that costs no overlap: the batch after next starts
-/// only once this one is done.
-pub struct Gate {
-    ahead: Ahead,
-    done: oneshot::Sender<Rebuilt>,
-    /// The decision stream's generation the partition task belongs to.
-    generation: u64,
-}
-
-/// The coupons a batch rebuilt from Postgres.
-type Rebuilt = HashSet<CouponId>;
-
-/// The signals a batch waits for from the one ahead of it, and the one it
-/// gives once it has decided.
-struct Ahead {
-    decided: Option<oneshot::Receiver<()>>,
-    done: Option<oneshot::Receiver<Rebuilt>>,
-    signal_decided: oneshot::Sender<()>,
-}
-
-/// What a batch hands the next one: signals of its progress.
-pub struct Handoff {
-    decided: oneshot::Receiver<()>,
-    done: oneshot::Receiver<Rebuilt>,
-}
-
-impl Gate {
-    /// The gate of a batch that follows `prev` (`None`: nothing in flight).
-    pub fn after(prev: Option<Handoff>, generation: u64) -> (Self, Handoff) {
-        let (decided, decided_rx) = oneshot::channel();
-        let (done, done_rx) = oneshot::channel();
-        let (prev_decided, prev_done) = match prev {
-            Some(h) => (Some(h.decided), Some(h.done)),
-            None => (None, None),
-        };
-        (
-            Self {
-                ahead: Ahead {
-                    decided: prev_decided,
-                    done: prev_done,
-                    signal_decided: decided,
-                },
-                done,
-                generation,
-            },
-            Handoff {
-                decided: decided_rx,
-                done: done_rx,
-            },
-        )
-    }
-}
-
-/// Waits for the previous batch's signal (`None` when there is no previous
-/// batch); if it was given up (revoked, stopping), so is this one: nothing
-/// may be stored past it.
-async fn wait<T>(
-    signal: Option<oneshot::Receiver<T>>,
-    cancel: &CancellationToken,
-) -> Result<Option<T>, Aborted> {
-    let Some(signal) = signal else {
-        return Ok(None);
-    };
-    tokio::select! {
-        () = cancel.cancelled() => Err(Aborted),
-        r = signal => r.map(Some).map_err(|_| Aborted),
-    }
 }

@@ -4,7 +4,7 @@
 //! its coupon ([`Rec::parse`]), or into the reason it is not one
 //! ([`Unreadable`], which becomes a dead letter). It also owns the headers a
 //! request-topic record carries; the failure headers of a dead letter belong
-//! to [`crate::deadletter`].
+//! to the dead-letter module.
 
 use firstcome::IssueRequest;
 use firstcome::record::REQUEST_ID_HEADER;

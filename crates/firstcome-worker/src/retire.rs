@@ -26,7 +26,7 @@ use firstcome::db::{self, RetireCandidate};
 use firstcome::state::Retired;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::Shared;
+use crate::services::Shared;
 
 /// Coupons looked at per sweep.
 const SWEEP_LIMIT: i64 = 100;
