@@ -440,7 +440,8 @@ async fn one_refusal_under_a_backlog_costs_one_rebuild_not_one_per_batch() {
 /// good, as the other owner's rebuilds would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_batch_stops_rebuilding_while_the_fence_refuses_it() {
-    use firstcome_worker::pipeline::{self, Gate};
+    use firstcome_worker::gate::Gate;
+    use firstcome_worker::pipeline;
     use firstcome_worker::record::Rec;
     let env = TestEnv::new().await;
     let id = fenced_coupon(&env, "revoked", 5).await;

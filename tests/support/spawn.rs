@@ -118,7 +118,7 @@ impl TestEnv {
     /// What a worker's partition tasks share, for driving
     /// `firstcome_worker::pipeline::process` by hand: the test's services,
     /// and offsets that are stored nowhere (no consumer group).
-    pub async fn pipeline_shared(&self) -> std::sync::Arc<firstcome_worker::pipeline::Shared> {
+    pub async fn pipeline_shared(&self) -> std::sync::Arc<firstcome_worker::services::Shared> {
         struct Nowhere;
         impl firstcome_worker::offsets::Offsets for Nowhere {
             fn store(&self, _: i32, _: i64) -> anyhow::Result<()> {
@@ -146,7 +146,7 @@ impl TestEnv {
                 .unwrap(),
         )
         .unwrap();
-        std::sync::Arc::new(firstcome_worker::pipeline::Shared {
+        std::sync::Arc::new(firstcome_worker::services::Shared {
             states: firstcome::state::CouponState::new(redis.clone(), keys.clone()),
             statuses: firstcome::status::StatusCache::new(redis, keys, cfg.common.status_ttl()),
             pool: self.pool.clone(),

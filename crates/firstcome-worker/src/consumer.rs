@@ -611,45 +611,6 @@ async fn partition_loop(
     tracing::debug!(partition, "partition task stopped");
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(offset: i64) -> Rec {
-        Rec {
-            partition: 0,
-            offset,
-            key: None,
-            payload: None,
-            timestamp_ms: None,
-            replay_count: 0,
-            request_id_header: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_record_for_a_partition_whose_task_is_gone_is_reported_not_dropped() {
-        let (tx, rx) = mpsc::channel(1);
-        let mut task = PartitionTask {
-            tx,
-            cancel: CancellationToken::new(),
-            join: tokio::spawn(async {}),
-            parked: VecDeque::new(),
-            next_offset: 0,
-        };
-        assert!(matches!(task.hand(rec(0)), Handed::Done));
-        assert!(matches!(task.hand(rec(1)), Handed::Parked));
-        // The task ends (a panic is the only way): its receiver is dropped.
-        drop(rx);
-        assert!(
-            matches!(task.hand(rec(2)), Handed::Parked),
-            "behind the parked one"
-        );
-        task.parked.clear();
-        assert!(matches!(task.hand(rec(3)), Handed::Orphaned));
-    }
-}
-
 /// How long a question to the broker about offsets may take.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -700,5 +661,44 @@ impl Offsets for GroupOffsets {
                 _ => 0,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(offset: i64) -> Rec {
+        Rec {
+            partition: 0,
+            offset,
+            key: None,
+            payload: None,
+            timestamp_ms: None,
+            replay_count: 0,
+            request_id_header: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_for_a_partition_whose_task_is_gone_is_reported_not_dropped() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut task = PartitionTask {
+            tx,
+            cancel: CancellationToken::new(),
+            join: tokio::spawn(async {}),
+            parked: VecDeque::new(),
+            next_offset: 0,
+        };
+        assert!(matches!(task.hand(rec(0)), Handed::Done));
+        assert!(matches!(task.hand(rec(1)), Handed::Parked));
+        // The task ends (a panic is the only way): its receiver is dropped.
+        drop(rx);
+        assert!(
+            matches!(task.hand(rec(2)), Handed::Parked),
+            "behind the parked one"
+        );
+        task.parked.clear();
+        assert!(matches!(task.hand(rec(3)), Handed::Orphaned));
     }
 }

@@ -20,17 +20,14 @@
 //! - [`prune`]: the retention of the ledger and the audit
 //! - [`retire`]: a coupon's Redis state leaves Redis after its sale
 
+pub mod commands;
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
-pub mod dlq;
 pub mod gate;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
-pub mod prune;
-pub mod rebuild;
-pub mod reconcile;
 pub mod record;
 pub mod retire;
 pub mod retry;

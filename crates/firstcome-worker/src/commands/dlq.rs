@@ -168,6 +168,7 @@ pub fn detail(l: &DeadLetterView) -> String {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayOptions {
     /// Which dead letters to replay.
+    /// Which dead letters.
     #[command(flatten)]
     pub filter: Filter,
     /// Consumer group that remembers how far replay got, so a replay that
@@ -411,4 +412,89 @@ fn commit_progress<C: rdkafka::consumer::Consumer>(
     }
     consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
     Ok(())
+}
+
+/// The subcommands of `dlq`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Dead letters with what their headers say, one line each.
+    List {
+        /// The settings every binary shares.
+        #[command(flatten)]
+        common: CommonConfig,
+        /// Which dead letters.
+        #[command(flatten)]
+        filter: Filter,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back on the request topic (same key, value and
+    /// request id; error headers stripped; replay count raised).
+    Replay {
+        /// The settings every binary shares.
+        #[command(flatten)]
+        common: CommonConfig,
+        /// What to replay.
+        #[command(flatten)]
+        opts: ReplayOptions,
+        /// Print the summary as JSON at the end.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter in full: every header and the original value.
+    Show {
+        /// The settings every binary shares.
+        #[command(flatten)]
+        common: CommonConfig,
+        /// Partition of the dead-letter topic.
+        #[arg(long)]
+        partition: i32,
+        /// Offset there.
+        #[arg(long)]
+        offset: i64,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a `dlq` subcommand.
+pub async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    match command {
+        Command::List {
+            common,
+            filter,
+            json,
+        } => {
+            super::start(&common)?;
+            let letters = list(&common, &filter)?;
+            super::print(json, true, &letters, || table(&letters))?;
+        }
+        Command::Show {
+            common,
+            partition,
+            offset,
+            json,
+        } => {
+            super::start(&common)?;
+            let filter = Filter {
+                partition: Some(partition),
+                offset: Some(offset),
+                ..Default::default()
+            };
+            let letter = list(&common, &filter)?.into_iter().next().ok_or_else(|| {
+                anyhow::anyhow!("no dead letter at partition {partition}, offset {offset}")
+            })?;
+            super::print(json, true, &letter, || detail(&letter))?;
+        }
+        Command::Replay { common, opts, json } => {
+            super::start(&common)?;
+            let summary = replay(&common, &opts, &mut std::io::stdout()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

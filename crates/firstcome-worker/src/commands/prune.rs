@@ -120,3 +120,30 @@ mod tests {
         assert!(why.contains("topic dlq keeps its records forever"), "{why}");
     }
 }
+
+/// The arguments of `prune`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The settings every binary shares.
+    #[command(flatten)]
+    pub common: CommonConfig,
+    /// What to prune.
+    #[command(flatten)]
+    pub opts: PruneOptions,
+    /// JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prunes and says how much went.
+pub async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    super::start(&args.common)?;
+    let pruned = prune(&args.common, &args.opts).await?;
+    super::print(args.json, false, &pruned, || {
+        format!(
+            "pruned {} ledger rows, {} failure records, {} audit rows\n",
+            pruned.ledger_rows, pruned.failure_rows, pruned.audit_rows
+        )
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
+}

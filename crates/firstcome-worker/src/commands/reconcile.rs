@@ -161,3 +161,43 @@ pub fn table(reports: &[Report]) -> String {
     }
     out
 }
+
+/// The arguments of `reconcile`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The settings every binary shares.
+    #[command(flatten)]
+    pub common: firstcome::config::CommonConfig,
+    /// Only this coupon.
+    #[arg(long)]
+    pub coupon: Option<String>,
+    /// JSON for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints the comparison. Exit code 0: every coupon in sync; 1: drift; 2:
+/// the check could not run.
+pub async fn run(args: Args) -> std::process::ExitCode {
+    super::or_exit_2(compare(args).await)
+}
+
+async fn compare(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let Args {
+        common,
+        coupon,
+        json,
+    } = args;
+    super::start(&common)?;
+    let only = coupon.map(CouponId::parse).transpose()?;
+    let pool = common.connect_postgres().await?;
+    let mut redis = common
+        .connect_redis(std::time::Duration::from_secs(10))
+        .await?;
+    let reports = reconcile(&pool, &mut redis, &common.keys()?, only.as_ref()).await?;
+    super::print(json, true, &reports, || table(&reports))?;
+    Ok(match reports.iter().all(|r| r.drift.is_empty()) {
+        true => std::process::ExitCode::SUCCESS,
+        false => std::process::ExitCode::from(1),
+    })
+}

@@ -133,3 +133,57 @@ pub fn table(reports: &[Report]) -> String {
     ));
     out
 }
+
+/// The arguments of `redis rebuild`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The settings every binary shares.
+    #[command(flatten)]
+    pub common: firstcome::config::CommonConfig,
+    /// Only these coupons (repeatable); every coupon when absent.
+    #[arg(long)]
+    pub coupon: Vec<String>,
+    /// Longest a coupon stays paused, should this tool die half-way.
+    #[arg(long, default_value_t = 60)]
+    pub pause_secs: u64,
+    /// How long to wait for Redis to answer first (down, or still loading
+    /// its data after a restart: the usual moment to rebuild).
+    #[arg(long, default_value_t = 60)]
+    pub wait_secs: u64,
+    /// JSON for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Rebuilds and prints what it did. Exit code 0: rebuilt; 2: failed (run it
+/// again).
+pub async fn run(args: Args) -> std::process::ExitCode {
+    super::or_exit_2(rebuild_all(args).await)
+}
+
+async fn rebuild_all(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let Args {
+        common,
+        coupon,
+        pause_secs,
+        wait_secs,
+        json,
+    } = args;
+    super::start(&common)?;
+    let only = coupon
+        .iter()
+        .map(|c| CouponId::parse(c.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool = common.connect_postgres().await?;
+    let mut redis = ready_redis(&common, Duration::from_secs(wait_secs)).await?;
+    let reports = rebuild(
+        &pool,
+        &mut redis,
+        &common.keys()?,
+        &only,
+        Duration::from_secs(pause_secs.max(1)),
+    )
+    .await?;
+    super::print(json, true, &reports, || table(&reports))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
