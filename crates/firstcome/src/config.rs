@@ -12,8 +12,8 @@ use sqlx::postgres::PgPoolOptions;
 /// out without a ping (see [`CommonConfig::connect_postgres`]).
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
+use crate::keys::{BadPrefix, Keys};
 use crate::redis_conn::RedisConn;
-use crate::state::{BadPrefix, Keys};
 
 /// Connection settings and names shared by the ingress and the worker.
 #[derive(Clone, clap::Args)]

@@ -6,9 +6,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
 
+use crate::decision::{CouponSnapshot, Decision};
 use crate::ids::{CouponId, RequestId, UserId};
 use crate::record::{IssueRequest, Status};
-use crate::state::{CouponSnapshot, Decision};
 
 /// The migrations in `migrations/`, compiled into every binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -105,8 +105,8 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
+    use crate::decision::Decision;
     use crate::record::Status;
-    use crate::state::Decision;
     use crate::{CouponId, RequestId, UserId};
 
     /// Random ids of every length and character, times of every precision.

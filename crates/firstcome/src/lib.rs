@@ -19,9 +19,11 @@
 
 pub mod config;
 pub mod db;
+pub mod decision;
 pub mod ids;
 mod json;
 pub mod kafka;
+pub mod keys;
 pub mod metrics;
 pub mod ops;
 pub mod oracle;

@@ -42,9 +42,12 @@ use chrono::{DateTime, Utc};
 use redis::Script;
 use redis::aio::ConnectionLike;
 
-use crate::ids::{CouponId, RequestId, UserId};
+use crate::ids::{CouponId, UserId};
 use crate::record::{IssueRequest, Status};
 use crate::redis_conn::RedisConn;
+
+pub use crate::decision::{CouponSnapshot, Decision};
+pub use crate::keys::{BadPrefix, CouponKeys, Keys};
 
 static DECIDE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("decide.lua")));
 static UNDO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("undo.lua")));
@@ -66,61 +69,6 @@ pub enum StateError {
     /// A script or key held something this version does not expect.
     #[error("unexpected redis reply: {0}")]
     Protocol(String),
-}
-
-/// The key prefix is not usable.
-#[derive(Debug, thiserror::Error)]
-#[error("redis key prefix {0:?} must not contain '{{' or '}}' (they would break the hash tags)")]
-pub struct BadPrefix(pub String);
-
-/// Builds every key of the layout above for one prefix.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    /// Keys under `prefix`, which must not contain braces.
-    pub fn new(prefix: impl Into<String>) -> Result<Self, BadPrefix> {
-        let prefix = prefix.into();
-        if prefix.contains(['{', '}']) {
-            return Err(BadPrefix(prefix));
-        }
-        Ok(Self { prefix })
-    }
-
-    /// The keys of one coupon.
-    pub fn coupon(&self, coupon: &CouponId) -> CouponKeys {
-        // Concatenated rather than formatted: every batch and every
-        // accepted request builds them (docs/benchmarks.md counts it).
-        let base = self.base(coupon);
-        let key = |suffix: &str| [base.as_str(), suffix].concat();
-        CouponKeys {
-            meta: key(":meta"),
-            stock: key(":stock"),
-            users: key(":users"),
-            decided: key(":decided"),
-            accepted: key(":accepted"),
-            base,
-        }
-    }
-
-    /// The coupon's count of accepted requests alone (the ingress adds one
-    /// per request), the same as `coupon(c).accepted`.
-    pub fn accepted(&self, coupon: &CouponId) -> String {
-        [self.base(coupon).as_str(), ":accepted"].concat()
-    }
-
-    /// `{prefix}coupon:{C}`: the hash tag keeps a coupon's keys in one slot.
-    fn base(&self, coupon: &CouponId) -> String {
-        [self.prefix.as_str(), "coupon:{", coupon.as_str(), "}"].concat()
-    }
-
-    /// The prefix, for the keys other modules own (request statuses in
-    /// [`crate::status`], the ingress's idempotency keys).
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
 }
 
 /// The coupon states under one key prefix: what the ingress reads and the
@@ -214,42 +162,6 @@ impl CouponState {
             .query_async(&mut self.redis.clone())
             .await?)
     }
-}
-
-/// The keys of one coupon (see the module docs).
-#[derive(Debug, Clone)]
-pub struct CouponKeys {
-    base: String,
-    /// Epoch, sequence, window and total; its epoch marks the state as installed.
-    pub meta: String,
-    /// Units left.
-    pub stock: String,
-    /// Users holding the coupon.
-    pub users: String,
-    /// Record id → outcome, decision time and number.
-    pub decided: String,
-    /// Requests the ingress saw acknowledged (for the admin counters; not
-    /// part of the decision state).
-    pub accepted: String,
-}
-
-impl CouponKeys {
-    /// The staging keys (users, decisions) of a state of `epoch` being built.
-    fn staging(&self, epoch: i64) -> (String, String) {
-        (
-            format!("{}:next:{epoch}:users", self.base),
-            format!("{}:next:{epoch}:decided", self.base),
-        )
-    }
-}
-
-/// A final answer for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
-    /// Never `Pending`.
-    pub status: Status,
-    /// When the request was first decided; redelivery keeps it.
-    pub decided_at: DateTime<Utc>,
 }
 
 /// What [`decide`] found.
@@ -394,26 +306,6 @@ fn parse_decision(status: &str, decided_at: &str) -> Result<Decision, StateError
         return Err(StateError::Protocol("a decision cannot be pending".into()));
     }
     Ok(Decision { status, decided_at })
-}
-
-/// Everything needed to (re)create a coupon's Redis state, read from Postgres.
-#[derive(Debug, Clone)]
-pub struct CouponSnapshot {
-    /// The epoch taken for this build (`coupon.redis_epoch`).
-    pub epoch: i64,
-    /// Decisions stored so far (`coupon.decided_seq`).
-    pub seq: i64,
-    /// The coupon's total stock.
-    pub total_stock: i64,
-    /// Start of the issue window, if any.
-    pub starts_at: Option<DateTime<Utc>>,
-    /// End of the issue window, if any.
-    pub ends_at: Option<DateTime<Utc>>,
-    /// Users holding the coupon (rows of `user_coupon`).
-    pub issued_users: Vec<UserId>,
-    /// Decisions recorded in the ledger (not the `failed` ones, which hold
-    /// no decision).
-    pub decisions: Vec<(RequestId, Decision)>,
 }
 
 /// Puts the state of `snapshot` in place of whatever Redis holds for the

@@ -14,10 +14,12 @@ use chrono::{DateTime, Utc};
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 
+use crate::decision::Decision;
 use crate::ids::{CouponId, RequestId, UserId};
+use crate::keys::Keys;
 use crate::record::{IssueRequest, Status};
 use crate::redis_conn::{Connection, RedisConn};
-use crate::state::{Decision, Keys, StateError};
+use crate::state::StateError;
 
 /// The keys this module owns.
 impl Keys {
