@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use firstcome::Status;
 use firstcome::metrics::{HttpLabel, HttpLabels, Label, latency, names, render};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -98,11 +99,13 @@ impl IngressMetrics {
             "1 when the last look (once a second) found the dependency answering, by dependency (kafka, postgres, redis)",
             m.dependency_up.clone(),
         );
-        for kind in ["error", "timeout"] {
-            let _ = m.broker_errors.get_or_create(&[("kind", kind)]);
+        for kind in [BrokerError::Error, BrokerError::Timeout] {
+            let _ = m.broker_errors.get_or_create(&[("kind", kind.as_str())]);
         }
-        for reason in ["sold_out", "not_open"] {
-            let _ = m.short_circuit.get_or_create(&[("reason", reason)]);
+        for reason in [Status::SoldOut, Status::NotOpen] {
+            let _ = m
+                .short_circuit
+                .get_or_create(&[("reason", reason.as_str())]);
         }
         Arc::new(Self { registry, ..m })
     }
@@ -128,14 +131,17 @@ impl IngressMetrics {
     }
 
     /// Counts an append the broker did not acknowledge.
-    pub fn broker_error(&self, kind: &'static str) {
-        self.broker_errors.get_or_create(&[("kind", kind)]).inc();
+    pub fn broker_error(&self, kind: BrokerError) {
+        self.broker_errors
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
     }
 
-    /// Counts an issue request answered at once.
-    pub fn short_circuit(&self, reason: &'static str) {
+    /// Counts an issue request answered at once with its final status
+    /// (`sold_out` or `not_open`), never appended.
+    pub fn short_circuit(&self, reason: Status) {
         self.short_circuit
-            .get_or_create(&[("reason", reason)])
+            .get_or_create(&[("reason", reason.as_str())])
             .inc();
     }
 
@@ -149,5 +155,24 @@ impl IngressMetrics {
     /// The current values, in the OpenMetrics text format.
     pub fn render(&self) -> String {
         render(&self.registry)
+    }
+}
+
+/// Why the broker did not acknowledge an append, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerError {
+    /// The broker (or librdkafka) answered with an error.
+    Error,
+    /// No answer within the produce timeout.
+    Timeout,
+}
+
+impl BrokerError {
+    /// The metrics label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BrokerError::Error => "error",
+            BrokerError::Timeout => "timeout",
+        }
     }
 }

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::gate::Gate;
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{Rebalanced, WorkerMetrics};
 use crate::offsets::Offsets;
 use crate::pipeline;
 use crate::record::Rec;
@@ -200,7 +200,7 @@ impl ConsumerContext for Rebalancer {
                         a.remove(p);
                     }
                 });
-                self.metrics.rebalanced("revoke");
+                self.metrics.rebalanced(Rebalanced::Revoke);
                 tracing::info!(?revoked, "partitions revoked");
                 match &self.stream {
                     // What the revoked partitions handed over is committed
@@ -219,7 +219,7 @@ impl ConsumerContext for Rebalancer {
                     .iter()
                     .map(|e| e.partition())
                     .collect();
-                self.metrics.rebalanced("assign");
+                self.metrics.rebalanced(Rebalanced::Assign);
                 tracing::info!(?assigned, "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),

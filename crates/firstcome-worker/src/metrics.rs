@@ -153,7 +153,7 @@ impl WorkerMetrics {
         for outcome in ["committed", "aborted"] {
             let _ = m.stream_transactions.get_or_create(&[("outcome", outcome)]);
         }
-        for kind in ["assign", "revoke"] {
+        for kind in [Rebalanced::Assign, Rebalanced::Revoke].map(Rebalanced::as_str) {
             let _ = m.rebalances.get_or_create(&[("kind", kind)]);
         }
         for step in RetryStep::ALL {
@@ -214,8 +214,10 @@ impl WorkerMetrics {
     }
 
     /// Counts a rebalance event.
-    pub fn rebalanced(&self, kind: &'static str) {
-        self.rebalances.get_or_create(&[("kind", kind)]).inc();
+    pub fn rebalanced(&self, kind: Rebalanced) {
+        self.rebalances
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
     }
 
     /// Sets the lag of the owned partitions and forgets the others (one
@@ -344,6 +346,25 @@ impl RetryStep {
             RetryStep::PublishStatuses => "publish statuses",
             RetryStep::ReadBack => "read back",
             RetryStep::Replay => "replay",
+        }
+    }
+}
+
+/// A rebalance event, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebalanced {
+    /// Partitions given to this worker.
+    Assign,
+    /// Partitions taken from it.
+    Revoke,
+}
+
+impl Rebalanced {
+    /// The metrics label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rebalanced::Assign => "assign",
+            Rebalanced::Revoke => "revoke",
         }
     }
 }

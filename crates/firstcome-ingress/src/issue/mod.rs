@@ -16,13 +16,13 @@ pub mod pending;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::metrics::IngressMetrics;
+use crate::metrics::{BrokerError, IngressMetrics};
 use chrono::{SubsecRound, Utc};
 use firstcome::db::Coupon;
 use firstcome::kafka::HealingProducer;
 use firstcome::record::REQUEST_ID_HEADER;
 use firstcome::state::CouponState;
-use firstcome::{CouponId, IssueRequest, RequestId, UserId};
+use firstcome::{CouponId, IssueRequest, RequestId, Status, UserId};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
@@ -107,7 +107,7 @@ impl Issue {
                 if c.starts_at.is_some_and(|s| accepted_at < s)
                     || c.ends_at.is_some_and(|e| accepted_at > e) =>
             {
-                self.metrics.short_circuit("not_open");
+                self.metrics.short_circuit(Status::NotOpen);
                 return Err(ApiError::NotOpen(coupon_id.to_string()));
             }
             Ok(Some(c)) => total_stock = Some(i64::from(c.total_stock)),
@@ -127,7 +127,7 @@ impl Issue {
         // stock, which this replica sees within FIRSTCOME_SOLD_OUT_CHECK):
         // answering that now spares the log (docs/design.md).
         if self.sold_out.sold_out(&coupon_id, total_stock).await {
-            self.metrics.short_circuit("sold_out");
+            self.metrics.short_circuit(Status::SoldOut);
             return Err(ApiError::SoldOut(coupon_id.to_string()));
         }
         Ok(IssueRequest {
@@ -170,11 +170,11 @@ impl Issue {
                 offset
             }
             Ok(Err(e)) => {
-                self.metrics.broker_error("error");
+                self.metrics.broker_error(BrokerError::Error);
                 return Err(ApiError::not_acknowledged(id, format!("kafka: {e}")));
             }
             Err(_) => {
-                self.metrics.broker_error("timeout");
+                self.metrics.broker_error(BrokerError::Timeout);
                 return Err(ApiError::not_acknowledged(
                     id,
                     "kafka: no delivery report in time",
