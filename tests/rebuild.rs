@@ -510,7 +510,7 @@ async fn fenced_coupon(env: &TestEnv, name: &str, total_stock: i32) -> firstcome
     let inserted = firstcome::db::insert_coupon(
         &env.pool,
         &firstcome::db::Coupon {
-            coupon_id: coupon.clone(),
+            coupon_id: firstcome::CouponId::parse(coupon.as_str()).unwrap(),
             name: coupon.clone(),
             total_stock,
             starts_at: None,

@@ -447,7 +447,7 @@ pub(crate) async fn bench_coupon(pool: &sqlx::PgPool, id: &str, stock: i32) -> a
     let inserted = db::insert_coupon(
         pool,
         &db::Coupon {
-            coupon_id: id.to_owned(),
+            coupon_id: CouponId::parse(id)?,
             name: id.to_owned(),
             total_stock: stock,
             starts_at: None,

@@ -21,7 +21,6 @@
 
 use std::sync::Arc;
 
-use firstcome::CouponId;
 use firstcome::db::{self, RetireCandidate};
 use firstcome::state::Retired;
 use tokio_util::sync::CancellationToken;
@@ -89,7 +88,7 @@ async fn stored_through_end(shared: &Shared, c: &RetireCandidate) -> anyhow::Res
 
 /// Deletes the state of the candidate's epoch; whether it is now retired.
 async fn retire(shared: &Shared, c: &RetireCandidate) -> anyhow::Result<bool> {
-    let id = CouponId::parse(c.coupon_id.clone())?;
+    let id = c.coupon_id.clone();
     match shared.states.retire(&id, c.redis_epoch).await? {
         Retired::Kept => Ok(false),
         found @ (Retired::Deleted | Retired::Absent) => {

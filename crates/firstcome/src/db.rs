@@ -25,7 +25,7 @@ pub const MAX_STOCK: i64 = 1_000_000_000;
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct Coupon {
     /// Chosen by the admin.
-    pub coupon_id: String,
+    pub coupon_id: CouponId,
     /// Display name.
     pub name: String,
     /// Units to hand out.
@@ -42,7 +42,7 @@ pub async fn insert_coupon(pool: &PgPool, c: &Coupon) -> Result<bool, sqlx::Erro
         "INSERT INTO coupon (coupon_id, name, total_stock, starts_at, ends_at)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (coupon_id) DO NOTHING",
     )
-    .bind(&c.coupon_id)
+    .bind(c.coupon_id.as_str())
     .bind(&c.name)
     .bind(c.total_stock)
     .bind(c.starts_at)
@@ -797,8 +797,8 @@ pub async fn prune(
 /// (see `firstcome-worker`'s `retire`).
 #[derive(Debug, Clone, FromRow)]
 pub struct RetireCandidate {
-    /// The coupon, as stored (parsed where its keys are needed).
-    pub coupon_id: String,
+    /// The coupon.
+    pub coupon_id: CouponId,
     /// The epoch whose state may be retired; a newer one is kept.
     pub redis_epoch: i64,
     /// The partition its stored records were read from; `None` when none
@@ -837,7 +837,7 @@ pub async fn retire_candidates(
 /// was over; false when the epoch has moved since (look again later).
 pub async fn mark_retire_offset(
     pool: &PgPool,
-    id: &str,
+    id: &CouponId,
     epoch: i64,
     offset: i64,
 ) -> Result<bool, sqlx::Error> {
@@ -845,7 +845,7 @@ pub async fn mark_retire_offset(
         "UPDATE coupon SET retire_epoch = $2, retire_offset = $3
           WHERE coupon_id = $1 AND redis_epoch = $2",
     )
-    .bind(id)
+    .bind(id.as_str())
     .bind(epoch)
     .bind(offset)
     .execute(pool)
@@ -854,11 +854,11 @@ pub async fn mark_retire_offset(
 }
 
 /// Records that the coupon's state of `epoch` left Redis.
-pub async fn mark_retired(pool: &PgPool, id: &str, epoch: i64) -> Result<bool, sqlx::Error> {
+pub async fn mark_retired(pool: &PgPool, id: &CouponId, epoch: i64) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE coupon SET retired_epoch = $2 WHERE coupon_id = $1 AND redis_epoch = $2",
     )
-    .bind(id)
+    .bind(id.as_str())
     .bind(epoch)
     .execute(pool)
     .await?;

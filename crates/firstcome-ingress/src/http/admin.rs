@@ -106,13 +106,13 @@ pub(crate) async fn list_coupons(
     let after = invalid(after)?;
     let page = db::coupons_page(&state.pool, after.as_ref().map(|a| a.as_str()), limit).await?;
     let next_after = (page.len() as i64 == limit)
-        .then(|| page.last().map(|c| c.coupon_id.clone()))
+        .then(|| page.last().map(|c| c.coupon_id.as_str().to_owned()))
         .flatten();
     Ok(Json(CouponPage {
         coupons: page
             .into_iter()
             .map(|c| CouponSummary {
-                coupon_id: c.coupon_id,
+                coupon_id: c.coupon_id.as_str().to_owned(),
                 name: c.name,
                 total_stock: c.total_stock,
                 starts_at: c.starts_at,
@@ -159,7 +159,7 @@ async fn counters(state: &AppState, id: &CouponId) -> Result<Counters, ApiError>
         None
     });
     Ok(Counters {
-        coupon_id: coupon.coupon_id,
+        coupon_id: coupon.coupon_id.as_str().to_owned(),
         total_stock: coupon.total_stock,
         issued,
         remaining: i64::from(coupon.total_stock) - issued,

@@ -80,7 +80,7 @@ pub struct CouponView {
 impl CouponView {
     fn new(c: &Coupon, remaining_stock: i64, issued_count: i64) -> Self {
         Self {
-            coupon_id: c.coupon_id.clone(),
+            coupon_id: c.coupon_id.as_str().to_owned(),
             name: c.name.clone(),
             total_stock: c.total_stock,
             remaining_stock,
@@ -138,7 +138,7 @@ pub(crate) async fn create_coupon(
         ));
     }
     let coupon = Coupon {
-        coupon_id: id.to_string(),
+        coupon_id: id.clone(),
         name: name.to_owned(),
         total_stock: i32::try_from(body.total_stock).expect("bounded above"),
         // Postgres keeps microseconds; keep the same here so the answer

@@ -85,7 +85,7 @@ pub async fn rebuild<C: ConnectionLike + Send>(
     };
     let mut reports = Vec::with_capacity(coupons.len());
     for c in coupons {
-        let id = CouponId::parse(c.coupon_id.clone())?;
+        let id = c.coupon_id.clone();
         let built = firstcome::rebuild::coupon_paused(pool, redis, keys, &id, pause)
             .await
             .with_context(|| format!("rebuilding coupon {id}"))?
@@ -93,7 +93,7 @@ pub async fn rebuild<C: ConnectionLike + Send>(
         tracing::info!(coupon = %id, epoch = built.epoch, issued = built.issued, "coupon rebuilt");
         let total = i64::from(c.total_stock);
         reports.push(Report {
-            coupon_id: c.coupon_id,
+            coupon_id: c.coupon_id.as_str().to_owned(),
             epoch: built.epoch,
             total_stock: total,
             issued: built.issued as i64,

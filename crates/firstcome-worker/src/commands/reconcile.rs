@@ -51,7 +51,7 @@ pub async fn reconcile<C: ConnectionLike + Send>(
     };
     let mut reports = Vec::with_capacity(coupons.len());
     for c in coupons {
-        let id = CouponId::parse(c.coupon_id.clone())?;
+        let id = c.coupon_id.clone();
         let pg_users: BTreeSet<String> = db::issued_users(pool, &id).await?.into_iter().collect();
         let total = i64::from(c.total_stock);
         let pg_issued = pg_users.len() as i64;
@@ -107,7 +107,7 @@ pub async fn reconcile<C: ConnectionLike + Send>(
             }
         }
         reports.push(Report {
-            coupon_id: c.coupon_id,
+            coupon_id: c.coupon_id.as_str().to_owned(),
             total_stock: total,
             pg_issued,
             redis_issued: observed.as_ref().map(|o| o.users.len() as i64),
