@@ -216,9 +216,7 @@ pub async fn replay(
     report: &mut impl std::io::Write,
 ) -> anyhow::Result<ReplaySummary> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
 
-    const TIMEOUT: Duration = Duration::from_secs(30);
     /// Five tries about a second apart, then the run stops (a later run
     /// resumes where it stopped).
     const REPLAY_RETRY: Policy<'static> = Policy {
@@ -243,31 +241,11 @@ pub async fn replay(
         Duration::ZERO,
     )?)?;
 
-    // Where this group stopped, and where the topic ends now.
-    let meta = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let Some(t) = meta.topics().first().filter(|t| t.error().is_none()) else {
-        anyhow::bail!("dead-letter topic {topic} does not exist");
-    };
-    let mut all = TopicPartitionList::new();
-    for p in t.partitions() {
-        all.add_partition(topic, p.id());
-    }
-    let committed = consumer.committed_offsets(all, TIMEOUT)?;
-    let mut start = TopicPartitionList::new();
-    let mut end = std::collections::HashMap::new();
-    let mut total = 0i64;
-    for e in committed.elements() {
-        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), TIMEOUT)?;
-        let from = match e.offset() {
-            Offset::Offset(o) if o >= low => o,
-            _ => low,
-        };
-        if from < high {
-            start.add_partition_offset(topic, e.partition(), Offset::Offset(from))?;
-            end.insert(e.partition(), high);
-            total += high - from;
-        }
-    }
+    let Range {
+        start,
+        mut end,
+        total,
+    } = range(&consumer, topic)?;
     let mut summary = ReplaySummary {
         dry_run: opts.dry_run,
         ..Default::default()
@@ -390,6 +368,54 @@ pub async fn replay(
         summary.skipped
     )?;
     Ok(summary)
+}
+
+/// What a replay run goes through: from where the group stopped (or the
+/// log's start) to where each partition ends now.
+struct Range {
+    /// The first offset to read in each partition with letters left.
+    start: rdkafka::TopicPartitionList,
+    /// Where each of those partitions ends (the offset after its last
+    /// letter).
+    end: std::collections::HashMap<i32, i64>,
+    /// Letters in the range.
+    total: i64,
+}
+
+/// Finds the [`Range`] of the group `consumer` belongs to over `topic`.
+fn range(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> anyhow::Result<Range> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let meta = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let Some(t) = meta.topics().first().filter(|t| t.error().is_none()) else {
+        anyhow::bail!("dead-letter topic {topic} does not exist");
+    };
+    let mut all = TopicPartitionList::new();
+    for p in t.partitions() {
+        all.add_partition(topic, p.id());
+    }
+    let committed = consumer.committed_offsets(all, TIMEOUT)?;
+    let mut range = Range {
+        start: TopicPartitionList::new(),
+        end: std::collections::HashMap::new(),
+        total: 0,
+    };
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), TIMEOUT)?;
+        let from = match e.offset() {
+            Offset::Offset(o) if o >= low => o,
+            _ => low,
+        };
+        if from < high {
+            range
+                .start
+                .add_partition_offset(topic, e.partition(), Offset::Offset(from))?;
+            range.end.insert(e.partition(), high);
+            range.total += high - from;
+        }
+    }
+    Ok(range)
 }
 
 /// Letters replayed between commits of the group's position.
