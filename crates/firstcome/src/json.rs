@@ -109,80 +109,69 @@ mod tests {
     use crate::record::Status;
     use crate::{CouponId, RequestId, UserId};
 
-    /// Random ids of every length and character, times of every precision.
-    struct Random(u64);
+    use proptest::prelude::*;
 
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn id(&mut self) -> String {
-            const CHARS: &[u8] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
-            let len = 1 + (self.next() % 64) as usize;
-            (0..len)
-                .map(|_| CHARS[(self.next() % 64) as usize] as char)
-                .collect()
-        }
-
-        fn time(&mut self) -> DateTime<Utc> {
-            let seconds = (self.next() % 4_000_000_000) as i64;
-            let nanos = match self.next() % 3 {
-                0 => 0,
-                1 => (self.next() % 1_000_000) * 1_000,
-                _ => self.next() % 1_000_000_000,
-            } as u32;
-            Utc.timestamp_opt(seconds, nanos).unwrap()
-        }
-
-        fn request(&mut self) -> IssueRequest {
-            IssueRequest {
-                request_id: RequestId::new(),
-                coupon_id: CouponId::parse(self.id()).unwrap(),
-                user_id: UserId::parse(self.id()).unwrap(),
-                accepted_at: self.time(),
-            }
-        }
+    /// Ids of every length and character an id may hold.
+    fn id() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{1,64}"
     }
 
-    #[test]
-    fn records_are_written_as_serde_json_writes_them_and_read_back() {
-        let mut random = Random(0x9E37_79B9_7F4A_7C15);
-        let mut requests: Vec<_> = (0..10_000).map(|_| random.request()).collect();
-        requests[0].accepted_at = Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap();
-        for r in &requests {
-            let ours = r.to_json();
-            assert_eq!(ours, serde_json::to_vec(r).unwrap(), "{r:?}");
-            assert_eq!(&IssueRequest::from_json(&ours).unwrap(), r);
-        }
+    /// Times of every precision chrono writes: whole seconds, milli-,
+    /// micro- and nanoseconds, and years past 9999 (chrono's own text).
+    fn time() -> impl Strategy<Value = DateTime<Utc>> {
+        let nanos = prop_oneof![
+            Just(0u32),
+            (0u32..1_000).prop_map(|ms| ms * 1_000_000),
+            (0u32..1_000_000).prop_map(|us| us * 1_000),
+            0u32..1_000_000_000,
+        ];
+        let seconds = prop_oneof![
+            9 => 0i64..4_000_000_000,
+            1 => Just(Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap().timestamp()),
+        ];
+        (seconds, nanos).prop_map(|(s, n)| Utc.timestamp_opt(s, n).unwrap())
     }
 
-    #[test]
-    fn statuses_are_written_as_serde_json_writes_them_and_read_back() {
-        let mut random = Random(0x2545_F491_4F6C_DD1D);
-        for i in 0..10_000 {
-            let r = random.request();
-            let status = match i % 7 {
-                0 => RequestStatus::pending(&r),
-                1 => RequestStatus::pending(&r).at_offset(random.0 as i64 >> (i % 60)),
-                n => RequestStatus::decided(
+    fn request() -> impl Strategy<Value = IssueRequest> {
+        (id(), id(), time()).prop_map(|(coupon, user, accepted_at)| IssueRequest {
+            request_id: RequestId::new(),
+            coupon_id: CouponId::parse(coupon).unwrap(),
+            user_id: UserId::parse(user).unwrap(),
+            accepted_at,
+        })
+    }
+
+    fn status() -> impl Strategy<Value = RequestStatus> {
+        prop_oneof![
+            request().prop_map(|r| RequestStatus::pending(&r)),
+            (request(), any::<i64>()).prop_map(|(r, o)| RequestStatus::pending(&r).at_offset(o)),
+            (request(), 0..Status::FINAL.len(), time()).prop_map(|(r, s, decided_at)| {
+                RequestStatus::decided(
                     &r,
                     Decision {
-                        status: Status::FINAL[n % Status::FINAL.len()],
-                        decided_at: random.time(),
+                        status: Status::FINAL[s],
+                        decided_at,
                     },
-                ),
-            };
+                )
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4_000))]
+
+        #[test]
+        fn records_are_written_as_serde_json_writes_them_and_read_back(r in request()) {
+            let ours = r.to_json();
+            prop_assert_eq!(&ours, &serde_json::to_vec(&r).unwrap());
+            prop_assert_eq!(IssueRequest::from_json(&ours).unwrap(), r);
+        }
+
+        #[test]
+        fn statuses_are_written_as_serde_json_writes_them_and_read_back(status in status()) {
             let ours = status.to_json();
-            assert_eq!(ours, serde_json::to_vec(&status).unwrap(), "{status:?}");
-            assert_eq!(
-                serde_json::from_slice::<RequestStatus>(&ours).unwrap(),
-                status
-            );
+            prop_assert_eq!(&ours, &serde_json::to_vec(&status).unwrap());
+            prop_assert_eq!(serde_json::from_slice::<RequestStatus>(&ours).unwrap(), status);
         }
     }
 }

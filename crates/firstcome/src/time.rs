@@ -78,6 +78,7 @@ pub fn serialize_option<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Resul
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use proptest::strategy::Strategy;
 
     fn ours(t: &DateTime<Utc>) -> String {
         let mut out = Vec::new();
@@ -86,46 +87,44 @@ mod tests {
     }
 
     #[test]
-    fn every_kind_of_fraction_is_written_as_chrono_writes_it() {
-        let base = Utc.with_ymd_and_hms(2026, 12, 4, 9, 5, 7).unwrap();
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        let mut times = vec![
-            base,
+    fn the_edges_are_written_as_chrono_writes_them() {
+        let times = [
+            Utc.with_ymd_and_hms(2026, 12, 4, 9, 5, 7).unwrap(),
             Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap(),
             Utc.with_ymd_and_hms(999, 2, 28, 23, 59, 59).unwrap(),
             Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
             // Outside what it writes itself: chrono's own text.
             Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap(),
             Utc.with_ymd_and_hms(-1, 1, 1, 0, 0, 0).unwrap(),
-        ];
-        for i in 0..10_000u64 {
-            let seconds = (next() % 4_000_000_000) as i64 - 1_000_000_000;
-            // Whole seconds, milliseconds, microseconds and nanoseconds.
-            let nanos = match i % 4 {
-                0 => 0,
-                1 => (next() % 1_000) * 1_000_000,
-                2 => (next() % 1_000_000) * 1_000,
-                _ => next() % 1_000_000_000,
-            } as u32;
-            times.push(Utc.timestamp_opt(seconds, nanos).unwrap());
-        }
-        // A leap second, which chrono writes as :60.
-        times.push(
+            // A leap second, which chrono writes as :60.
             Utc.from_utc_datetime(
                 &chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
                     .unwrap()
                     .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
                     .unwrap(),
             ),
-        );
+        ];
         for t in &times {
             assert_eq!(ours(t), serde_json::to_string(t).unwrap(), "{t:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+        /// Whole seconds, milliseconds, microseconds and nanoseconds.
+        #[test]
+        fn every_kind_of_fraction_is_written_as_chrono_writes_it(
+            seconds in -1_000_000_000i64..3_000_000_000,
+            nanos in proptest::prop_oneof![
+                proptest::strategy::Just(0u32),
+                (0u32..1_000).prop_map(|ms| ms * 1_000_000),
+                (0u32..1_000_000).prop_map(|us| us * 1_000),
+                0u32..1_000_000_000,
+            ],
+        ) {
+            let t = Utc.timestamp_opt(seconds, nanos).unwrap();
+            proptest::prop_assert_eq!(ours(&t), serde_json::to_string(&t).unwrap());
         }
     }
 
