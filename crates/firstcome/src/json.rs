@@ -9,9 +9,40 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::record::IssueRequest;
+use crate::ids::{CouponId, RequestId, UserId};
+use crate::record::{IssueRequest, Status};
 use crate::status::RequestStatus;
 use crate::time;
+
+/// Text JSON writes as it is, made only from what holds no character JSON
+/// escapes: ids (their characters are checked when parsed), UUIDs, status
+/// names and timestamps as `time` writes them.
+struct Plain<'a>(&'a str);
+
+impl<'a> From<&'a CouponId> for Plain<'a> {
+    fn from(id: &'a CouponId) -> Self {
+        Plain(id.as_str())
+    }
+}
+
+impl<'a> From<&'a UserId> for Plain<'a> {
+    fn from(id: &'a UserId) -> Self {
+        Plain(id.as_str())
+    }
+}
+
+impl From<Status> for Plain<'static> {
+    fn from(status: Status) -> Self {
+        Plain(status.as_str())
+    }
+}
+
+impl<'a> Plain<'a> {
+    /// A request id, written into `buf`.
+    fn uuid(id: RequestId, buf: &'a mut [u8; 36]) -> Self {
+        Plain(id.encode(buf))
+    }
+}
 
 /// One JSON object being written.
 struct Object {
@@ -34,22 +65,26 @@ impl Object {
         self.out.extend_from_slice(b"\":");
     }
 
-    /// A string that needs no escaping (checked in debug builds).
-    fn plain(&mut self, key: &str, value: &str) {
+    /// A string that needs no escaping: [`Plain`] says why it does not.
+    fn plain(&mut self, key: &str, value: Plain<'_>) {
         debug_assert!(
-            value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'),
-            "{value:?} needs escaping"
+            value
+                .0
+                .bytes()
+                .all(|b| b >= 0x20 && b != b'"' && b != b'\\'),
+            "{:?} needs escaping",
+            value.0
         );
         self.key(key);
         self.out.push(b'"');
-        self.out.extend_from_slice(value.as_bytes());
+        self.out.extend_from_slice(value.0.as_bytes());
         self.out.push(b'"');
     }
 
     fn time(&mut self, key: &str, t: &DateTime<Utc>) {
         let mut buf = [0; time::MAX_LEN];
         match time::write(t, &mut buf) {
-            Some(text) => self.plain(key, text),
+            Some(text) => self.plain(key, Plain(text)),
             // Outside what `time` writes (years past 9999, leap seconds).
             None => {
                 self.key(key);
@@ -68,9 +103,9 @@ impl IssueRequest {
     /// The JSON value written to Kafka.
     pub fn to_json(&self) -> Vec<u8> {
         let mut o = Object::new(96 + self.coupon_id.as_str().len() + self.user_id.as_str().len());
-        o.plain("request_id", self.request_id.encode(&mut [0; 36]));
-        o.plain("coupon_id", self.coupon_id.as_str());
-        o.plain("user_id", self.user_id.as_str());
+        o.plain("request_id", Plain::uuid(self.request_id, &mut [0; 36]));
+        o.plain("coupon_id", (&self.coupon_id).into());
+        o.plain("user_id", (&self.user_id).into());
         o.time("accepted_at", &self.accepted_at);
         o.finish()
     }
@@ -80,10 +115,10 @@ impl RequestStatus {
     /// The JSON kept under `req:{R}` (also what a lookup answers).
     pub fn to_json(&self) -> Vec<u8> {
         let mut o = Object::new(160 + self.coupon_id.as_str().len() + self.user_id.as_str().len());
-        o.plain("request_id", self.request_id.encode(&mut [0; 36]));
-        o.plain("coupon_id", self.coupon_id.as_str());
-        o.plain("user_id", self.user_id.as_str());
-        o.plain("status", self.status.as_str());
+        o.plain("request_id", Plain::uuid(self.request_id, &mut [0; 36]));
+        o.plain("coupon_id", (&self.coupon_id).into());
+        o.plain("user_id", (&self.user_id).into());
+        o.plain("status", self.status.into());
         o.time("accepted_at", &self.accepted_at);
         match &self.decided_at {
             Some(t) => o.time("decided_at", t),
