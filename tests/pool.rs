@@ -2,8 +2,9 @@
 //! what a statement on it costs in round trips, and when a pooled
 //! connection is checked before it is handed out.
 //!
-//! Postgres answers each `Sync` message once, so the `Sync`s a client sends
-//! are its round trips: a proxy in front of Postgres counts them.
+//! Postgres answers each `Sync` and each simple `Query` message once, so
+//! those a client sends are its round trips: a proxy in front of Postgres
+//! counts them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,8 +15,8 @@ use firstcome_suite::{Proxy, TestEnv};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A TCP proxy in front of Postgres that counts the `Sync` messages its
-/// clients send.
+/// A TCP proxy in front of Postgres that counts the round trips its clients
+/// make (`Sync` and simple `Query` messages).
 struct SyncCounter {
     addr: std::net::SocketAddr,
     syncs: Arc<AtomicUsize>,
@@ -60,7 +61,7 @@ impl SyncCounter {
                             if pending.len() < head + len {
                                 break;
                             }
-                            if started && pending[0] == b'S' {
+                            if started && (pending[0] == b'S' || pending[0] == b'Q') {
                                 counted.fetch_add(1, Ordering::SeqCst);
                             }
                             pending.drain(..head + len);
@@ -139,4 +140,47 @@ async fn a_connection_idle_past_the_limit_is_checked_and_a_dead_one_replaced() {
     tokio::time::sleep(PING_AFTER_IDLE + Duration::from_millis(200)).await;
     let second = one_statement(&pool).await;
     assert_ne!(second, first, "a new connection took the dead one's place");
+}
+
+/// A coupon's state built from Postgres (what each coupon costs on its
+/// first sight in a worker) takes one transaction of two statements:
+/// `BEGIN`, the epoch's `UPDATE`, one snapshot read, `COMMIT`, and sqlx's
+/// check when the connection comes back. It was an `UPDATE` committed on its
+/// own and a read-only transaction after it: eight round trips.
+#[tokio::test]
+async fn building_a_coupons_state_takes_one_transaction() {
+    let env = TestEnv::new().await;
+    let proxy = SyncCounter::start(Proxy::target_of(&env.common.database_url)).await;
+    let pool = pool_through(&env, proxy.addr).await;
+    // Two coupons: the first build also prepares the statements, which a
+    // worker does once.
+    let ids: Vec<firstcome::CouponId> = ["first-sight-a", "first-sight-b"]
+        .iter()
+        .map(|n| firstcome::CouponId::parse(env.coupon_id(n)).unwrap())
+        .collect();
+    for id in &ids {
+        sqlx::query("INSERT INTO coupon (coupon_id, name, total_stock) VALUES ($1, $1, 5)")
+            .bind(id.as_str())
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    let build = |id| {
+        let pool = pool.clone();
+        async move {
+            let snapshot = firstcome::db::rebuild_snapshot(&pool, id)
+                .await
+                .unwrap()
+                .expect("the coupon exists");
+            while pool.num_idle() < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            snapshot
+        }
+    };
+    build(&ids[0]).await;
+    let before = proxy.syncs();
+    let snapshot = build(&ids[1]).await;
+    assert_eq!(snapshot.epoch, 1);
+    assert_eq!(proxy.syncs() - before, 5, "round trips of one build");
 }

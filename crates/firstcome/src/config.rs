@@ -8,12 +8,12 @@ use anyhow::Context;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::keys::{BadPrefix, Keys};
+use crate::redis_conn::RedisConn;
+
 /// How long a pooled Postgres connection may sit idle and still be handed
 /// out without a ping (see [`CommonConfig::connect_postgres`]).
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-use crate::keys::{BadPrefix, Keys};
-use crate::redis_conn::RedisConn;
 
 /// Connection settings and names shared by the ingress and the worker.
 #[derive(Clone, clap::Args)]
