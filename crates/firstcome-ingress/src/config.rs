@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use firstcome::config::{CommonConfig, ConfigError, duration, renamed_default};
+use firstcome::cli::{duration, renamed_default};
+use firstcome::config::{CommonConfig, ConfigError, ensure};
 
 /// Everything the ingress needs to run.
 #[derive(Clone, clap::Parser)]
@@ -286,125 +287,100 @@ impl IngressConfig {
     /// Checks everything that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.common.validate()?;
-        if self.admin_token.len() < 16 {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_ADMIN_TOKEN",
-                message: "must be at least 16 characters".into(),
-            });
-        }
+        ensure(
+            self.admin_token.len() >= 16,
+            "FIRSTCOME_ADMIN_TOKEN",
+            "must be at least 16 characters",
+        )?;
         self.admin_tokens()?;
-        if self.produce_timeout.is_zero() || self.request_timeout <= self.produce_timeout {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_PRODUCE_TIMEOUT",
-                message: "must be positive and below FIRSTCOME_REQUEST_TIMEOUT".into(),
-            });
-        }
+        ensure(
+            !self.produce_timeout.is_zero() && self.produce_timeout < self.request_timeout,
+            "FIRSTCOME_PRODUCE_TIMEOUT",
+            "must be positive and below FIRSTCOME_REQUEST_TIMEOUT",
+        )?;
+        let is_header = |h: &str| axum::http::HeaderName::try_from(h).is_ok();
         match self.identity {
             IdentityMode::Jwt => {
-                for (key, value) in [
+                for (key, set) in [
                     ("FIRSTCOME_JWKS_FILE", self.jwks_file.is_some()),
                     ("FIRSTCOME_JWT_ISSUER", self.jwt_issuer.is_some()),
                     ("FIRSTCOME_JWT_AUDIENCE", self.jwt_audience.is_some()),
                 ] {
-                    if !value {
-                        return Err(ConfigError::Invalid {
-                            key,
-                            message: "is required with FIRSTCOME_IDENTITY=jwt".into(),
-                        });
-                    }
+                    ensure(set, key, "is required with FIRSTCOME_IDENTITY=jwt")?;
                 }
             }
             IdentityMode::Header => {
-                let named = self
-                    .user_header
-                    .as_deref()
-                    .is_some_and(|h| axum::http::HeaderName::try_from(h).is_ok());
-                if !named {
-                    return Err(ConfigError::Invalid {
-                        key: "FIRSTCOME_USER_HEADER",
-                        message: "must be a header name with FIRSTCOME_IDENTITY=header".into(),
-                    });
-                }
-                if self.trusted_proxy_nets()?.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        key: "FIRSTCOME_TRUSTED_PROXIES",
-                        message: "must name the gateway with FIRSTCOME_IDENTITY=header".into(),
-                    });
-                }
+                ensure(
+                    self.user_header.as_deref().is_some_and(is_header),
+                    "FIRSTCOME_USER_HEADER",
+                    "must be a header name with FIRSTCOME_IDENTITY=header",
+                )?;
+                ensure(
+                    !self.trusted_proxy_nets()?.is_empty(),
+                    "FIRSTCOME_TRUSTED_PROXIES",
+                    "must name the gateway with FIRSTCOME_IDENTITY=header",
+                )?;
             }
             IdentityMode::Body => {}
         }
-        if let Some(h) = &self.client_ip_header
-            && axum::http::HeaderName::try_from(h.as_str()).is_err()
-        {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_CLIENT_IP_HEADER",
-                message: "must be a header name".into(),
-            });
-        }
         let trusted = self.trusted_proxy_nets()?;
-        if self.client_ip_header.is_some() && trusted.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_CLIENT_IP_HEADER",
-                message: "needs FIRSTCOME_TRUSTED_PROXIES: a header anyone may send names nobody"
-                    .into(),
-            });
+        if let Some(h) = &self.client_ip_header {
+            ensure(
+                is_header(h),
+                "FIRSTCOME_CLIENT_IP_HEADER",
+                "must be a header name",
+            )?;
+            ensure(
+                !trusted.is_empty(),
+                "FIRSTCOME_CLIENT_IP_HEADER",
+                "needs FIRSTCOME_TRUSTED_PROXIES: a header anyone may send names nobody",
+            )?;
         }
-        if self.rate_limit_clients == 0 {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_RATE_LIMIT_CLIENTS",
-                message: "must be at least 1".into(),
-            });
-        }
-        if !(32..=128).contains(&self.rate_limit_ipv6_prefix) {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_RATE_LIMIT_IPV6_PREFIX",
-                message: "must be between 32 and 128".into(),
-            });
-        }
-        if self.max_wait >= self.request_timeout {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_MAX_WAIT",
-                message: "must be below FIRSTCOME_REQUEST_TIMEOUT".into(),
-            });
-        }
-        if self.idempotency_ttl < Duration::from_secs(1) {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_IDEMPOTENCY_TTL",
-                message: "must be at least 1".into(),
-            });
-        }
-        if self.max_connections == 0 {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_MAX_CONNECTIONS",
-                message: "must be at least 1".into(),
-            });
-        }
-        if self.max_header_bytes < 8_192 {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_MAX_HEADER_BYTES",
-                message: "must be at least 8192".into(),
-            });
-        }
-        if self.header_read_timeout.is_zero() {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_HEADER_READ_TIMEOUT",
-                message: "must be positive".into(),
-            });
-        }
-        if self.max_in_flight == 0 {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_MAX_IN_FLIGHT",
-                message: "must be at least 1".into(),
-            });
-        }
-        if self.max_body_bytes < 256 {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_MAX_BODY_BYTES",
-                message: "must be at least 256".into(),
-            });
-        }
-        Ok(())
+        ensure(
+            self.rate_limit_clients > 0,
+            "FIRSTCOME_RATE_LIMIT_CLIENTS",
+            "must be at least 1",
+        )?;
+        ensure(
+            (32..=128).contains(&self.rate_limit_ipv6_prefix),
+            "FIRSTCOME_RATE_LIMIT_IPV6_PREFIX",
+            "must be between 32 and 128",
+        )?;
+        ensure(
+            self.max_wait < self.request_timeout,
+            "FIRSTCOME_MAX_WAIT",
+            "must be below FIRSTCOME_REQUEST_TIMEOUT",
+        )?;
+        ensure(
+            self.idempotency_ttl >= Duration::from_secs(1),
+            "FIRSTCOME_IDEMPOTENCY_TTL",
+            "must be at least 1s",
+        )?;
+        ensure(
+            self.max_connections > 0,
+            "FIRSTCOME_MAX_CONNECTIONS",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_header_bytes >= 8_192,
+            "FIRSTCOME_MAX_HEADER_BYTES",
+            "must be at least 8192",
+        )?;
+        ensure(
+            !self.header_read_timeout.is_zero(),
+            "FIRSTCOME_HEADER_READ_TIMEOUT",
+            "must be positive",
+        )?;
+        ensure(
+            self.max_in_flight > 0,
+            "FIRSTCOME_MAX_IN_FLIGHT",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.max_body_bytes >= 256,
+            "FIRSTCOME_MAX_BODY_BYTES",
+            "must be at least 256",
+        )
     }
 
     /// `FIRSTCOME_TRUSTED_PROXIES` parsed: a bare address is a block of one.
@@ -426,29 +402,23 @@ impl IngressConfig {
 
     /// Every admin token with its id, `FIRSTCOME_ADMIN_TOKEN` first as `admin`.
     pub fn admin_tokens(&self) -> Result<Vec<(String, String)>, ConfigError> {
-        let invalid = |message: &str| ConfigError::Invalid {
-            key: "FIRSTCOME_ADMIN_TOKENS",
-            message: message.into(),
-        };
+        const KEY: &str = "FIRSTCOME_ADMIN_TOKENS";
         let mut tokens = vec![("admin".to_owned(), self.admin_token.clone())];
         for entry in &self.admin_tokens {
-            let (id, token) = entry
-                .split_once('=')
-                .ok_or_else(|| invalid("entries are id=token"))?;
+            let (id, token) = entry.split_once('=').unwrap_or_default();
+            ensure(entry.contains('='), KEY, "entries are id=token")?;
             let id_ok = !id.is_empty()
                 && id.len() <= 64
                 && id
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if !id_ok {
-                return Err(invalid("ids are 1-64 characters of [A-Za-z0-9_-]"));
-            }
-            if token.len() < 16 {
-                return Err(invalid("tokens must be at least 16 characters"));
-            }
-            if tokens.iter().any(|(i, _)| i == id) {
-                return Err(invalid("ids must differ"));
-            }
+            ensure(id_ok, KEY, "ids are 1-64 characters of [A-Za-z0-9_-]")?;
+            ensure(
+                token.len() >= 16,
+                KEY,
+                "tokens must be at least 16 characters",
+            )?;
+            ensure(tokens.iter().all(|(i, _)| i != id), KEY, "ids must differ")?;
             tokens.push((id.to_owned(), token.to_owned()));
         }
         Ok(tokens)

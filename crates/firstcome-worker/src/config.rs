@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use firstcome::config::{CommonConfig, ConfigError, duration, renamed_default};
+use firstcome::cli::{duration, renamed_default};
+use firstcome::config::{CommonConfig, ConfigError, ensure};
 
 /// Everything `firstcome-worker run` needs.
 #[derive(Debug, Clone, clap::Args)]
@@ -182,60 +183,52 @@ impl WorkerConfig {
     /// Checks everything that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.common.validate()?;
-        let invalid = |key: &'static str, message: &str| ConfigError::Invalid {
-            key,
-            message: message.to_owned(),
-        };
-        if self.group_id.is_empty() {
-            return Err(invalid("FIRSTCOME_GROUP_ID", "must not be empty"));
-        }
-        if self.decision_stream && self.transaction_timeout < Duration::from_secs(1) {
-            return Err(invalid(
-                "FIRSTCOME_TRANSACTION_TIMEOUT",
-                "must be at least 1000",
-            ));
-        }
-        if self.max_batch == 0 || self.max_batch > 10_000 {
-            return Err(invalid("FIRSTCOME_MAX_BATCH", "must be 1 to 10000"));
-        }
-        if self.partition_buffer < self.max_batch {
-            return Err(invalid(
-                "FIRSTCOME_PARTITION_BUFFER",
-                "must be at least FIRSTCOME_MAX_BATCH",
-            ));
-        }
-        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
-            return Err(invalid(
-                "FIRSTCOME_RETRY_MAX",
-                "must be at least FIRSTCOME_RETRY_INITIAL, which must be positive",
-            ));
-        }
-        if self.permanent_attempts == 0 {
-            return Err(invalid(
-                "FIRSTCOME_PERMANENT_ATTEMPTS",
-                "must be at least 1",
-            ));
-        }
-        if self.session_timeout < Duration::from_secs(3) {
-            return Err(invalid(
-                "FIRSTCOME_SESSION_TIMEOUT",
-                "must be at least 3000",
-            ));
-        }
-        if !(Duration::from_millis(100)..=Duration::from_secs(3_600)).contains(&self.stats_interval)
-        {
-            return Err(invalid(
-                "FIRSTCOME_STATS_INTERVAL",
-                "must be 100 to 3600000",
-            ));
-        }
-        if self.max_poll_interval < self.session_timeout {
-            return Err(invalid(
-                "FIRSTCOME_MAX_POLL_INTERVAL",
-                "must be at least FIRSTCOME_SESSION_TIMEOUT",
-            ));
-        }
-        Ok(())
+        ensure(
+            !self.group_id.is_empty(),
+            "FIRSTCOME_GROUP_ID",
+            "must not be empty",
+        )?;
+        ensure(
+            !self.decision_stream || self.transaction_timeout >= Duration::from_secs(1),
+            "FIRSTCOME_TRANSACTION_TIMEOUT",
+            "must be at least 1s",
+        )?;
+        ensure(
+            (1..=10_000).contains(&self.max_batch),
+            "FIRSTCOME_MAX_BATCH",
+            "must be 1 to 10000",
+        )?;
+        ensure(
+            self.partition_buffer >= self.max_batch,
+            "FIRSTCOME_PARTITION_BUFFER",
+            "must be at least FIRSTCOME_MAX_BATCH",
+        )?;
+        ensure(
+            !self.retry_initial.is_zero() && self.retry_max >= self.retry_initial,
+            "FIRSTCOME_RETRY_MAX",
+            "must be at least FIRSTCOME_RETRY_INITIAL, which must be positive",
+        )?;
+        ensure(
+            self.permanent_attempts > 0,
+            "FIRSTCOME_PERMANENT_ATTEMPTS",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.session_timeout >= Duration::from_secs(3),
+            "FIRSTCOME_SESSION_TIMEOUT",
+            "must be at least 3s",
+        )?;
+        ensure(
+            (Duration::from_millis(100)..=Duration::from_secs(3_600))
+                .contains(&self.stats_interval),
+            "FIRSTCOME_STATS_INTERVAL",
+            "must be 100ms to 1h",
+        )?;
+        ensure(
+            self.max_poll_interval >= self.session_timeout,
+            "FIRSTCOME_MAX_POLL_INTERVAL",
+            "must be at least FIRSTCOME_SESSION_TIMEOUT",
+        )
     }
 
     /// The retry schedule.

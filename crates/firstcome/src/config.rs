@@ -1,6 +1,7 @@
 //! Settings both binaries share: where the services are and what the topics
-//! and keys are called. Each field reads a command-line flag or an environment
-//! variable (the local stack writes them all to `.state/stack.env`).
+//! and keys are called, as a plain struct; [`crate::cli`] reads it from
+//! flags or environment variables (the local stack writes them all to
+//! `.state/stack.env`). [`ensure`] is how every setting is checked.
 
 use std::time::Duration;
 
@@ -15,91 +16,36 @@ use crate::redis_conn::RedisConn;
 /// out without a ping (see [`CommonConfig::connect_postgres`]).
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
-/// Connection settings and names shared by the ingress and the worker.
-#[derive(Clone, clap::Args)]
+/// Connection settings and names shared by the ingress and the worker: a
+/// plain struct, read from the command line by [`crate::cli::CommonArgs`]
+/// (whose help says what each setting means) or written by a test.
+#[derive(Clone)]
 pub struct CommonConfig {
-    /// Postgres URL, e.g. `postgres://user:pass@127.0.0.1:55432/firstcome`.
-    #[arg(long, env = "DATABASE_URL")]
+    /// `DATABASE_URL`.
     pub database_url: String,
-
-    /// Redis URL, e.g. `redis://127.0.0.1:56379`; on Redis Cluster one or
-    /// more seed nodes, comma-separated.
-    #[arg(long, env = "REDIS_URL")]
+    /// `REDIS_URL`: one address, or cluster seed nodes comma-separated.
     pub redis_url: String,
-
-    /// Whether `REDIS_URL` is a Redis Cluster (cluster-aware client: every
-    /// key of a coupon in one hash slot, `MOVED`/`ASK` followed).
-    #[arg(long, env = "FIRSTCOME_REDIS_CLUSTER", default_value_t = false)]
+    /// `FIRSTCOME_REDIS_CLUSTER`.
     pub redis_cluster: bool,
-
-    /// Prefix of every Redis key, so several deployments (or tests) can share
-    /// one Redis. Must not contain braces.
-    #[arg(long, env = "FIRSTCOME_REDIS_PREFIX", default_value = "fc:")]
+    /// `FIRSTCOME_REDIS_PREFIX`.
     pub redis_prefix: String,
-
-    /// Kafka bootstrap servers, comma-separated `host:port`.
-    #[arg(long, env = "KAFKA_BROKERS")]
+    /// `KAFKA_BROKERS`.
     pub kafka_brokers: String,
-
-    /// Extra librdkafka properties for every client, as `key=value`,
-    /// comma-separated (e.g. `security.protocol=SASL_SSL`).
-    #[arg(long, env = "FIRSTCOME_KAFKA_OPTIONS", value_delimiter = ',')]
+    /// `FIRSTCOME_KAFKA_OPTIONS`, each `key=value`.
     pub kafka_options: Vec<String>,
-
-    /// Topic the ingress appends issue requests to, keyed by coupon id.
-    #[arg(
-        long,
-        env = "FIRSTCOME_REQUEST_TOPIC",
-        default_value = "firstcome.issue-requests"
-    )]
+    /// `FIRSTCOME_REQUEST_TOPIC`.
     pub request_topic: String,
-
-    /// Topic for records the worker cannot process.
-    #[arg(
-        long,
-        env = "FIRSTCOME_DLQ_TOPIC",
-        default_value = "firstcome.issue-requests.dlq"
-    )]
+    /// `FIRSTCOME_DLQ_TOPIC`.
     pub dlq_topic: String,
-
-    /// Topic the worker publishes every stored decision to, keyed by coupon
-    /// id, when `FIRSTCOME_DECISION_STREAM` is on (docs/decision-stream.md).
-    #[arg(
-        long,
-        env = "FIRSTCOME_DECISION_TOPIC",
-        default_value = "firstcome.decisions"
-    )]
+    /// `FIRSTCOME_DECISION_TOPIC`.
     pub decision_topic: String,
-
-    /// How long request status entries stay in Redis; lookups fall back to
-    /// the Postgres ledger after that.
-    #[arg(
-        long,
-        env = "FIRSTCOME_STATUS_TTL",
-        value_parser = duration,
-        default_value = renamed_default("FIRSTCOME_STATUS_TTL_SECS", "s", "FIRSTCOME_STATUS_TTL", "24h")
-    )]
+    /// `FIRSTCOME_STATUS_TTL`.
     pub status_ttl: Duration,
-
-    /// Most Postgres connections this process opens.
-    #[arg(long, env = "FIRSTCOME_PG_MAX_CONNECTIONS", default_value_t = 8)]
+    /// `FIRSTCOME_PG_MAX_CONNECTIONS`.
     pub pg_max_connections: u32,
-
-    /// Longest a Postgres call waits for a pool connection, opening one
-    /// included (the password exchange, SCRAM, is the slow part); past it the
-    /// call fails (an API answer is `503`). Raise it only where the process
-    /// runs many times slower than usual (the instruction count runs the
-    /// binaries under callgrind, some 50 times slower).
-    #[arg(
-        long,
-        env = "FIRSTCOME_PG_ACQUIRE_TIMEOUT",
-        value_parser = duration,
-        default_value = renamed_default("FIRSTCOME_PG_ACQUIRE_TIMEOUT_MS", "ms", "FIRSTCOME_PG_ACQUIRE_TIMEOUT", "3s")
-    )]
+    /// `FIRSTCOME_PG_ACQUIRE_TIMEOUT`.
     pub pg_acquire_timeout: Duration,
-
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, env = "FIRSTCOME_LOG_JSON", default_value_t = false)]
+    /// `FIRSTCOME_LOG_JSON`.
     pub log_json: bool,
 }
 
@@ -134,6 +80,19 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+}
+
+/// Fails with [`ConfigError::Invalid`] for `key` unless `holds`: the one
+/// way every binary checks a setting.
+pub fn ensure(holds: bool, key: &'static str, message: &str) -> Result<(), ConfigError> {
+    if holds {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            message: message.to_owned(),
+        })
+    }
 }
 
 impl CommonConfig {
@@ -209,134 +168,72 @@ impl CommonConfig {
         self.keys()?;
         self.kafka_options()?;
         let urls = self.redis_urls();
-        if urls.is_empty() || (urls.len() > 1 && !self.redis_cluster) {
-            return Err(ConfigError::Invalid {
-                key: "REDIS_URL",
-                message: "one address, or several seed nodes with FIRSTCOME_REDIS_CLUSTER=true"
-                    .into(),
-            });
-        }
+        ensure(
+            !urls.is_empty() && (urls.len() == 1 || self.redis_cluster),
+            "REDIS_URL",
+            "one address, or several seed nodes with FIRSTCOME_REDIS_CLUSTER=true",
+        )?;
         for (key, topic) in [
             ("FIRSTCOME_REQUEST_TOPIC", &self.request_topic),
             ("FIRSTCOME_DLQ_TOPIC", &self.dlq_topic),
             ("FIRSTCOME_DECISION_TOPIC", &self.decision_topic),
         ] {
-            if topic.is_empty() {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "must not be empty".into(),
-                });
-            }
+            ensure(!topic.is_empty(), key, "must not be empty")?;
         }
-        if self.request_topic == self.dlq_topic {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_DLQ_TOPIC",
-                message: "must differ from FIRSTCOME_REQUEST_TOPIC".into(),
-            });
-        }
-        if self.decision_topic == self.request_topic || self.decision_topic == self.dlq_topic {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_DECISION_TOPIC",
-                message: "must differ from FIRSTCOME_REQUEST_TOPIC and FIRSTCOME_DLQ_TOPIC".into(),
-            });
-        }
-        if self.status_ttl < Duration::from_secs(1) {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_STATUS_TTL",
-                message: "must be at least 1".into(),
-            });
-        }
-        if self.pg_max_connections == 0 {
-            return Err(ConfigError::Invalid {
-                key: "FIRSTCOME_PG_MAX_CONNECTIONS",
-                message: "must be at least 1".into(),
-            });
-        }
-        Ok(())
+        ensure(
+            self.request_topic != self.dlq_topic,
+            "FIRSTCOME_DLQ_TOPIC",
+            "must differ from FIRSTCOME_REQUEST_TOPIC",
+        )?;
+        ensure(
+            self.decision_topic != self.request_topic && self.decision_topic != self.dlq_topic,
+            "FIRSTCOME_DECISION_TOPIC",
+            "must differ from FIRSTCOME_REQUEST_TOPIC and FIRSTCOME_DLQ_TOPIC",
+        )?;
+        ensure(
+            self.status_ttl >= Duration::from_secs(1),
+            "FIRSTCOME_STATUS_TTL",
+            "must be at least 1s",
+        )?;
+        ensure(
+            self.pg_max_connections > 0,
+            "FIRSTCOME_PG_MAX_CONNECTIONS",
+            "must be at least 1",
+        )
     }
-}
-
-/// Parses a duration setting, as every one is written: humantime's syntax
-/// (`250ms`, `10s`, `2m`, `1h 30m`, `24h`).
-pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (write a duration such as 250ms, 10s or 2m)"))
-}
-
-/// The default of a duration setting that had an integer name before
-/// (`FIRSTCOME_COMMIT_INTERVAL=1000`): that variable, when set, still
-/// gives the value for this release, in its old unit (`ms` or `s`), with a
-/// deprecation warning ([`deprecations`]); otherwise `default`. The new
-/// name (flag or variable) wins over it.
-pub fn renamed_default(
-    old: &'static str,
-    unit: &'static str,
-    new: &'static str,
-    default: &'static str,
-) -> &'static str {
-    match std::env::var(old) {
-        Ok(v) => {
-            let mut warned = DEPRECATED.lock().unwrap_or_else(|e| e.into_inner());
-            let warning = format!(
-                "{old} is deprecated and will be ignored in the next release: write {new}={}{unit}",
-                v.trim()
-            );
-            if !warned.contains(&warning) {
-                warned.push(warning);
-            }
-            // Leaked once per setting and process: clap keeps defaults as
-            // `&'static str`.
-            Box::leak(format!("{}{unit}", v.trim()).into_boxed_str())
-        }
-        Err(_) => default,
-    }
-}
-
-static DEPRECATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// The deprecation warnings of old setting names read so far (to log once
-/// logging is up).
-pub fn deprecations() -> Vec<String> {
-    DEPRECATED.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        common: CommonConfig,
-    }
-
-    fn parse(redis: &str, cluster: bool) -> CommonConfig {
-        let mut args = vec![
-            "x",
-            "--database-url",
-            "postgres://h/db",
-            "--kafka-brokers",
-            "k:9092",
-            "--redis-url",
-            redis,
-        ];
-        if cluster {
-            args.push("--redis-cluster");
+    fn with_redis(redis: &str, cluster: bool) -> CommonConfig {
+        CommonConfig {
+            database_url: "postgres://h/db".into(),
+            redis_url: redis.into(),
+            redis_cluster: cluster,
+            redis_prefix: "fc:".into(),
+            kafka_brokers: "k:9092".into(),
+            kafka_options: Vec::new(),
+            request_topic: "r".into(),
+            dlq_topic: "d".into(),
+            decision_topic: "s".into(),
+            status_ttl: Duration::from_secs(60),
+            pg_max_connections: 1,
+            pg_acquire_timeout: Duration::from_secs(1),
+            log_json: false,
         }
-        Cli::parse_from(args).common
     }
 
     #[test]
     fn several_redis_addresses_need_the_cluster_flag() {
         let two = "redis://a:1, redis://b:2";
-        let err = parse(two, false).validate().unwrap_err().to_string();
+        let err = with_redis(two, false).validate().unwrap_err().to_string();
         assert!(err.starts_with("REDIS_URL:"), "{err}");
-        let cluster = parse(two, true);
+        let cluster = with_redis(two, true);
         cluster.validate().unwrap();
         assert_eq!(cluster.redis_urls(), ["redis://a:1", "redis://b:2"]);
-        parse("redis://a:1", false).validate().unwrap();
-        assert!(parse(" , ", true).validate().is_err());
+        with_redis("redis://a:1", false).validate().unwrap();
+        assert!(with_redis(" , ", true).validate().is_err());
     }
 }

@@ -9,7 +9,8 @@
 //! - [`db`]: Postgres, the system of record, and its migrations
 //! - [`rebuild`]: a coupon's Redis state built from Postgres
 //! - [`kafka`]: client settings every producer and consumer starts from
-//! - [`config`]: connection settings both binaries share
+//! - [`config`]: connection settings both binaries share, a plain struct;
+//!   [`cli`] (feature `cli`): its flags, the one module that knows clap
 //! - [`metrics`], [`ops`]: Prometheus metric names and the operations port
 //! - [`oracle`]: the first-come rule as a pure function of the log, which
 //!   the tests, the soak and the benchmark check against
@@ -17,6 +18,8 @@
 //!   the record and the status written as serde_json writes them, for less
 //! - [`telemetry`], [`shutdown`]: process plumbing
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod decision;

@@ -36,7 +36,8 @@ pub fn init_service(json: bool, service: &str) -> Telemetry {
         .with(otel)
         .init();
     // Settings read under a name that goes away in the next release.
-    for warning in crate::config::deprecations() {
+    #[cfg(feature = "cli")]
+    for warning in crate::cli::deprecations() {
         tracing::warn!("{warning}");
     }
     telemetry
