@@ -192,6 +192,18 @@ async fn control(pid: u32, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends `SIGSTOP` or `SIGCONT` (`sig`) to `pid`.
+async fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .await
+        .context("running kill")?;
+    anyhow::ensure!(status.success(), "kill -{sig} {pid}: {status}");
+    Ok(())
+}
+
 /// How much work a count does.
 #[derive(Debug, Clone, Copy)]
 pub struct CountSize {
@@ -504,7 +516,14 @@ pub async fn worker(size: CountSize, dir: &Path) -> anyhow::Result<Count> {
     }
     w.zero().await?;
     let since = Instant::now();
-    scenarios::produce(&producer, &env.request_topic, records("m", measured)).await?;
+    // The counted records wait as one backlog, the worker frozen while they
+    // are written: its batches are then full (`max_batch`) whatever the
+    // machine's speed, and so is the store's cost per record, paid once a
+    // batch. Fed live, a batch held what arrived during the last one.
+    signal(pid, "STOP").await?;
+    let produced = scenarios::produce(&producer, &env.request_topic, records("m", measured)).await;
+    signal(pid, "CONT").await?;
+    produced?;
     scenarios::wait_ledger(
         &pool,
         &coupons,
