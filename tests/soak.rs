@@ -711,7 +711,7 @@ async fn check(
     }
     let mut statuses: BTreeMap<&str, usize> = BTreeMap::new();
     for (status, _, _) in m.expected.values() {
-        *statuses.entry(status).or_default() += 1;
+        *statuses.entry(status.as_str()).or_default() += 1;
     }
     eprintln!(
         "soak: {} log records, statuses {statuses:?}, dead letters {:?}",

@@ -159,7 +159,9 @@ pub fn assert_decisions_match(
     let mismatches: Vec<_> = m
         .expected
         .iter()
-        .filter(|(id, (want, p, o))| ledger.get(*id) != Some(&((*want).to_owned(), *p, *o)))
+        .filter(|(id, (want, p, o))| {
+            ledger.get(*id).map(|(s, p, o)| (s.as_str(), *p, *o)) != Some((want.as_str(), *p, *o))
+        })
         .take(5)
         .map(|(id, want)| (id, want, ledger.get(id)))
         .collect();
@@ -288,7 +290,7 @@ pub async fn check_promise_with(
 
     let mut statuses: std::collections::BTreeMap<&str, usize> = Default::default();
     for (status, _, _) in m.expected.values() {
-        *statuses.entry(status).or_default() += 1;
+        *statuses.entry(status.as_str()).or_default() += 1;
     }
     eprintln!(
         "promise held: {} log records, {} requests accepted (202), {} unconfirmed (503), \

@@ -86,7 +86,7 @@ pub async fn live_coupons(pool: &PgPool) -> Result<Vec<Coupon>, sqlx::Error> {
 }
 
 /// The users holding the coupon.
-pub async fn issued_users(pool: &PgPool, id: &CouponId) -> Result<Vec<String>, sqlx::Error> {
+pub async fn issued_users(pool: &PgPool, id: &CouponId) -> Result<Vec<UserId>, sqlx::Error> {
     sqlx::query_scalar("SELECT user_id FROM user_coupon WHERE coupon_id = $1")
         .bind(id.as_str())
         .fetch_all(pool)
@@ -707,7 +707,7 @@ pub async fn apply_change(
 pub async fn decided_counts(
     pool: &PgPool,
     id: &CouponId,
-) -> Result<Vec<(String, i64)>, sqlx::Error> {
+) -> Result<Vec<(Status, i64)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT status, count(*) FROM request_ledger WHERE coupon_id = $1 GROUP BY status",
     )

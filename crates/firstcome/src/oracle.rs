@@ -80,7 +80,7 @@ pub struct Replay {
     /// Request ids of every record that holds a request.
     pub logged: HashSet<String>,
     /// Request id → (status, partition, offset of the deciding record).
-    pub expected: HashMap<String, (&'static str, i32, i64)>,
+    pub expected: HashMap<String, (Status, i32, i64)>,
     /// Per coupon: the users issued, in log order.
     pub winners: HashMap<String, Vec<String>>,
     /// Dead-lettered records, by kind.
@@ -185,8 +185,7 @@ pub fn replay(
                 m.logged.insert(id.clone());
                 m.dead_ids.insert(id.clone());
                 if kind == "permanent_failure" {
-                    let failed = Status::Failed.as_str();
-                    m.expected.entry(id).or_insert((failed, at.0, at.1));
+                    m.expected.entry(id).or_insert((Status::Failed, at.0, at.1));
                 }
             }
             continue;
@@ -206,7 +205,7 @@ pub fn replay(
             continue;
         };
         state.advance_to(rec.offset);
-        if matches!(m.expected.get(&id), Some((s, _, _)) if *s != Status::Failed.as_str()) {
+        if matches!(m.expected.get(&id), Some((s, _, _)) if *s != Status::Failed) {
             continue; // decided earlier in the log
         }
         let status = state.decide(&r);
@@ -216,7 +215,7 @@ pub fn replay(
                 .or_default()
                 .push(r.user_id.to_string());
         }
-        m.expected.insert(id, (status.as_str(), at.0, at.1));
+        m.expected.insert(id, (status, at.0, at.1));
     }
     m
 }
@@ -257,7 +256,7 @@ mod tests {
     }
 
     fn statuses(m: &Replay, ids: &[String]) -> Vec<&'static str> {
-        ids.iter().map(|id| m.expected[id].0).collect()
+        ids.iter().map(|id| m.expected[id].0.as_str()).collect()
     }
 
     fn one(rules: Rules) -> HashMap<String, Rules> {
@@ -286,7 +285,7 @@ mod tests {
         recs.push(copy);
         let m = replay(recs, &HashMap::new(), &one(Rules::stock(1)));
         assert_eq!(statuses(&m, &ids), ["issued", "sold_out"]);
-        assert_eq!(m.expected[&ids[0]], ("issued", 0, 0));
+        assert_eq!(m.expected[&ids[0]], (Status::Issued, 0, 0));
     }
 
     #[test]

@@ -40,7 +40,7 @@ impl IssueRequest {
 
 /// Where an issue request stands. Every status but `Pending` is final: once
 /// decided, a request keeps its status forever, also when redelivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Status {

@@ -313,7 +313,7 @@ async fn check_promise(
     let mut violations = 0u64;
     for (id, status) in &rows {
         *statuses.entry(status.clone()).or_default() += 1;
-        if expected.get(&id.to_string()).map(|e| e.0) != Some(status.as_str()) {
+        if expected.get(&id.to_string()).map(|e| e.0.as_str()) != Some(status.as_str()) {
             violations += 1;
         }
     }

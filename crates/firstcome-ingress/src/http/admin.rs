@@ -21,8 +21,8 @@ use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
-use firstcome::CouponId;
 use firstcome::db::{self, MAX_STOCK};
+use firstcome::{CouponId, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
@@ -133,7 +133,7 @@ pub struct Counters {
     /// Units left: total minus issued.
     remaining: i64,
     /// Decided requests by final status (Postgres).
-    decided: std::collections::BTreeMap<String, i64>,
+    decided: std::collections::BTreeMap<Status, i64>,
     /// Requests acknowledged by the broker and not decided yet, as far as
     /// the ingress could count them (Redis; requests accepted while Redis
     /// was down are not counted).
@@ -146,7 +146,7 @@ async fn counters(state: &AppState, id: &CouponId) -> Result<Counters, ApiError>
     let coupon = db::coupon(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::CouponNotFound(id.to_string()))?;
-    let decided: std::collections::BTreeMap<String, i64> = db::decided_counts(&state.pool, id)
+    let decided: std::collections::BTreeMap<Status, i64> = db::decided_counts(&state.pool, id)
         .await?
         .into_iter()
         .collect();

@@ -52,7 +52,13 @@ pub async fn reconcile<C: ConnectionLike + Send>(
     let mut reports = Vec::with_capacity(coupons.len());
     for c in coupons {
         let id = c.coupon_id.clone();
-        let pg_users: BTreeSet<String> = db::issued_users(pool, &id).await?.into_iter().collect();
+        // Compared as text: Redis's set may hold anything, and what it holds
+        // that no user id could be is drift to show, not a read to fail.
+        let pg_users: BTreeSet<String> = db::issued_users(pool, &id)
+            .await?
+            .iter()
+            .map(|u| u.as_str().to_owned())
+            .collect();
         let total = i64::from(c.total_stock);
         let pg_issued = pg_users.len() as i64;
         let observed = state::observe(redis, &keys.coupon(&id)).await?;
