@@ -152,7 +152,12 @@ impl Results {
 
     /// Judges the targets from what ran.
     pub fn judge(&mut self) {
-        self.sizing = crate::sizing::Sizing::of(self);
+        self.sizing = crate::sizing::Sizing::of(
+            self.ingress.as_ref(),
+            self.flash_sale.as_ref(),
+            self.spread.as_ref(),
+            self.drain.as_ref(),
+        );
         let ingress = self
             .ingress
             .as_ref()

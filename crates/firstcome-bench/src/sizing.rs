@@ -17,7 +17,8 @@
 
 use serde::Serialize;
 
-use crate::report::Results;
+use crate::scenarios::{Drain, FlashSale, HttpCurve};
+use crate::spread::Spread;
 
 /// Cores a part may use at most, as a share.
 const UTILIZATION: f64 = 0.6;
@@ -101,11 +102,15 @@ fn count(x: f64) -> u32 {
 }
 
 impl Sizing {
-    /// The model, when the run measured what it needs.
-    pub fn of(r: &Results) -> Option<Self> {
-        let ingress = r.ingress.as_ref()?;
-        let sale = r.flash_sale.as_ref()?;
-        let spread = r.spread.as_ref()?;
+    /// The model, when the run measured what it needs: the ingress's
+    /// curve, the flash sale, the spread and the drain.
+    pub fn of(
+        ingress: Option<&HttpCurve>,
+        sale: Option<&FlashSale>,
+        spread: Option<&Spread>,
+        drain: Option<&Drain>,
+    ) -> Option<Self> {
+        let (ingress, sale, spread) = (ingress?, sale?, spread?);
         let mixed = spread
             .points
             .iter()
@@ -119,7 +124,7 @@ impl Sizing {
             pg_us: mixed.pg_cpu_us_per_record,
             redis_us: mixed.redis_cpu_us_per_record,
             redis_bytes: mixed.redis_bytes_per_record,
-            partition_per_s: r.drain.as_ref()?.hot.per_s,
+            partition_per_s: drain?.hot.per_s,
         };
         let needs = [1, 10, 100]
             .into_iter()

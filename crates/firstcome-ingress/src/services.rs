@@ -2,7 +2,7 @@
 //! [`crate::app::Application::build`] and handed to the router.
 
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::metrics::IngressMetrics;
 use firstcome::kafka::HealingProducer;
@@ -61,5 +61,26 @@ pub struct Services {
     /// Who the user of a request is.
     pub identity: crate::identity::Identity,
     /// The last look at the dependencies, for the probes.
-    pub readiness: crate::http::health::Readiness,
+    pub readiness: Readiness,
+}
+
+/// The last look at the dependencies (`http::health::watch` writes it, the
+/// probes read it): kafka, postgres, redis; `None` until the first look is
+/// done.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    last: RwLock<Option<[bool; 3]>>,
+}
+
+impl Readiness {
+    /// Whether a `202` can be given now, and each dependency's health.
+    pub fn read(&self) -> (bool, Option<[bool; 3]>) {
+        let last = *self.last.read().expect("lock");
+        (last.is_some_and(|[kafka, _, _]| kafka), last)
+    }
+
+    /// Keeps a look's result.
+    pub fn set(&self, healthy: [bool; 3]) {
+        *self.last.write().expect("lock") = Some(healthy);
+    }
 }

@@ -141,8 +141,8 @@ mod tests {
 
     use super::*;
     use crate::decision::Decision;
+    use crate::ids::{CouponId, RequestId, UserId};
     use crate::record::Status;
-    use crate::{CouponId, RequestId, UserId};
 
     use proptest::prelude::*;
 

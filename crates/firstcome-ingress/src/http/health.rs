@@ -15,7 +15,6 @@
 //! `checks` and in `firstcome_ingress_dependency_up` for the alerts.
 
 use std::collections::BTreeMap;
-use std::sync::RwLock;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -43,21 +42,6 @@ pub fn routes() -> Router<AppState> {
 
 /// The dependencies, in the order the answer lists them.
 pub const DEPENDENCIES: [&str; 3] = ["kafka", "postgres", "redis"];
-
-/// The last look at the dependencies ([`watch`] writes it, the probes read
-/// it); `None` until the first look is done.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    last: RwLock<Option<[bool; 3]>>,
-}
-
-impl Readiness {
-    /// Whether a `202` can be given now, and each dependency's health.
-    fn read(&self) -> (bool, Option<[bool; 3]>) {
-        let last = *self.last.read().expect("lock");
-        (last.is_some_and(|[kafka, _, _]| kafka), last)
-    }
-}
 
 #[utoipa::path(
     get, path = "/healthz", tag = "health",
@@ -129,7 +113,7 @@ pub async fn look(state: &AppState) {
             tracing::warn!(dependency = DEPENDENCIES[i], error = %e, "dependency failing");
         }
     }
-    *state.readiness.last.write().expect("lock") = Some(ok);
+    state.readiness.set(ok);
 }
 
 async fn postgres(state: &AppState) -> Result<(), String> {
