@@ -14,6 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use firstcome_suite::sources;
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -90,19 +92,8 @@ fn is_char_literal(rest: &str) -> bool {
 
 /// The files of a crate's `src`, each with its module path.
 fn sources(krate: &str) -> Vec<(Vec<String>, String)> {
-    let src = root().join("crates").join(krate).join("src");
-    let mut files = Vec::new();
-    let mut dirs = vec![src.clone()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                files.push(path);
-            }
-        }
-    }
+    let src = sources::src(krate);
+    let files = sources::rust_files(krate);
     files
         .into_iter()
         .map(|path: PathBuf| {

@@ -12,9 +12,7 @@
 //! that breaks the rules fails here until it is classified, and a fixed one
 //! must leave the list.
 
-use std::path::Path;
-
-use firstcome_suite::TestEnv;
+use firstcome_suite::{TestEnv, sources};
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,23 +231,14 @@ fn sql_literals(text: &str) -> Vec<String> {
 
 /// The statements of the three crates the binaries are built from.
 fn statements() -> Vec<(String, String)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates");
     let mut found = Vec::new();
     for krate in ["firstcome", "firstcome-ingress", "firstcome-worker"] {
-        let mut dirs = vec![root.join(krate).join("src")];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    dirs.push(path);
-                } else if path.extension().is_some_and(|e| e == "rs") {
-                    let text = std::fs::read_to_string(&path).unwrap();
-                    // Unit tests' own statements are not the binaries'.
-                    let text = text.split("#[cfg(test)]").next().unwrap();
-                    for s in sql_literals(text) {
-                        found.push((path.display().to_string(), s));
-                    }
-                }
+        for path in sources::rust_files(krate) {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Unit tests' own statements are not the binaries'.
+            let text = text.split("#[cfg(test)]").next().unwrap();
+            for s in sql_literals(text) {
+                found.push((path.display().to_string(), s));
             }
         }
     }

@@ -17,6 +17,7 @@
 //! - [`hostile`]: clients that behave as attackers do (hang up, send slowly)
 //! - [`tokens`]: signed user tokens and their JWKS, for the verified identity
 //! - [`services`]: private Postgres, Redis and Kafka a test may own
+//! - [`sources`]: the workspace's own source files, for tests that read code
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ pub mod load;
 pub mod promise;
 pub mod proxy;
 pub mod services;
+pub mod sources;
 pub mod spawn;
 pub mod stream;
 pub mod tokens;
