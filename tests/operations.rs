@@ -93,10 +93,17 @@ async fn reconcile_reports_sync_then_each_kind_of_drift_with_its_exit_code() {
 
 async fn worker_cli(env: &TestEnv, args: &[&str]) -> (i32, String) {
     let out = env.worker_command().args(args).output().await.unwrap();
-    (
-        out.status.code().unwrap(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let code = out.status.code().unwrap();
+    // A failed command says why on stderr: shown, so a failing assertion on
+    // its exit code is never silent about the cause.
+    if code != 0 {
+        eprintln!(
+            "firstcome-worker {} exited {code}; stderr:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (code, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
