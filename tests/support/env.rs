@@ -80,6 +80,43 @@ pub struct TestEnv {
     pub pool: PgPool,
     /// The random tag of this test; coupon ids start with it.
     pub tag: String,
+    /// The stack's brokers, where [`TestEnv::new`] made this test's topics
+    /// (`common` may point at a private broker since).
+    stack_brokers: String,
+}
+
+impl Drop for TestEnv {
+    /// Deletes this test's topics from the stack's broker: it keeps files
+    /// of every partition open, and a suite's worth of topics left behind
+    /// run after run took it to its limit of open files (the fifth run on
+    /// one clone failed that way). Bounded: a broker that does not answer
+    /// in 30 s keeps them (and `scripts/test` deletes leftovers before the
+    /// next run).
+    fn drop(&mut self) {
+        let mut common = self.common.clone();
+        common.kafka_brokers = self.stack_brokers.clone();
+        let prefix = format!("{}.", self.tag);
+        // The test's runtime may be ending: the call runs on its own.
+        let deleting = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    firstcome::kafka::delete_topics_starting_with(&common, &[prefix]),
+                )
+                .await
+            })
+        });
+        match deleting.join() {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => eprintln!("deleting the test's topics: {e:#}"),
+            Ok(Err(_)) => eprintln!("deleting the test's topics: no answer in 30 s"),
+            Err(_) => eprintln!("deleting the test's topics: the thread panicked"),
+        }
+    }
 }
 
 impl TestEnv {
@@ -140,6 +177,7 @@ impl TestEnv {
         .unwrap_or_else(|_| panic!("Kafka at KAFKA_BROKERS did not answer; {hint}"))
         .unwrap_or_else(|e| panic!("creating test topics: {e:#}; {hint}"));
         Self {
+            stack_brokers: common.kafka_brokers.clone(),
             common,
             group_id: format!("{tag}-workers"),
             admin_token: get("FIRSTCOME_ADMIN_TOKEN"),

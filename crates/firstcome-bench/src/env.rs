@@ -103,7 +103,7 @@ impl BenchEnv {
                 .unwrap_or_else(|_| "10s".to_owned()),
             tag,
         };
-        USED.lock().expect("lock").push(env.tag.clone());
+        USED.lock().expect("lock").push(env.clone());
         let common = env.common();
         tokio::time::timeout(
             Duration::from_secs(60),
@@ -147,18 +147,32 @@ impl BenchEnv {
     }
 }
 
-/// Tags of the scenarios run so far in this process, for [`clean_up`].
-static USED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// The scenarios run so far in this process, for [`clean_up`].
+static USED: Mutex<Vec<BenchEnv>> = Mutex::new(Vec::new());
 
-/// Deletes what the scenarios of this run left in Redis and Postgres (their
-/// keys and coupons), so the local stack does not grow run after run (a Redis
-/// of millions of keys takes its time to load). Topics go with the bench's
-/// broker.
+/// Deletes what the scenarios of this run left in Redis, Postgres and
+/// Kafka (their keys, coupons and topics), so the local stack does not grow
+/// run after run (a Redis of millions of keys takes its time to load; a
+/// broker keeps files of every partition open, and the suite's bench runs
+/// on the stack's). Topics on the brokers a scenario started of its own
+/// (`topology`'s) went with them.
 pub async fn clean_up() -> anyhow::Result<()> {
-    let tags = std::mem::take(&mut *USED.lock().expect("lock"));
-    if tags.is_empty() {
+    let used = std::mem::take(&mut *USED.lock().expect("lock"));
+    if used.is_empty() {
         return Ok(());
     }
+    let brokers = var("KAFKA_BROKERS")?;
+    let on_the_stack: Vec<String> = used
+        .iter()
+        .filter(|e| e.kafka_brokers == brokers)
+        .map(|e| format!("{}.", e.tag))
+        .collect();
+    if let Some(first) = used.iter().find(|e| e.kafka_brokers == brokers) {
+        let topics =
+            firstcome::kafka::delete_topics_starting_with(&first.common(), &on_the_stack).await?;
+        tracing::info!(topics, "deleted the run's topics");
+    }
+    let tags: Vec<String> = used.into_iter().map(|e| e.tag).collect();
     // The single Redis, and each node of the stack's Redis Cluster (the
     // `topology` scenario's).
     let mut nodes = vec![var("REDIS_URL")?];

@@ -90,6 +90,42 @@ pub async fn ensure_topics(
     Ok(())
 }
 
+/// Deletes every topic whose name starts with one of `prefixes` and
+/// returns how many there were. For the suite and the bench, which name
+/// all their topics after one tag each: a broker keeps files of every
+/// partition open, so topics nobody deletes pile up run after run until it
+/// runs out of file descriptors.
+pub async fn delete_topics_starting_with(
+    common: &CommonConfig,
+    prefixes: &[String],
+) -> anyhow::Result<usize> {
+    anyhow::ensure!(
+        prefixes.iter().all(|p| !p.is_empty()),
+        "an empty prefix names every topic"
+    );
+    let admin: AdminClient<DefaultClientContext> = client_config(common)?.create()?;
+    let meta = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))?;
+    let names: Vec<&str> = meta
+        .topics()
+        .iter()
+        .map(|t| t.name())
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .collect();
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(&names, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => anyhow::bail!("deleting topic {topic}: {code}"),
+        }
+    }
+    Ok(names.len())
+}
+
 /// Whether every partition of `topics` has a leader, as the broker says now.
 fn all_led<C: rdkafka::client::ClientContext>(
     client: &rdkafka::client::Client<C>,
