@@ -146,6 +146,10 @@ async fn instruction_counts_come_out_by_layer_and_each_layer_holds_the_ones_it_n
     );
     let counts = results["counts"].as_array().unwrap();
     assert_eq!(counts.len(), 2);
+    // Its scenarios ran on the stack's broker and took their topics with
+    // them (`count-…` is this test's alone: tags `bcoun…`).
+    let left = firstcome_suite::topic::topics_starting_with(&stack_env()["KAFKA_BROKERS"], "bcoun");
+    assert!(left.is_empty(), "the count left topics behind: {left:?}");
     // The steps of the path nest: (inner, outer) by their place in the
     // list, the outermost inside the whole process (`None`). In the
     // ingress: HTTP > middleware > handler > admission, append; the

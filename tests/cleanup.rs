@@ -7,23 +7,7 @@
 use std::time::Duration;
 
 use firstcome_suite::TestEnv;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-
-/// The stack's topics whose names start with `prefix`.
-fn topics_starting_with(env_brokers: &str, prefix: &str) -> Vec<String> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", env_brokers)
-        .create()
-        .unwrap();
-    let meta = consumer
-        .fetch_metadata(None, Duration::from_secs(10))
-        .expect("the stack's broker answers; is the stack up? Run `scripts/stack up`");
-    meta.topics()
-        .iter()
-        .map(|t| t.name().to_owned())
-        .filter(|n| n.starts_with(prefix))
-        .collect()
-}
+use firstcome_suite::topic::topics_starting_with;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_environment_dropped_leaves_none_of_its_topics_on_the_stack() {

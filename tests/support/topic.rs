@@ -1,4 +1,4 @@
-//! Reading a topic back, whole.
+//! Reading a topic back, whole; which topics a broker holds.
 
 use super::*;
 
@@ -30,5 +30,22 @@ pub fn read_topic(common: &CommonConfig, topic: &str) -> Vec<LogRecord> {
             payload: m.payload().map(<[u8]>::to_vec),
             headers: firstcome::kafka::text_headers(&m),
         })
+        .collect()
+}
+
+/// The topics on `brokers` whose names start with `prefix`.
+pub fn topics_starting_with(brokers: &str, prefix: &str) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let meta = consumer
+        .fetch_metadata(None, std::time::Duration::from_secs(10))
+        .expect("the broker answers; is the stack up? Run `scripts/stack up`");
+    meta.topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .filter(|n| n.starts_with(prefix))
         .collect()
 }

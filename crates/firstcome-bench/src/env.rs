@@ -162,14 +162,11 @@ pub async fn clean_up() -> anyhow::Result<()> {
         return Ok(());
     }
     let brokers = var("KAFKA_BROKERS")?;
-    let on_the_stack: Vec<String> = used
-        .iter()
-        .filter(|e| e.kafka_brokers == brokers)
-        .map(|e| format!("{}.", e.tag))
-        .collect();
-    if let Some(first) = used.iter().find(|e| e.kafka_brokers == brokers) {
+    let on_the_stack: Vec<&BenchEnv> = used.iter().filter(|e| e.kafka_brokers == brokers).collect();
+    if let Some(first) = on_the_stack.first() {
+        let prefixes: Vec<String> = on_the_stack.iter().map(|e| format!("{}.", e.tag)).collect();
         let topics =
-            firstcome::kafka::delete_topics_starting_with(&first.common(), &on_the_stack).await?;
+            firstcome::kafka::delete_topics_starting_with(&first.common(), &prefixes).await?;
         tracing::info!(topics, "deleted the run's topics");
     }
     let tags: Vec<String> = used.into_iter().map(|e| e.tag).collect();
